@@ -1,0 +1,242 @@
+"""Dual augmentation: two views of each sequence plus their index maps g', g''.
+
+Paper: "Multi Activity Sequence Alignment via Implicit Clustering", Sec. 3.1 (dual
+augmentation, trimming only for RGB with one shared range); ``shared/METHOD.md`` §2 and §8
+(independent per-view crops keeping >= 60% of the clip). Spatial augmentation stands in for
+the paper's angle/flip/translation/VPoser augmentations (VPoser needs a body model we do not
+ship): rotation about the up axis, small tilts, mirror, scale, translation, joint noise.
+
+Works on plain arrays: joints (B, T, J, C) with NaN = missing joint (kept NaN; the model reads
+NaN as 0), optional features (B, T, F), and a mirror index (J,) (the layout's left/right map).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+CROPS = ("off", "shared", "independent")
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation settings; defaults follow the paper for skeletons (no trimming)."""
+
+    crop: str = "off"  # "off" | "shared" (paper, RGB) | "independent" (METHOD §8)
+    crop_min_ratio: float = 0.6  # a crop keeps at least this fraction of the clip
+    keep_ratio: tuple[float, float] = (0.5, 1.0)  # fraction of the crop each view keeps
+    rotate_max_deg: float = 180.0  # about the up axis
+    tilt_max_deg: float = 10.0  # about the two horizontal axes
+    mirror_prob: float = 0.5
+    translate_std: float = 0.1  # in the normalised units (reference bone lengths)
+    scale_range: tuple[float, float] = (0.8, 1.2)
+    joint_noise_std: float = 0.01
+    feature_noise_std: float = 0.0
+    min_frames: int = 8  # each view keeps at least min(min_frames, T) frames
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"crop={self.crop!r}; expected one of {CROPS}")
+        self.keep_ratio = tuple(self.keep_ratio)
+        self.scale_range = tuple(self.scale_range)
+        if not 0 < self.keep_ratio[0] <= self.keep_ratio[1] <= 1:
+            raise ValueError(f"keep_ratio={self.keep_ratio} must satisfy 0 < lo <= hi <= 1")
+        if not 0 < self.crop_min_ratio <= 1:
+            raise ValueError(f"crop_min_ratio={self.crop_min_ratio} must be in (0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AugmentConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown AugmentConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- temporal
+
+
+def _crop(rng: np.random.Generator, T: int, cfg: AugmentConfig) -> tuple[int, int]:
+    """A random range [a, b) of a length-T clip; the whole clip when cropping is off."""
+    if cfg.crop == "off":
+        return 0, T
+    lo = max(int(np.ceil(cfg.crop_min_ratio * T)), min(cfg.min_frames, T))
+    length = int(rng.integers(lo, T + 1))
+    a = int(rng.integers(0, T - length + 1))
+    return a, a + length
+
+
+def _keep(rng: np.random.Generator, a: int, b: int, cfg: AugmentConfig) -> np.ndarray:
+    """Sorted random subset of [a, b) (a temporal augmentation): strictly increasing ints."""
+    L = b - a
+    n = int(round(rng.uniform(*cfg.keep_ratio) * L))
+    n = min(max(n, min(cfg.min_frames, L)), L)
+    return a + np.sort(rng.choice(L, size=n, replace=False))
+
+
+def _index_maps(
+    rng: np.random.Generator, lengths: np.ndarray, cfg: AugmentConfig
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
+    """Index maps and crop ranges (B, 2) of both views; a shared crop is drawn once."""
+    maps1, maps2, crops1, crops2 = [], [], [], []
+    for T in lengths:
+        c1 = _crop(rng, int(T), cfg)
+        c2 = c1 if cfg.crop != "independent" else _crop(rng, int(T), cfg)
+        maps1.append(_keep(rng, *c1, cfg))
+        maps2.append(_keep(rng, *c2, cfg))
+        crops1.append(c1)
+        crops2.append(c2)
+    return maps1, maps2, np.array(crops1, np.int64), np.array(crops2, np.int64)
+
+
+def _pad_maps(maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged index maps -> g (B, M) int64 padded with -1, mask (B, M) bool."""
+    M = max(len(g) for g in maps)
+    g = np.full((len(maps), M), -1, np.int64)
+    for i, gi in enumerate(maps):
+        g[i, : len(gi)] = gi
+    return g, g >= 0
+
+
+def _gather(x: np.ndarray, g: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """x (B, T, ...) at g (B, M) -> (B, M, ...); padded frames are 0."""
+    idx = np.where(mask, g, 0)
+    out = x[np.arange(len(x))[:, None], idx]  # (B, M, ...)
+    pad = ~mask.reshape(mask.shape + (1,) * (out.ndim - 2))
+    return np.where(pad, 0.0, out).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- spatial
+
+
+def rotation_matrix(axis: int, angle: np.ndarray) -> np.ndarray:
+    """Rotations (B, 3, 3) by ``angle`` (B,) radians about coordinate ``axis``."""
+    i, j = [k for k in range(3) if k != axis]
+    R = np.zeros((len(angle), 3, 3))
+    R[:, axis, axis] = 1.0
+    R[:, i, i] = R[:, j, j] = np.cos(angle)
+    R[:, i, j], R[:, j, i] = -np.sin(angle), np.sin(angle)
+    return R
+
+
+def mirror_joints(joints: np.ndarray, mirror_index: np.ndarray, lateral_axis: int) -> np.ndarray:
+    """Mirror flip (..., J, C): negate the lateral coordinate, swap left/right joints."""
+    out = joints[..., mirror_index, :].copy()
+    out[..., lateral_axis] *= -1
+    return out
+
+
+def _check_mirror(mirror_index: np.ndarray, J: int) -> np.ndarray:
+    mi = np.asarray(mirror_index, np.int64)
+    if mi.shape != (J,) or not np.array_equal(np.sort(mi), np.arange(J)):
+        raise ValueError(f"mirror_index must be a permutation of range({J})")
+    if not np.array_equal(mi[mi], np.arange(J)):
+        raise ValueError("mirror_index must be its own inverse (left <-> right pairs)")
+    return mi
+
+
+def _random_rotation(
+    rng: np.random.Generator, B: int, C: int, up_axis: int, cfg: AugmentConfig
+) -> np.ndarray:
+    """R (B, C, C): yaw about ``up_axis`` then small tilts; 2D gets an in-plane tilt only."""
+    tilt = np.deg2rad(cfg.tilt_max_deg)
+    if C == 2:  # a yaw needs depth; a 2D skeleton is only tilted in the image plane
+        a = rng.uniform(-tilt, tilt, B)
+        return np.stack([np.cos(a), -np.sin(a), np.sin(a), np.cos(a)], -1).reshape(B, 2, 2)
+    yaw = np.deg2rad(cfg.rotate_max_deg)
+    R = rotation_matrix(up_axis, rng.uniform(-yaw, yaw, B))
+    for axis in (k for k in range(3) if k != up_axis):
+        R = rotation_matrix(axis, rng.uniform(-tilt, tilt, B)) @ R
+    return R
+
+
+def _spatial(
+    rng: np.random.Generator, joints: np.ndarray, mask: np.ndarray, cfg: AugmentConfig,
+    mirror_index: np.ndarray | None, up_axis: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """One view's spatial augmentation, batched: s * R @ mirror(x) + t + noise."""
+    B, M, J, C = joints.shape
+    lateral = next(k for k in range(C) if k != up_axis)
+    mirrored = rng.random(B) < cfg.mirror_prob if mirror_index is not None else np.zeros(B, bool)
+    if mirror_index is not None:
+        flipped = mirror_joints(joints, mirror_index, lateral)
+        joints = np.where(mirrored[:, None, None, None], flipped, joints)
+    R = _random_rotation(rng, B, C, up_axis, cfg)  # (B, C, C)
+    scale = rng.uniform(*cfg.scale_range, B)  # (B,)
+    shift = rng.normal(0.0, cfg.translate_std, (B, C))  # (B, C)
+    y = scale[:, None, None, None] * np.einsum("bij,bmkj->bmki", R, joints)
+    y = y + shift[:, None, None, :]
+    if cfg.joint_noise_std > 0:
+        y = y + rng.normal(0.0, cfg.joint_noise_std, y.shape)
+    y = np.where(mask[:, :, None, None], y, 0.0).astype(np.float32)
+    params = dict(rotation=R.astype(np.float32), scale=scale.astype(np.float32),
+                  translation=shift.astype(np.float32), mirrored=mirrored)  # fmt: skip
+    return y, params
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def dual_augment(
+    x: Any,
+    lengths: Any,
+    rng: np.random.Generator,
+    cfg: AugmentConfig | None = None,
+    mirror_index: np.ndarray | None = None,
+    up_axis: int = 1,
+    features: Any | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two independently augmented views of a padded batch (METHOD §2).
+
+    ``x`` (B, T, J, C) float (numpy or torch), ``lengths`` (B,) real frames per sample,
+    ``features`` (B, T, F) or None. Each view is a dict: ``joints`` (B, M, J, C) float32,
+    ``features`` (B, M, F) or None, ``mask`` (B, M) bool, ``g`` (B, M) int64 original frame
+    indices (strictly increasing, -1 on padding), ``lengths`` (B,) int64, ``crop`` (B, 2)
+    the [a, b) range it was drawn from, and the spatial parameters ``rotation`` (B, C, C),
+    ``scale`` (B,), ``translation`` (B, C), ``mirrored`` (B,) bool, so that
+    ``joints = scale * rotation @ mirror?(x[g]) + translation + noise``.
+    Outputs are torch tensors when ``x`` is one, numpy arrays otherwise.
+    """
+    cfg = cfg or AugmentConfig()
+    is_torch = type(x).__module__.startswith("torch")
+    x = _numpy(x)
+    feats = None if features is None else _numpy(features)
+    lengths = np.asarray(_numpy(lengths), np.int64)
+    B, T, J, C = x.shape
+    if np.any(lengths < 1) or np.any(lengths > T):
+        raise ValueError(f"lengths must be in [1, {T}], got {lengths}")
+    if C not in (2, 3) or not 0 <= up_axis < C:
+        raise ValueError(f"need 2D or 3D joints and 0 <= up_axis < C; got C={C}, up_axis={up_axis}")
+    mi = None if mirror_index is None else _check_mirror(_numpy(mirror_index), J)
+    maps1, maps2, crops1, crops2 = _index_maps(rng, lengths, cfg)
+    views = []
+    for maps, crops in ((maps1, crops1), (maps2, crops2)):
+        g, mask = _pad_maps(maps)
+        joints, params = _spatial(rng, _gather(x, g, mask), mask, cfg, mi, up_axis)
+        f = None
+        if feats is not None:
+            f = _gather(feats, g, mask)
+            if cfg.feature_noise_std > 0:
+                noise = rng.normal(0.0, cfg.feature_noise_std, f.shape)
+                f = np.where(mask[..., None], f + noise, 0.0).astype(np.float32)
+        view = dict(joints=joints, features=f, mask=mask, g=g, lengths=mask.sum(1),
+                    crop=crops, **params)  # fmt: skip
+        views.append(_to_torch(view) if is_torch else view)
+    return views[0], views[1]
+
+
+def _numpy(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def _to_torch(view: dict[str, Any]) -> dict[str, Any]:
+    import torch  # only when the caller works in torch
+
+    return {k: None if v is None else torch.from_numpy(np.ascontiguousarray(v))
+            for k, v in view.items()}  # fmt: skip

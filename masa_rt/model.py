@@ -1,0 +1,484 @@
+"""The MASA network: frame MLP ``f``, context-aware encoder ``A``, projection head ``P`` and
+clip-level cluster predictor ``H``.
+
+Paper: "Multi Activity Sequence Alignment via Implicit Clustering" (MASA), Sec. 3.2-3.3 and
+4.2, Eq. 1; restated with masa-rt's decisions in ``shared/METHOD.md`` (sections 3-4).
+Attention follows "Attention Is All You Need" (Vaswani et al., 2017); the projection head
+and predictor follow SimSiam (Chen & He, 2021).
+
+Read top to bottom: positions, small blocks (``FrameMLP``, ``Attention``, ``Block``,
+``ProjectionHead``, ``ClusterPredictor``), the config, the model, and the one-frame
+``StreamingEncoder`` that the engine exports. Masks are ``(B, T)`` bool, True = real frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+NEG_FILL = -1e9  # finite fill for hidden keys: -inf would give NaN rows (METHOD §8)
+
+# ----------------------------------------------------------------------------- positions
+
+
+def absolute_sine_positions(pos: Tensor, dim: int) -> Tensor:
+    """Sine/cosine encoding of frame positions (Vaswani et al. 2017, Sec. 3.5).
+
+    ``pos`` (B, T) int or float -> (B, T, dim), channels interleaved (sin, cos) per frequency.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, device=pos.device, dtype=torch.float32) * (-2.0 * math.log(1e4) / dim)
+    )  # (half,)
+    angles = pos.to(torch.float32)[..., None] * freqs  # (B, T, half)
+    pe = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (B, T, 2*half)
+    return F.pad(pe, (0, dim - 2 * half))  # (B, T, dim)
+
+
+def band_geometry(
+    pos_q: Tensor, pos_k: Tensor, key_mask: Tensor, causal: bool, window: int
+) -> tuple[Tensor, Tensor]:
+    """Offsets and visibility of every (query, key) pair.
+
+    ``pos_q`` (B, Tq), ``pos_k`` (B, Tk) frame positions, ``key_mask`` (B, Tk) bool.
+    Returns ``offsets`` (B, Tq, Tk) long = pos_q - pos_k, and ``allowed`` (B, Tq, Tk) bool.
+    """
+    # masa-rt decision: positions are ORIGINAL frame indices (the index maps g', g'' in
+    # training, arange at inference), so between views of different lengths the causal band
+    # and the relative offsets are measured in source frames: key k is visible to query j
+    # iff 0 <= pos_q[j] - pos_k[k] < W. The absolute sine PE uses the same positions.
+    offsets = pos_q[:, :, None].long() - pos_k[:, None, :].long()  # (B, Tq, Tk)
+    allowed = key_mask[:, None, :].expand_as(offsets)  # (B, Tq, Tk)
+    if causal:
+        allowed = allowed & (offsets >= 0) & (offsets < window)  # frames (t-W, t]
+    return offsets, allowed
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class FrameMLP(nn.Module):
+    """``f``: three linear layers with ReLU between them (paper Sec. 4.2, METHOD §3).
+
+    Widths in -> hidden -> hidden -> d: hidden = in for skeletons, 512 when RGB features are
+    part of the input (the paper's 1536 -> 512 -> 128). The paper lists three widths for
+    three layers; we read them as the layers' widths, the last one projecting to d.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, out_dim),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)  # (B, T, in) -> (B, T, d)
+
+
+class Attention(nn.Module):
+    """Multi-head attention: queries from ``x``, keys/values from ``context``.
+
+    With relative positions each head owns a learned bias per offset: ``W`` entries for the
+    causal band (offsets 0..W-1), ``2W-1`` for full attention (offsets clipped to +-(W-1)).
+    Keys/values carry no position, so a streaming cache of them is position-free.
+    """
+
+    def __init__(self, dim: int, n_heads: int, cfg: MasaConfig):
+        super().__init__()
+        assert dim % n_heads == 0, f"dim {dim} not divisible by n_heads {n_heads}"
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.causal, self.window = cfg.attention == "causal", cfg.window
+        self.rel_bias: nn.Parameter | None = None
+        if cfg.positions == "relative":
+            n_offsets = cfg.window if self.causal else 2 * cfg.window - 1
+            self.rel_bias = nn.Parameter(0.02 * torch.randn(n_heads, n_offsets))  # (H, n)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, dh)
+
+    def queries(self, x: Tensor) -> Tensor:
+        return self._heads(self.q(x))  # (B, H, Tq, dh)
+
+    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        return self._heads(self.k(context)), self._heads(self.v(context))  # 2 x (B, H, Tk, dh)
+
+    def position_bias(self, offsets: Tensor) -> Tensor | float:
+        """Learned relative bias, (B, Tq, Tk) offsets -> (B, H, Tq, Tk); 0 without one."""
+        if self.rel_bias is None:
+            return 0.0
+        W = self.window
+        idx = offsets.clamp(0, W - 1) if self.causal else offsets.clamp(1 - W, W - 1) + (W - 1)
+        return self.rel_bias[:, idx].transpose(0, 1)  # (H, B, Tq, Tk) -> (B, H, Tq, Tk)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, allowed: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(dh) + bias) v over the allowed keys -> (B, Tq, dim)."""
+        att = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(self.head_dim))  # (B, H, Tq, Tk)
+        att = att + self.position_bias(offsets)
+        att = att.masked_fill(~allowed[:, None], NEG_FILL).softmax(dim=-1)
+        # a query that sees no key at all (possible across views) attends to nothing
+        att = att * allowed.to(att.dtype).amax(dim=-1)[:, None, :, None]
+        y = self.drop(att) @ v  # (B, H, Tq, dh)
+        B, H, Tq, dh = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, Tq, H * dh))  # (B, Tq, dim)
+
+    def forward(self, x: Tensor, context: Tensor, offsets: Tensor, allowed: Tensor) -> Tensor:
+        k, v = self.keys_values(context)
+        return self.attend(self.queries(x), k, v, offsets, allowed)
+
+
+class Block(nn.Module):
+    """Transformer block; self-attention when ``context is x``, cross-attention otherwise.
+
+    Pre-norm: x + attn(ln(x), ln(context)); x + ffn(ln(x)). Post-norm: ln(x + attn(x, context));
+    ln(x + ffn(x)).
+    """
+
+    def __init__(self, dim: int, n_heads: int, ffn_dim: int, cfg: MasaConfig):
+        super().__init__()
+        self.pre_norm = cfg.norm == "pre"
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, n_heads, cfg)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def attn_input(self, x: Tensor) -> Tensor:
+        """What the attention projects: ln(x) pre-norm, x post-norm (queries and keys alike)."""
+        return self.ln1(x) if self.pre_norm else x
+
+    def forward(self, x: Tensor, context: Tensor, offsets: Tensor, allowed: Tensor) -> Tensor:
+        k, v = self.attn.keys_values(self.attn_input(context))  # (B, H, Tk, dh)
+        return self.forward_kv(x, k, v, offsets, allowed)
+
+    def forward_kv(
+        self, x: Tensor, k: Tensor, v: Tensor, offsets: Tensor, allowed: Tensor
+    ) -> Tensor:
+        """The block given already projected keys/values (shared with ``StreamingEncoder``)."""
+        q = self.attn.queries(self.attn_input(x))  # (B, H, Tq, dh)
+        a = self.drop(self.attn.attend(q, k, v, offsets, allowed))  # (B, Tq, dim)
+        if self.pre_norm:
+            x = x + a
+            return x + self.drop(self.ffn(self.ln2(x)))
+        x = self.ln1(x + a)
+        return self.ln2(x + self.drop(self.ffn(x)))
+
+
+class ProjectionHead(nn.Module):
+    """``P``: ``n_layers`` linear layers with BatchNorm1d + ReLU between them (SimSiam).
+
+    BatchNorm statistics come from real frames only: valid frames are gathered into
+    (N, C), the whole head runs on them, and the result is scattered back (padding = 0).
+    """
+
+    def __init__(self, in_dim: int, dim: int, n_layers: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(n_layers):
+            layers.append(nn.Linear(in_dim if i == 0 else dim, dim))
+            if i < n_layers - 1:
+                layers += [nn.BatchNorm1d(dim), nn.ReLU()]
+        self.net = nn.Sequential(*layers)
+        self.dim = dim
+
+    def forward(self, u: Tensor, mask: Tensor) -> Tensor:
+        z = self.net(u[mask])  # (N, d) -> (N, proj)
+        out = u.new_zeros(*mask.shape, self.dim)  # (B, T, proj)
+        return out.masked_scatter(mask[..., None], z)  # rows in the order u[mask] read them
+
+
+class ClusterPredictor(nn.Module):
+    """``H``: self-attention blocks over the projected sequence (paper Sec. 4.2, METHOD §4)."""
+
+    def __init__(self, cfg: MasaConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(cfg.proj_dim, cfg.n_heads, cfg.ffn_dim, cfg) for _ in range(cfg.predictor_layers)
+        )
+
+    def forward(self, z: Tensor, offsets: Tensor, allowed: Tensor) -> Tensor:
+        for block in self.blocks:
+            z = block(z, z, offsets, allowed)  # (B, T, proj)
+        return z
+
+
+# ----------------------------------------------------------------------------- config
+
+_CHOICES = {
+    "input_kind": ("skeleton", "features", "both"),
+    "attention": ("causal", "full"),
+    "positions": ("relative", "absolute_sine"),
+    "norm": ("pre", "post"),
+}
+
+
+@dataclass
+class MasaConfig:
+    """Everything needed to rebuild a model; stored in checkpoints and ONNX metadata.
+
+    Ablations (paper Table 4): a disabled attention kind is *replaced* by the other kind, so
+    depth and parameter count stay fixed (``use_cross_attention=False``: all layers are
+    self-attention; ``use_self_attention=False``: all are cross-attention; both off is an
+    error). ``use_cluster_predictor=False`` makes H the identity. ``stop_gradient`` and
+    ``tau`` are read by the losses.
+    """
+
+    input_kind: str = "skeleton"
+    num_joints: int = 42
+    joint_dims: int = 3
+    feature_dim: int = 0
+    d_model: int = 128
+    n_heads: int = 4
+    ffn_dim: int = 256
+    n_layers: int = 4  # alternating self, cross, self, cross
+    attention: str = "causal"
+    window: int = 32
+    positions: str = "relative"
+    proj_dim: int = 128
+    proj_layers: int = 4
+    predictor_layers: int = 2
+    tau: float = 0.1
+    dropout: float = 0.0
+    norm: str = "pre"
+    use_self_attention: bool = True
+    use_cross_attention: bool = True
+    use_cluster_predictor: bool = True
+    stop_gradient: bool = True
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
+        if self.input_kind != "skeleton" and self.feature_dim <= 0:
+            raise ValueError(f"input_kind={self.input_kind!r} needs feature_dim > 0")
+        if not (self.use_self_attention or self.use_cross_attention):
+            raise ValueError("at least one of use_self_attention/use_cross_attention is needed")
+        if self.d_model % self.n_heads or self.proj_dim % self.n_heads:
+            raise ValueError("d_model and proj_dim must be divisible by n_heads")
+        if self.window < 1 or self.n_layers < 1 or self.proj_layers < 1:
+            raise ValueError("window, n_layers and proj_layers must be >= 1")
+
+    @property
+    def input_dim(self) -> int:
+        """Per-frame input width: flattened joints, features, or both concatenated."""
+        skeleton = self.num_joints * self.joint_dims
+        return {"skeleton": skeleton, "features": self.feature_dim,
+                "both": skeleton + self.feature_dim}[self.input_kind]  # fmt: skip
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.input_dim if self.input_kind == "skeleton" else 512
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        """ "self"/"cross" per encoder layer, after the ablation switches."""
+        kinds = ["self" if i % 2 == 0 else "cross" for i in range(self.n_layers)]
+        if not self.use_cross_attention:
+            return ["self"] * self.n_layers
+        if not self.use_self_attention:
+            return ["cross"] * self.n_layers
+        return kinds
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MasaConfig:
+        """Inverse of ``to_dict``; unknown keys raise ``ValueError``, missing keys default."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown MasaConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def model_input(
+    cfg: MasaConfig, joints: Tensor | None = None, features: Tensor | None = None
+) -> Tensor:
+    """Frames as the model reads them: joints (..., T, J, C) flattened, features appended.
+
+    NaN is kept here; the model maps NaN -> 0 on entry.
+    """
+    parts = []
+    if cfg.input_kind in ("skeleton", "both"):
+        assert joints is not None, f"input_kind={cfg.input_kind!r} needs joints"
+        parts.append(torch.as_tensor(joints, dtype=torch.float32).flatten(-2))  # (..., T, J*C)
+    if cfg.input_kind in ("features", "both"):
+        assert features is not None, f"input_kind={cfg.input_kind!r} needs features"
+        parts.append(torch.as_tensor(features, dtype=torch.float32))  # (..., T, F)
+    x = torch.cat(parts, dim=-1)
+    assert x.shape[-1] == cfg.input_dim, f"input width {x.shape[-1]} != {cfg.input_dim}"
+    return x
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class MasaModel(nn.Module):
+    """MASA: U = A(f(S) + PE) (Eq. 1), Z = P(U), H(Z) for the clustering loss (Eq. 7)."""
+
+    def __init__(self, cfg: MasaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.f = FrameMLP(cfg.input_dim, cfg.mlp_hidden, cfg.d_model)
+        self.kinds = cfg.layer_kinds
+        self.blocks = nn.ModuleList(
+            Block(cfg.d_model, cfg.n_heads, cfg.ffn_dim, cfg) for _ in self.kinds
+        )
+        self.ln_f = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        self.head = ProjectionHead(cfg.d_model, cfg.proj_dim, cfg.proj_layers)
+        self.predictor = ClusterPredictor(cfg) if cfg.use_cluster_predictor else None
+
+    # -- pieces
+    def embed(self, x: Tensor, pos: Tensor) -> Tensor:
+        """f(S) + PE_S (Eq. 1): (B, T, D_in) -> (B, T, d); missing values (NaN) read as 0."""
+        x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
+        h = self.f(x)  # (B, T, d)
+        if self.cfg.positions == "absolute_sine":
+            h = h + absolute_sine_positions(pos, self.cfg.d_model)
+        return h
+
+    def geometry(self, pos_q: Tensor, pos_k: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor]:
+        return band_geometry(
+            pos_q, pos_k, key_mask, self.cfg.attention == "causal", self.cfg.window
+        )
+
+    @staticmethod
+    def _defaults(x: Tensor, mask: Tensor | None, pos: Tensor | None) -> tuple[Tensor, Tensor]:
+        B, T = x.shape[:2]
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if pos is None:
+            pos = torch.arange(T, device=x.device).expand(B, T)
+        return mask.bool(), pos
+
+    # -- inference
+    def encode(self, x: Tensor, mask: Tensor | None = None, pos: Tensor | None = None) -> Tensor:
+        """Inference embeddings U (B, T, d) of x (B, T, D_in).
+
+        No augmentation; the same sequence sits on both sides, so cross-attention attends to
+        the sequence itself (METHOD §3) and every layer is attention over one sequence.
+        """
+        mask, pos = self._defaults(x, mask, pos)
+        offsets, allowed = self.geometry(pos, pos, mask)  # (B, T, T)
+        h = self.embed(x, pos)  # (B, T, d)
+        for block in self.blocks:
+            h = block(h, h, offsets, allowed)
+        return self.ln_f(h)  # (B, T, d)
+
+    # -- training
+    def project(self, u: Tensor, mask: Tensor) -> Tensor:
+        return self.head(u, mask)  # Z = P(U): (B, T, proj)
+
+    def predict(self, z: Tensor, offsets: Tensor, allowed: Tensor) -> Tensor:
+        """H(Z) (B, T, proj); the identity when the cluster predictor is ablated."""
+        return z if self.predictor is None else self.predictor(z, offsets, allowed)
+
+    def forward(
+        self,
+        x1: Tensor,
+        m1: Tensor | None,
+        x2: Tensor,
+        m2: Tensor | None,
+        pos1: Tensor | None = None,
+        pos2: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Two views x1 (B, M, D_in), x2 (B, N, D_in) -> U, Z = P(U) and P = H(Z) per view.
+
+        ``pos1``/``pos2`` (B, M)/(B, N) are the index maps g', g'' (original frame indices);
+        default arange. Self layers attend within a view; cross layers take queries from the
+        view and keys/values from the other view's current hidden states (Eq. 1).
+        """
+        m1, pos1 = self._defaults(x1, m1, pos1)
+        m2, pos2 = self._defaults(x2, m2, pos2)
+        g11, g22 = self.geometry(pos1, pos1, m1), self.geometry(pos2, pos2, m2)
+        g12, g21 = self.geometry(pos1, pos2, m2), self.geometry(pos2, pos1, m1)
+        h1, h2 = self.embed(x1, pos1), self.embed(x2, pos2)  # (B, M, d), (B, N, d)
+        for kind, block in zip(self.kinds, self.blocks, strict=True):
+            if kind == "self":
+                h1, h2 = block(h1, h1, *g11), block(h2, h2, *g22)
+            else:  # both views read the other's hidden states from before this layer
+                h1, h2 = block(h1, h2, *g12), block(h2, h1, *g21)
+        u1, u2 = self.ln_f(h1), self.ln_f(h2)
+        z1, z2 = self.project(u1, m1), self.project(u2, m2)
+        p1, p2 = self.predict(z1, *g11), self.predict(z2, *g22)
+        # architecture.md calls the predictor outputs H1/H2: same tensors under both names
+        return dict(U1=u1, U2=u2, Z1=z1, Z2=z2, P1=p1, P2=p2, H1=p1, H2=p2)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+class StreamingEncoder(nn.Module):
+    """One frame at a time through a causal ``MasaModel``, with per-layer key/value caches.
+
+    ``forward(frame (B, D_in), k_cache (L, B, H, W-1, dh), v_cache (same), valid (B, W-1))
+    -> (u (B, d), k_cache', v_cache', valid')``. Slots are oldest first; slot s holds the
+    frame W-1-s steps back and the new frame has offset 0. At inference self and cross layers
+    attend to the same sequence, so every layer caches the keys/values of its own input.
+    Equals ``MasaModel.encode`` on the whole stream (float tolerance). Shapes are static and
+    there is no data-dependent control flow or in-place op, so it exports to ONNX.
+    One stream per batch row; resetting a stream = zeroing its ``valid`` row.
+
+    With ``positions="absolute_sine"`` the caller passes ``position (B,)``, the frame's index
+    in its stream; with relative positions ``position`` must be None.
+    """
+
+    def __init__(self, model: MasaModel):
+        super().__init__()
+        cfg = model.cfg
+        if cfg.attention != "causal":
+            raise ValueError(
+                f"StreamingEncoder needs a causal model; this one has attention={cfg.attention!r}"
+                " (full attention sees future frames and cannot stream)"
+            )
+        self.model = model  # shared modules, not copies
+        W = cfg.window
+        self.register_buffer("offsets", torch.arange(W - 1, -1, -1), persistent=False)  # (W,)
+
+    def initial_state(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Empty caches: k, v zeros (L, B, H, W-1, dh) and valid all False (B, W-1)."""
+        cfg = self.model.cfg
+        shape = (len(self.model.blocks), batch, cfg.n_heads, cfg.window - 1,
+                 cfg.d_model // cfg.n_heads)  # fmt: skip
+        device = self.offsets.device
+        k = torch.zeros(shape, device=device)
+        valid = torch.zeros(batch, cfg.window - 1, dtype=torch.bool, device=device)
+        return k, torch.zeros_like(k), valid
+
+    def forward(
+        self,
+        frame: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        valid: Tensor,
+        position: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        m = self.model
+        if (m.cfg.positions == "absolute_sine") != (position is not None):
+            raise ValueError("pass position (B,) exactly when positions='absolute_sine'")
+        B = frame.shape[0]
+        pos = position[:, None] if position is not None else frame.new_zeros(B, 1)  # (B, 1)
+        x = m.embed(frame[:, None, :], pos)  # (B, 1, d)
+        new = torch.ones_like(valid[:, :1])  # (B, 1), the new frame is always real
+        allowed = torch.cat([valid, new], dim=1)[:, None, :]  # (B, 1, W)
+        offsets = self.offsets.expand(B, 1, -1)  # (B, 1, W): W-1 ... 0
+        ks, vs = [], []
+        for i, block in enumerate(m.blocks):
+            k_new, v_new = block.attn.keys_values(block.attn_input(x))  # (B, H, 1, dh)
+            k = torch.cat([k_cache[i], k_new], dim=2)  # (B, H, W, dh)
+            v = torch.cat([v_cache[i], v_new], dim=2)
+            x = block.forward_kv(x, k, v, offsets, allowed)  # (B, 1, d)
+            ks.append(k[:, :, 1:])  # drop the oldest slot
+            vs.append(v[:, :, 1:])
+        u = m.ln_f(x)[:, 0]  # (B, d)
+        return u, torch.stack(ks), torch.stack(vs), allowed[:, 0, 1:]

@@ -1,0 +1,141 @@
+"""Property tests for masa_rt.augment (dual augmentation and index maps)."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from masa_rt.augment import AugmentConfig, dual_augment, mirror_joints
+
+MIRROR = np.array([3, 4, 2, 0, 1])  # joints 0<->3, 1<->4, 2 on the midline
+J = len(MIRROR)
+
+
+@st.composite
+def batches(draw):
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 40))
+    C = draw(st.sampled_from([2, 3]))
+    lengths = np.array(draw(st.lists(st.integers(1, T), min_size=B, max_size=B)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    x = np.random.default_rng(seed).normal(size=(B, T, J, C)).astype(np.float32)
+    x[0, :, 1] = np.where(np.arange(T)[:, None] % 3 == 0, np.nan, x[0, :, 1])  # missing joints
+    cfg = AugmentConfig(
+        crop=draw(st.sampled_from(["off", "shared", "independent"])),
+        min_frames=draw(st.integers(1, 10)),
+        keep_ratio=(draw(st.floats(0.1, 0.6)), 1.0),
+        joint_noise_std=0.0,
+    )
+    return x, lengths, cfg, seed, C
+
+
+def expected_joints(x, view):
+    """The documented transform: scale * R @ mirror?(x[g]) + translation (up axis 1)."""
+    out = []
+    for b, g in enumerate(view["g"]):
+        frames = x[b, g[view["mask"][b]]]
+        if view["mirrored"][b]:
+            frames = mirror_joints(frames, MIRROR, lateral_axis=0)
+        out.append(view["scale"][b] * frames @ view["rotation"][b].T + view["translation"][b])
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches())
+def test_views_are_consistent_with_index_maps(data):
+    x, lengths, cfg, seed, C = data
+    features = np.random.default_rng(seed + 1).normal(size=x.shape[:2] + (4,))
+    views = dual_augment(x, lengths, np.random.default_rng(seed), cfg, MIRROR, 1, features)
+    B = len(lengths)
+    for view in views:
+        g, mask, n = view["g"], view["mask"], view["lengths"]
+        M = g.shape[1]
+        assert view["joints"].shape == (B, M, J, C) and mask.shape == (B, M)
+        assert view["features"].shape == (B, M, 4) and g.dtype == np.int64
+        assert np.array_equal(n, mask.sum(1))
+        assert np.all(n >= np.minimum(cfg.min_frames, lengths))
+        for b in range(B):
+            gb = g[b, : n[b]]
+            assert mask[b, : n[b]].all() and not mask[b, n[b] :].any()  # real frames first
+            assert np.all(g[b, n[b] :] == -1)
+            assert np.all(np.diff(gb) > 0)  # strictly increasing
+            a, e = view["crop"][b]
+            assert 0 <= a and e <= lengths[b] and np.all((gb >= a) & (gb < e))
+            if cfg.crop == "off":
+                assert (a, e) == (0, lengths[b])
+            else:
+                assert e - a >= min(np.ceil(cfg.crop_min_ratio * lengths[b]), lengths[b])
+            np.testing.assert_allclose(view["features"][b, : n[b]], features[b, gb], rtol=1e-6)
+            assert not view["joints"][b, n[b] :].any()  # padding is 0
+        for b, want in enumerate(expected_joints(x, view)):
+            got = view["joints"][b, : n[b]]
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))  # NaN stays NaN
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, equal_nan=True)
+    if cfg.crop == "shared" or cfg.crop == "off":
+        np.testing.assert_array_equal(views[0]["crop"], views[1]["crop"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([2, 3]), st.integers(0, 1))
+def test_mirror_is_an_involution_and_swaps_pairs(seed, C, lateral):
+    x = np.random.default_rng(seed).normal(size=(2, 6, J, C))
+    once = mirror_joints(x, MIRROR, lateral)
+    np.testing.assert_array_equal(mirror_joints(once, MIRROR, lateral), x)
+    for i, j in enumerate(MIRROR):
+        np.testing.assert_array_equal(once[..., i, lateral], -x[..., j, lateral])
+        other = [k for k in range(C) if k != lateral]
+        np.testing.assert_array_equal(once[..., i, other], x[..., j, other])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0, 1, 2]))
+def test_rotations_are_proper_and_keep_the_up_axis_without_tilt(seed, up_axis):
+    x = np.random.default_rng(seed).normal(size=(4, 10, J, 3))
+    cfg = AugmentConfig(tilt_max_deg=0.0, mirror_prob=0.0)
+    v1, _ = dual_augment(x, [10] * 4, np.random.default_rng(seed), cfg, None, up_axis)
+    R = v1["rotation"]
+    np.testing.assert_allclose(R @ R.transpose(0, 2, 1), np.broadcast_to(np.eye(3), R.shape),
+                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(np.linalg.det(R), 1.0, atol=1e-5)
+    np.testing.assert_allclose(R[:, :, up_axis], np.eye(3)[up_axis][None].repeat(4, 0), atol=1e-6)
+
+
+def test_mirror_only_view_swaps_sides():
+    x = np.random.default_rng(0).normal(size=(1, 12, J, 3)).astype(np.float32)
+    cfg = AugmentConfig(rotate_max_deg=0, tilt_max_deg=0, mirror_prob=1.0, translate_std=0,
+                        scale_range=(1, 1), joint_noise_std=0, keep_ratio=(1, 1))  # fmt: skip
+    v1, v2 = dual_augment(x, [12], np.random.default_rng(1), cfg, MIRROR)
+    for v in (v1, v2):
+        assert v["mirrored"].all() and np.array_equal(v["g"][0], np.arange(12))
+        np.testing.assert_allclose(v["joints"][0], mirror_joints(x[0], MIRROR, 0), atol=1e-6)
+
+
+def test_views_differ_and_seed_is_deterministic():
+    x = np.random.default_rng(0).normal(size=(2, 30, J, 3))
+    a1, a2 = dual_augment(x, [30, 20], np.random.default_rng(7), mirror_index=MIRROR)
+    b1, _ = dual_augment(x, [30, 20], np.random.default_rng(7), mirror_index=MIRROR)
+    np.testing.assert_array_equal(a1["joints"], b1["joints"])
+    assert a1["g"].shape != a2["g"].shape or not np.array_equal(a1["g"], a2["g"])
+
+
+def test_torch_in_torch_out():
+    x = torch.randn(2, 16, J, 3)
+    v1, v2 = dual_augment(x, torch.tensor([16, 9]), np.random.default_rng(0))
+    assert isinstance(v1["joints"], torch.Tensor) and v1["joints"].dtype == torch.float32
+    assert v1["mask"].dtype == torch.bool and v2["g"].dtype == torch.int64
+    assert v1["features"] is None
+
+
+def test_bad_inputs_raise():
+    x = np.zeros((1, 5, J, 3))
+    with pytest.raises(ValueError, match="inverse"):
+        dual_augment(x, [5], np.random.default_rng(0), mirror_index=np.array([1, 2, 0, 3, 4]))
+    with pytest.raises(ValueError, match="lengths"):
+        dual_augment(x, [6], np.random.default_rng(0))
+    with pytest.raises(ValueError):
+        AugmentConfig(crop="random")
+    with pytest.raises(ValueError, match="unknown"):
+        AugmentConfig.from_dict({"crop": "off", "vposer": True})
+    cfg = AugmentConfig(crop="independent")
+    assert AugmentConfig.from_dict(cfg.to_dict()) == cfg
