@@ -1,5 +1,57 @@
-"""CLI commands contributed by clients (see masa_rt.cli)."""
+"""CLI commands contributed by clients (see masa_rt.cli): ``replay``, ``export-raw``.
+
+Handlers import their modules lazily so ``masa-rt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from clients.replay import replay, write_report
+
+    report = replay(args.file, address=args.address, rate_hz=args.rate, clients=args.clients,
+                    loop=args.loop, duration=args.duration, reference=args.reference)
+    print(report.summary())
+    if args.json:
+        write_report(report, args.json)
+    return 0 if report.unanswered == 0 else 1
+
+
+def _export_raw(args: argparse.Namespace) -> int:
+    from clients.export_raw import export_raw
+
+    print(export_raw(args.file, args.out))
+    return 0
+
+
+def _add_replay(subparsers) -> None:
+    p = subparsers.add_parser("replay", help="simulated headsets: stream a recording in real time")
+    p.add_argument("file", help="a .npz sequence (joints, layout, fps)")
+    p.add_argument("--address", default="tcp://127.0.0.1:5555", help="server ROUTER endpoint")
+    p.add_argument("--rate", type=float, default=None, metavar="HZ",
+                   help="frames per second per client (default: the file's fps)")
+    p.add_argument("--clients", type=int, default=1, metavar="N", help="simultaneous headsets")
+    p.add_argument("--loop", action="store_true", help="repeat the recording (needs --duration)")
+    p.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S s")
+    p.add_argument("--reference", default=None, help="reference activity to align against")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="also write the report")
+    p.set_defaults(func=_replay)
+
+
+def _add_export_raw(subparsers) -> None:
+    p = subparsers.add_parser("export-raw", help="write a .npz sequence as .masaraw for C++")
+    p.add_argument("file", help="a .npz sequence")
+    p.add_argument("out", help="output .masaraw file")
+    p.set_defaults(func=_export_raw)
+
+
+# ---- watch: the live terminal dashboard (``masa-rt watch [SESSION]``) goes here, as
+# ---- ``_add_watch(subparsers)`` built on clients.inlet.EstimateInlet, and is called below.
 
 
 def register(subparsers) -> None:
     """Add this package's subcommands to the masa-rt parser."""
+    _add_replay(subparsers)
+    _add_export_raw(subparsers)

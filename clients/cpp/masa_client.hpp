@@ -1,0 +1,136 @@
+// masa-rt C++17 client: stream poses to a masa-rt server, receive per-frame estimates.
+//
+// The native counterpart of clients/outlet.py (PoseOutlet), for headset apps (OpenXR and
+// the like). It speaks wire protocol v1 (docs/protocol.md) over a ZeroMQ DEALER socket
+// with msgpack-c. Conventions follow the Python client (and pylsl): push() never blocks
+// (a frame that cannot be queued is dropped and counted), pull() returns std::nullopt on
+// timeout, and only a server that stops answering throws ConnectionLost.
+//
+//   masa::PoseOutlet outlet({"tcp://127.0.0.1:5555"});
+//   outlet.open();
+//   outlet.push(joints.data(), 42, 3);              // capture stamp: now
+//   if (auto est = outlet.pull(0.01)) std::printf("%f\n", est->progress);
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace masa {
+
+constexpr int kProtocolVersion = 1;
+constexpr int kMaxMessageBytes = 64 * 1024;  // also ZMQ_MAXMSGSIZE on the socket
+
+// Seconds on the monotonic clock (std::chrono::steady_clock, CLOCK_MONOTONIC on Linux):
+// capture stamps and latencies are measured in it, like clients.clock.local_clock.
+double local_clock();
+
+// One per-frame answer from the server (see "estimate" in docs/protocol.md).
+struct Estimate {
+  std::string session;
+  uint64_t seq = 0;
+  double t_capture = 0;      // the frame's stamp, client clock
+  double t_server_recv = 0;  // server clock
+  double t_server_send = 0;  // server clock
+  int phase_id = -1;         // -1: no phase yet
+  std::string phase_name;
+  double phase_progress = 0;
+  double progress = 0;
+  double confidence = 0;
+  std::string state;
+  std::string activity;
+  double t_received = 0;  // client clock, when pull() got it
+  // Capture -> answer received, seconds, all in the client clock.
+  double latency() const { return t_received - t_capture; }
+};
+
+struct Welcome {
+  std::string session, model, layout;
+  std::vector<std::string> references;
+  double server_time = 0, fps = 0;
+  int joints = 0, dims = 0, window = 0;  // the (J, C) shape the server expects
+  int64_t last_seq = -1;                 // resumed session: last frame accepted
+  bool resumed = false;
+};
+
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The server did not answer within the deadline (not started, gone, unreachable).
+class ConnectionLost : public Error {
+ public:
+  using Error::Error;
+};
+
+// The server refused the session; reason() is a protocol error reason ("wrong_layout"...).
+class ServerError : public Error {
+ public:
+  ServerError(std::string reason, const std::string& detail);
+  const std::string& reason() const { return reason_; }
+
+ private:
+  std::string reason_;
+};
+
+struct OutletOptions {
+  std::string address = "tcp://127.0.0.1:5555";
+  std::string session;    // empty: a random 32-hex-digit id
+  std::string layout = "h2o_hands";
+  double fps = 30.0;
+  std::string reference;  // empty: let the server recognise the activity
+  double lost_after = 3.0;  // s without any answer to a heartbeat -> ConnectionLost
+  int sndhwm = 256;         // frames queued at most before push() drops
+};
+
+class PoseOutlet {
+ public:
+  explicit PoseOutlet(OutletOptions options = {});
+  ~PoseOutlet();
+  PoseOutlet(const PoseOutlet&) = delete;
+  PoseOutlet& operator=(const PoseOutlet&) = delete;
+
+  // Connect, say hello, wait for welcome. Throws ServerError or ConnectionLost.
+  const Welcome& open(double timeout_s = 5.0, bool resume = false);
+  // Queue one (J, C) float32 pose (row-major, NaN = missing joint) captured at `stamp`
+  // (client clock; < 0: now). Returns its seq, or nullopt if dropped locally. Never blocks.
+  // Throws std::invalid_argument if (J, C) is not the shape the server asked for.
+  std::optional<uint64_t> push(const float* joints, int J, int C, double stamp = -1.0);
+  // The next estimate, waiting up to timeout_s; nullopt on timeout.
+  std::optional<Estimate> pull(double timeout_s = 0.0);
+  // Say bye and release the socket. Safe to call twice; the destructor calls it.
+  void close();
+
+  const std::string& session() const { return options_.session; }
+  const Welcome& welcome() const { return welcome_; }
+  uint64_t sent() const { return sent_; }
+  uint64_t dropped() const { return dropped_; }
+  uint64_t malformed() const { return malformed_; }
+  // Frames the server rejected, by reason (duplicate, out_of_order, non_finite...).
+  const std::map<std::string, uint64_t>& rejected() const { return rejected_; }
+
+ private:
+  bool send(const std::string& bytes);
+  void send_hello(bool resume);
+  void heartbeat(double now);
+  // Read one queued reply; returns an estimate if it was one for this session.
+  std::optional<Estimate> receive_one(bool* got_welcome);
+  void on_error(const std::string& reason, const std::string& detail, bool has_seq);
+  bool wait_readable(double timeout_s);
+
+  OutletOptions options_;
+  Welcome welcome_;
+  bool open_ = false;
+  void* ctx_ = nullptr;
+  void* sock_ = nullptr;
+  uint64_t next_seq_ = 0, sent_ = 0, dropped_ = 0, malformed_ = 0;
+  std::map<std::string, uint64_t> rejected_;
+  double last_ping_ = -1e300, unanswered_since_ = -1.0, hello_sent_at_ = -1e300;
+  std::vector<unsigned char> scratch_;  // little-endian joint bytes, reused per frame
+};
+
+}  // namespace masa
