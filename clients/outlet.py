@@ -64,6 +64,7 @@ class PoseOutlet:
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self._connected = self._ever_connected = False
+        self._refused = False  # CURVE: the server's ZAP handler refused our key
         self._next_seq = 0
         self._pending: deque[Estimate] = deque(maxlen=10_000)
         self._unanswered_since: float | None = None
@@ -86,8 +87,10 @@ class PoseOutlet:
             # No queueing towards a link that is not up: frames would arrive stale.
             self._sock.setsockopt(zmq.IMMEDIATE, 1)
             self._sock.setsockopt(zmq.SNDHWM, self._sndhwm)
-            self._monitor = self._sock.get_monitor_socket(
-                zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            events = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+            if self._curve is not None:  # a refused key is reported, not taken for no server
+                events |= zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            self._monitor = self._sock.get_monitor_socket(events)
             self._sock.connect(self.address)
         try:
             self._handshake(local_clock() + timeout, resume)
@@ -97,11 +100,33 @@ class PoseOutlet:
         return self.welcome
 
     def _handshake(self, deadline: float, resume: bool) -> None:
-        if not self._sock.poll(_ms(deadline - local_clock()), zmq.POLLOUT):
+        if not self._wait_writable(deadline):
+            self._raise_if_refused()
             raise ConnectionLost(f"no server at {self.address}")
         self._send_hello(resume)
         if self._wait_for("welcome", deadline) is None:
             raise ConnectionLost(f"no welcome from {self.address}")
+
+    def _wait_writable(self, deadline: float) -> bool:
+        """Wait for the link; with CURVE, stop early if the server refuses our key."""
+        if self._curve is None:
+            return bool(self._sock.poll(_ms(deadline - local_clock()), zmq.POLLOUT))
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLOUT)
+        poller.register(self._monitor, zmq.POLLIN)
+        while not self._refused:
+            ready = dict(poller.poll(_ms(deadline - local_clock())))
+            if self._sock in ready:
+                return True
+            if not ready:
+                return False
+            self._poll_events()
+        return False
+
+    def _raise_if_refused(self) -> None:
+        if self._refused:
+            raise ServerError("unauthorised", f"{self.address} refused this client's CURVE "
+                              "key (not on the server's allow-list)")
 
     def close(self) -> None:
         """Say ``bye`` (best effort) and release the sockets. Safe to call twice."""
@@ -232,6 +257,7 @@ class PoseOutlet:
     def _check_alive(self, now: float) -> None:
         if self._unanswered_since is not None and now - self._unanswered_since > self.lost_after:
             self._unanswered_since = None  # the next call starts a fresh deadline
+            self._raise_if_refused()  # e.g. the key was revoked and the link re-handshaked
             raise ConnectionLost(f"no answer from {self.address} for {self.lost_after:g} s")
 
     def _poll_events(self) -> None:
@@ -245,6 +271,8 @@ class PoseOutlet:
                 if self._ever_connected and self.welcome is not None:
                     self._send_hello(resume=True)
                 self._ever_connected = True
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._refused = True
 
     def _drain(self, stop_at: str) -> Estimate | dict | None:
         """Handle every queued reply; return the first estimate (or ``stop_at`` message)."""
