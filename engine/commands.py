@@ -1,5 +1,63 @@
-"""CLI commands contributed by engine (see masa_rt.cli)."""
+"""CLI commands contributed by engine (see masa_rt.cli).
+
+Building commands live here: ``export`` (checkpoint -> checked ONNX step model) and
+``reference build`` (demos -> reference). They need torch, imported inside the handlers.
+The serving commands (``serve``, ``watch``, ``demo``, ``bench``) are registered by
+``engine.serve_commands`` and never import torch. Add a new command as one ``_add_*``
+function plus a lazily importing handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+
+def _export(args: argparse.Namespace) -> int:
+    from engine.export import export_onnx
+
+    out = export_onnx(args.checkpoint, args.out, opset=args.opset, atol=args.atol)
+    print(f"wrote {out}")
+    return 0
+
+
+def _reference_build(args: argparse.Namespace) -> int:
+    from engine.reference import build_reference
+
+    ref = build_reference(args.demos, args.checkpoint, args.out, name=args.name)
+    print(f"wrote {args.out}: {ref.activity}, {len(ref)} frames, "
+          f"{len(ref.phase_names)} phases, model {ref.model_fingerprint}")
+    return 0
+
+
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser("export", help="export a checkpoint's streaming step to ONNX")
+    p.add_argument("--checkpoint", default=None, metavar="RUN_OR_PT",
+                   help="checkpoint .pt (default: the shipped model)")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--atol", type=float, default=1e-4,
+                   help="refuse the export if ONNX Runtime differs from torch by more")
+    p.set_defaults(func=_export)
+
+
+def _add_reference(subparsers) -> None:
+    p = subparsers.add_parser("reference", help="build references from demonstrations")
+    sub = p.add_subparsers(dest="reference_command", metavar="ACTION", required=True)
+    b = sub.add_parser("build", help="embed demo recordings into a reference .npz")
+    b.add_argument("demos", nargs="+", metavar="DEMO.npz",
+                   help="demo sequences of one activity; the first is the reference")
+    b.add_argument("--checkpoint", default=None, help="checkpoint .pt (default: shipped)")
+    b.add_argument("-o", "--out", required=True, help="output reference .npz")
+    b.add_argument("--name", default=None, help="reference name (default: file stem)")
+    b.set_defaults(func=_reference_build)
 
 
 def register(subparsers) -> None:
     """Add this package's subcommands to the masa-rt parser."""
+    _add_export(subparsers)
+    _add_reference(subparsers)
+    if importlib.util.find_spec("engine.serve_commands") is not None:
+        from engine import serve_commands
+
+        serve_commands.register(subparsers)

@@ -1,0 +1,151 @@
+"""Per-frame engine step latency: one batched encoder call + every session's aligner.
+
+For N concurrent streams (1, 16, 64, 256), every stream gets a new frame, then one
+``Pipeline.step()``: that round's wall time is the latency a frame waits in the engine.
+Reported per N: p50/p99/p99.9 of the round time (and its encoder/aligner split), frames/s
+= N / mean round time, over ``--iters`` rounds after a warm-up of two windows.
+
+The model is a random one of the shipped size (default d=128, 4 layers, 4 heads, W=32,
+two hands) unless ``--checkpoint`` is given: latency does not depend on the weights.
+
+    OMP_NUM_THREADS=1 python benchmarks/engine_step.py --out bench_engine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _random_checkpoint(path: Path, args: argparse.Namespace) -> Path:
+    import torch
+
+    from masa_rt.checkpoint import save_checkpoint
+    from masa_rt.model import MasaConfig, MasaModel
+    from masa_rt.preprocess import InputSpec
+
+    torch.manual_seed(0)
+    cfg = MasaConfig(num_joints=42, joint_dims=3, d_model=args.d_model, n_heads=args.heads,
+                     n_layers=args.layers, window=args.window)
+    save_checkpoint(path, MasaModel(cfg).eval(), cfg, InputSpec(layout="h2o_hands", fps=30.0))
+    return path
+
+
+def _pipeline(onnx_path: Path, capacity: int, threads: int):
+    from engine.backends import get_backend
+    from engine.pipeline import Pipeline
+    from masa_rt.align import Reference
+    from masa_rt.preprocess import InputSpec
+
+    backend = get_backend("onnxruntime", onnx_path, capacity, intra_op_threads=threads)
+    spec = InputSpec.from_dict(backend.info.input_spec)
+    rng = np.random.default_rng(0)
+    ref = Reference(name="bench", activity="bench",
+                    embeddings=rng.normal(size=(300, backend.embed_dim)),
+                    phases=np.repeat(np.arange(5), 60), phase_names=list("abcde"),
+                    times=np.arange(300) / spec.fps, fps=spec.fps,
+                    model_fingerprint=backend.info.fingerprint)
+    return Pipeline(backend, spec, [ref]), spec
+
+
+class _Timed:
+    """Wraps the backend's step to split a round into encoder and aligner time."""
+
+    def __init__(self, backend):
+        self.inner, self.last = backend.step, 0.0
+
+    def __call__(self, slots, frames):
+        t0 = time.perf_counter()
+        out = self.inner(slots, frames)
+        self.last = time.perf_counter() - t0
+        return out
+
+
+def bench_streams(onnx_path: Path, streams: int, iters: int, threads: int) -> dict:
+    pipe, spec = _pipeline(onnx_path, streams, threads)
+    timed = _Timed(pipe.backend)
+    pipe.backend.step = timed
+    from masa_rt.skeleton import get_layout
+
+    lay = get_layout(spec.layout)
+    rng = np.random.default_rng(1)
+    poses = rng.normal(size=(64, lay.num_joints, lay.dims)).astype(np.float32)
+    for s in range(streams):
+        pipe.open_session(f"s{s}", spec.layout, spec.fps)
+    window = int(pipe.backend.info.window)
+    total, encoder = [], []
+    for k in range(2 * window + iters):
+        t = k / spec.fps
+        for s in range(streams):
+            pipe.submit(f"s{s}", k, t, poses[(k + 7 * s) % len(poses)])
+        t0 = time.perf_counter()
+        answered = pipe.step()
+        dt = time.perf_counter() - t0
+        assert len(answered) == streams
+        if k >= 2 * window:
+            total.append(dt)
+            encoder.append(timed.last)
+    total_us, enc_us = np.array(total) * 1e6, np.array(encoder) * 1e6
+
+    def pct(x: np.ndarray) -> dict:
+        return {"p50": float(np.percentile(x, 50)), "p99": float(np.percentile(x, 99)),
+                "p99.9": float(np.percentile(x, 99.9)), "mean": float(x.mean())}
+
+    return {"streams": streams, "iters": iters, "round_us": pct(total_us),
+            "encoder_us": pct(enc_us), "aligner_us": pct(total_us - enc_us),
+            "frames_per_s": streams / (total_us.mean() * 1e-6),
+            "state_bytes_per_stream": pipe.backend.info.slot_nbytes}
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
+            "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, help="default: a random model of shipped size")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--out", type=Path, default=Path("bench_engine.json"))
+    args = p.parse_args(argv)
+
+    from engine.export import export_cached
+
+    cache = Path(os.environ.get("MASA_RT_CACHE", Path.home() / ".cache" / "masa-rt"))
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = args.checkpoint or _random_checkpoint(Path(tmp) / "random.pt", args)
+        onnx_path = export_cached(ckpt, cache)
+    import onnxruntime
+
+    results = {"machine": machine(), "backend": "onnxruntime",
+               "onnxruntime": onnxruntime.__version__, "model": str(onnx_path),
+               "config": vars(args) | {"checkpoint": str(args.checkpoint),
+                                       "out": str(args.out)},
+               "runs": [bench_streams(onnx_path, n, args.iters, args.threads)
+                        for n in args.streams]}
+    from masa_rt.atomic import atomic_write_json
+
+    atomic_write_json(args.out, results)
+    for r in results["runs"]:
+        print(f"{r['streams']:4d} streams: round p50 {r['round_us']['p50']:9.0f} us  "
+              f"p99 {r['round_us']['p99']:9.0f} us  p99.9 {r['round_us']['p99.9']:9.0f} us  "
+              f"(encoder p50 {r['encoder_us']['p50']:8.0f} us)  {r['frames_per_s']:8.0f} frames/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

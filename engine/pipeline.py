@@ -1,0 +1,198 @@
+"""The engine's per-frame work for many sessions: resample, encode in one batch, align.
+
+``submit`` only queues a capture frame. ``step`` drains the queues in *rounds*: each round
+takes the oldest pending capture frame of every session, turns it into model frames
+(``engine.streams``), encodes every session's next model frame in ONE backend call, and
+steps each session's ``Aligner``. Frames of one session are therefore always processed in
+order, and a server that fell behind catches up with batched calls, not one per frame.
+
+Every submitted capture frame gets exactly one answer: the estimate after its model frames
+(a 90 Hz headset on a 30 Hz model gets the current estimate repeated for the two frames
+that complete no model frame), so clients see one reply per frame and latency is measured
+per frame. A model frame whose joints are all missing (tracking lost) is not encoded; the
+aligner gets ``valid=False`` and holds its position.
+
+No torch here: this module is on the serving path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.backends import Backend, CapacityError, get_backend, read_model_info
+from engine.streams import ModelFrame, StreamBank
+from masa_rt.align import Aligner, AlignerConfig, Estimate, Reference
+from masa_rt.preprocess import InputSpec
+from masa_rt.protocol import ProtocolError
+from masa_rt.skeleton import get_layout
+
+__all__ = ["Pipeline", "ReferenceMismatchError", "Result"]
+
+log = logging.getLogger(__name__)
+
+Result = tuple[str, int, float, Estimate]  # (session, seq, capture t, estimate)
+
+
+class ReferenceMismatchError(ValueError):
+    """A reference embedded by a different model than the one being served."""
+
+
+@dataclass
+class _Session:
+    aligner: Aligner
+    queue: deque[tuple[int, float, np.ndarray]] = field(default_factory=deque)
+    frames: deque[ModelFrame] = field(default_factory=deque)  # model frames of the current one
+    current: tuple[int, float] | None = None  # (seq, t) of the capture frame being processed
+
+
+class Pipeline:
+    """Sessions -> batched encoder -> one aligner per session (see module docstring)."""
+
+    def __init__(self, backend: Backend, spec: InputSpec, references: Sequence[Reference],
+                 aligner_config: AlignerConfig | None = None, *, model_name: str = "",
+                 window: int = 0):
+        if not references:
+            raise ValueError("Pipeline: expected at least one reference")
+        self.backend, self.spec = backend, spec
+        self.bank = StreamBank(backend, spec)
+        self.references = {r.activity: r for r in references}
+        if len(self.references) != len(references):
+            raise ValueError("Pipeline: two references for the same activity")
+        config = aligner_config or AlignerConfig()
+        # Templates share the read-only reference arrays; each session gets a fresh() copy.
+        self._templates = {name: Aligner([r], config) for name, r in self.references.items()}
+        self._template_all = Aligner(list(references), config)
+        self.model_name, self.window = model_name, window
+        self._sessions: dict[str, _Session] = {}
+
+    # -- construction from files ----------------------------------------------------------
+
+    @classmethod
+    def from_files(cls, model_path: str | Path, reference_paths: Sequence[str | Path],
+                   backend: str = "onnxruntime", *, capacity: int = 256,
+                   aligner_config: AlignerConfig | None = None, **backend_opts: Any) -> Pipeline:
+        """Load the ONNX step model and references; refuse references of another model."""
+        info = read_model_info(model_path)
+        refs = [Reference.load(p) for p in reference_paths]
+        for path, ref in zip(reference_paths, refs, strict=True):
+            if ref.model_fingerprint != info.fingerprint:
+                raise ReferenceMismatchError(
+                    f"reference {path} was built with model {ref.model_fingerprint or '?'}, "
+                    f"server runs model {info.fingerprint}: rebuild it with "
+                    f"masa-rt reference build")
+        engine = get_backend(backend, model_path, capacity, **backend_opts)
+        return cls(engine, InputSpec.from_dict(info.input_spec), refs, aligner_config,
+                   model_name=info.fingerprint, window=info.window)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def open_session(self, session_id: str, layout: str, fps: float,
+                     reference: str | None = None) -> dict:
+        """Start a session; returns what a ``welcome`` needs. Refusals are ProtocolErrors
+        with the reason the client can switch on (wrong_layout, unknown_reference, ...)."""
+        if layout != self.spec.layout:
+            raise ProtocolError("wrong_layout", f"{layout!r}: this model reads "
+                                                f"{self.spec.layout!r}")
+        if reference is not None and reference not in self.references:
+            raise ProtocolError("unknown_reference", f"{reference!r}; loaded: "
+                                                     f"{sorted(self.references)}")
+        if not fps > 0:
+            raise ProtocolError("malformed", f"fps must be > 0, found {fps}")
+        if session_id in self._sessions:
+            self.close_session(session_id)  # a hello for a live session restarts it
+        try:
+            self.bank.open(session_id)
+        except CapacityError as exc:
+            raise ProtocolError("overloaded", str(exc)) from None
+        template = self._templates[reference] if reference else self._template_all
+        self._sessions[session_id] = _Session(template.fresh())
+        lay = get_layout(layout)
+        return {"shape": (lay.num_joints, lay.dims), "model": self.model_name,
+                "references": [reference] if reference else sorted(self.references),
+                "window": self.window, "model_fps": self.spec.fps}
+
+    def close_session(self, session_id: str) -> None:
+        if self._sessions.pop(session_id, None) is not None:
+            self.bank.close(session_id)
+
+    def reset_session(self, session_id: str) -> None:
+        """Forget the session's history (encoder window, resampling grid, alignment)."""
+        s = self._session(session_id)
+        s.queue.clear()
+        s.frames.clear()
+        s.current = None
+        s.aligner.reset()
+        self.bank.reset(session_id)
+
+    def _session(self, session_id: str) -> _Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise ProtocolError("unknown_session", session_id) from None
+
+    @property
+    def sessions(self) -> list[str]:
+        return list(self._sessions)
+
+    # -- frames -----------------------------------------------------------------------------
+
+    def submit(self, session_id: str, seq: int, t: float, joints: np.ndarray) -> None:
+        """Queue one capture frame (J, C); nothing runs until :meth:`step`."""
+        self._session(session_id).queue.append((int(seq), float(t), joints))
+
+    def pending(self) -> int:
+        return sum(len(s.queue) + (s.current is not None) for s in self._sessions.values())
+
+    def step(self) -> list[Result]:
+        """Process every queued frame, in rounds of one batched encoder call each."""
+        results: list[Result] = []
+        while True:
+            results.extend(self._admit_next_frames())
+            batch = [sid for sid, s in self._sessions.items() if s.frames]
+            if not batch:
+                return results
+            self._encode_and_align(batch)
+            results.extend(self._finish_frames())
+
+    def _admit_next_frames(self) -> list[Result]:
+        """Sessions with no model frame in hand resample their next capture frames; one that
+        completes no model frame (off the model-rate grid) is answered at once."""
+        answered = []
+        for sid, s in self._sessions.items():
+            while not s.frames and s.queue:
+                seq, t, joints = s.queue.popleft()
+                s.frames.extend(self.bank.push(sid, joints, t, seq=seq))
+                if s.frames:
+                    s.current = (seq, t)
+                else:
+                    answered.append((sid, seq, t, dataclasses.replace(s.aligner.last, t=t)))
+        return answered
+
+    def _encode_and_align(self, sids: list[str]) -> None:
+        """Each listed session's next model frame: ONE backend call, then its aligner."""
+        frames = {sid: self._sessions[sid].frames.popleft() for sid in sids}
+        live = [sid for sid in sids if not frames[sid].lost]
+        x = self.bank.features([frames[sid] for sid in live])
+        embeddings = self.bank.step(list(zip(live, x, strict=True)))
+        rows = dict(zip(live, embeddings, strict=True))
+        for sid in sids:
+            mf = frames[sid]
+            self._sessions[sid].aligner.step(rows.get(sid), mf.t, valid=not mf.lost)
+
+    def _finish_frames(self) -> list[Result]:
+        """Answer every capture frame whose model frames are all processed."""
+        done = []
+        for sid, s in self._sessions.items():
+            if s.current is not None and not s.frames:
+                seq, t = s.current
+                s.current = None
+                done.append((sid, seq, t, dataclasses.replace(s.aligner.last, t=t)))
+        return done

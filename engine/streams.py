@@ -1,0 +1,221 @@
+"""Per-stream state and the bank of streams that share one batched encoder backend.
+
+A headset sends joints at its own rate (30-120 Hz) with capture timestamps; the model was
+trained at ``InputSpec.fps`` (METHOD.md §3, "Frame rate"). Each stream is resampled onto
+its own model-rate grid ``t0 + k / fps``, anchored at its first frame: whenever a capture
+frame reaches or passes the next grid time, one model frame is made by linear interpolation
+between the two capture frames around it. A joint missing (NaN) in one neighbour is taken
+from the other; missing in both stays NaN, and ``frame_features`` turns it into 0.
+
+The encoder state of a stream (its key/value window) lives in the backend, in a slot the
+bank allocates on ``open``. A stream therefore costs the same per frame at minute 60 as at
+second 1: the state is a fixed-size window, nothing grows with the stream's length.
+
+No torch here: this module is on the serving path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.backends.base import Backend, BackendError
+from masa_rt.preprocess import InputSpec, frame_features
+
+__all__ = ["ModelFrame", "Resampler", "StreamBank", "StreamError", "StreamState"]
+
+_TIME_EPS = 1e-6  # seconds; a capture stamp this close to a grid time *is* that grid time
+
+
+class StreamError(KeyError):
+    """An unknown session, or one opened twice."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class ModelFrame:
+    """One frame at the model's rate; ``StreamBank.features`` featurises a batch of them."""
+
+    t: float  # its time on the stream's model-rate grid, seconds (capture clock)
+    joints: np.ndarray  # (J, C) float32 resampled raw joints, NaN = missing
+    extra: np.ndarray | None  # (F,) resampled per-frame features, for models that take them
+    lost: bool  # every joint was missing: tracking lost, nothing to encode
+
+
+def interpolate(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
+    """``(1 - w) a + w b`` elementwise, where a NaN on one side takes the other side."""
+    if w <= 0.0:
+        return a.copy()
+    if w >= 1.0:
+        return b.copy()
+    out = a + w * (b - a)
+    only_a, only_b = np.isnan(b) & ~np.isnan(a), np.isnan(a) & ~np.isnan(b)
+    out[only_a] = a[only_a]
+    out[only_b] = b[only_b]
+    return out
+
+
+class Resampler:
+    """Capture-rate samples (any shape) -> samples on a model-rate grid, in order.
+
+    ``max_gap_s``: after a longer silence (tracking lost, network stall) the grid is
+    re-anchored at the next frame instead of inventing interpolated frames across the gap.
+    Frames whose stamp does not increase are dropped (``stale`` counts them).
+    """
+
+    def __init__(self, fps: float, max_gap_s: float = 0.5):
+        if not fps > 0:
+            raise ValueError(f"fps: expected > 0, found {fps}")
+        self.period = 1.0 / fps
+        self.max_gap_s = max_gap_s
+        self.stale = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self._t0: float | None = None  # grid anchor
+        self._k = 0  # index of the next grid time
+        self._prev: tuple[float, np.ndarray] | None = None
+
+    def _next_time(self) -> float:
+        assert self._t0 is not None
+        return self._t0 + self._k * self.period  # from the anchor: no drift from summing
+
+    def push(self, sample: np.ndarray, t: float) -> list[tuple[float, np.ndarray]]:
+        """Feed one capture sample; returns the model-rate ``(t, sample)`` it completes."""
+        x = np.asarray(sample, dtype=np.float32)
+        if self._prev is not None and not t > self._prev[0]:
+            self.stale += 1
+            return []
+        if self._prev is None or t - self._prev[0] > self.max_gap_s:
+            self._t0, self._k = t, 0
+        out = []
+        while self._next_time() <= t + _TIME_EPS:
+            tk = self._next_time()
+            if self._prev is None or tk >= t - _TIME_EPS:
+                out.append((tk, x.copy()))
+            else:
+                t_prev, x_prev = self._prev
+                out.append((tk, interpolate(x_prev, x, (tk - t_prev) / (t - t_prev))))
+            self._k += 1
+        self._prev = (t, x)
+        return out
+
+
+@dataclass
+class StreamState:
+    """What the bank keeps per session (the encoder window lives in the backend slot)."""
+
+    session: Hashable
+    slot: int
+    resampler: Resampler
+    last_seq: int = -1
+    last_t: float = -math.inf
+    frames_in: int = 0
+    frames_out: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class StreamBank:
+    """All open streams over one backend: resample, featurise, and step them in batches.
+
+    ``push`` turns a capture frame into the model frames it completes; ``features`` makes
+    the model input of a batch of them; ``step`` runs ONE backend call for a batch of
+    ``(session, features)`` pairs (one frame per session).
+    """
+
+    def __init__(self, backend: Backend, spec: InputSpec, *, max_gap_s: float = 0.5):
+        if backend.input_dim != spec.input_dim:
+            raise ValueError(f"backend takes {backend.input_dim} inputs per frame, the input "
+                             f"spec makes {spec.input_dim}: model and spec do not match")
+        self.backend, self.spec, self.max_gap_s = backend, spec, max_gap_s
+        self._streams: dict[Hashable, StreamState] = {}
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def __contains__(self, session: Hashable) -> bool:
+        return session in self._streams
+
+    def state(self, session: Hashable) -> StreamState:
+        try:
+            return self._streams[session]
+        except KeyError:
+            raise StreamError(f"unknown session {session!r}") from None
+
+    def open(self, session: Hashable) -> int:
+        """Start a stream; returns its backend slot. ``CapacityError`` when all are taken."""
+        if session in self._streams:
+            raise StreamError(f"session {session!r} is already open")
+        slot = self.backend.allocate()
+        self._streams[session] = StreamState(session, slot, Resampler(self.spec.fps,
+                                                                      self.max_gap_s))
+        return slot
+
+    def close(self, session: Hashable) -> None:
+        self.backend.release(self.state(session).slot)
+        del self._streams[session]
+
+    def reset(self, session: Hashable) -> None:
+        """Forget the stream's history: empty encoder window, new resampling grid."""
+        st = self.state(session)
+        self.backend.reset(np.array([st.slot]))
+        st.resampler.reset()
+
+    def push(self, session: Hashable, joints: np.ndarray, t: float,
+             seq: int | None = None, features: np.ndarray | None = None) -> list[ModelFrame]:
+        """One capture frame ``joints (J, C)`` at capture time ``t`` (seconds).
+
+        Returns the model frames it completes, oldest first (none, one, or several when
+        the capture rate is below the model's). ``features (F,)`` only for models that
+        take per-frame features; they are resampled with the joints.
+        """
+        st = self.state(session)
+        st.frames_in += 1
+        st.last_t = float(t)
+        if seq is not None:
+            st.last_seq = int(seq)
+        j = np.asarray(joints, dtype=np.float32)
+        out = [self._model_frame(tk, x, j.shape)
+               for tk, x in st.resampler.push(_pack(j, features), t)]
+        st.frames_out += len(out)
+        return out
+
+    @staticmethod
+    def _model_frame(t: float, sample: np.ndarray, shape: tuple[int, ...]) -> ModelFrame:
+        n = int(np.prod(shape))
+        joints = sample[:n].reshape(shape)
+        extra = sample[n:] if len(sample) > n else None
+        return ModelFrame(t=t, joints=joints, extra=extra, lost=bool(np.isnan(joints).all()))
+
+    def features(self, frames: Sequence[ModelFrame]) -> np.ndarray:
+        """Model input (B, D_in) of a batch of model frames, in one vectorised call (the
+        per-frame normalisation is a dozen numpy calls: per frame they would cost more
+        than the encoder)."""
+        if not frames:
+            return np.empty((0, self.spec.input_dim), dtype=np.float32)
+        joints = np.stack([f.joints for f in frames]) if self.spec.uses_joints else None
+        extra = np.stack([f.extra for f in frames]) if self.spec.feature_dim else None
+        return frame_features(joints, self.spec, extra).reshape(len(frames), -1)
+
+    def step(self, batch: Sequence[tuple[Hashable, np.ndarray]]) -> np.ndarray:
+        """Encode one frame for each listed session in ONE backend call -> (B, d)."""
+        if not batch:
+            return np.empty((0, self.backend.embed_dim), dtype=np.float32)
+        slots = np.fromiter((self.state(s).slot for s, _ in batch), np.int64, len(batch))
+        if len(np.unique(slots)) != len(slots):
+            raise BackendError("a session appears twice in one step; step its frames in order")
+        frames = np.stack([np.asarray(f, dtype=np.float32) for _, f in batch])
+        return self.backend.step(slots, frames)
+
+
+def _pack(joints: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+    """Joints and optional features as one flat sample, so they are resampled together."""
+    flat = joints.reshape(-1)
+    if features is None:
+        return flat
+    return np.concatenate([flat, np.asarray(features, dtype=np.float32).reshape(-1)])

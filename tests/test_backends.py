@@ -1,0 +1,139 @@
+"""Backends own per-stream state: any mix of slots, resets and releases gives what the
+torch step gives when each stream is run on its own."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from engine.backends import BackendError, BackendUnavailable, CapacityError, get_backend  # noqa: E402
+from engine.backends.base import contiguous_range  # noqa: E402
+from engine.export import SlotMajorStep, export_cached  # noqa: E402
+from masa_rt.checkpoint import load_model, save_checkpoint  # noqa: E402
+from masa_rt.model import MasaConfig, MasaModel  # noqa: E402
+from masa_rt.preprocess import InputSpec  # noqa: E402
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+W = 8
+FPS = 30.0
+
+
+@pytest.fixture(scope="module")
+def engine_model(request, tmp_path_factory):
+    """A small random causal model, its checkpoint and its checked ONNX export (cached:
+    the dynamo export is the slow part, and every engine test file uses the same model)."""
+    base = tmp_path_factory.getbasetemp()
+    ckpt = base / "engine_tiny.pt"
+    if not ckpt.exists():
+        torch.manual_seed(0)
+        cfg = MasaConfig(num_joints=21, joint_dims=3, d_model=32, n_heads=4, ffn_dim=64,
+                         n_layers=4, window=W, proj_dim=32, proj_layers=2)
+        save_checkpoint(ckpt, MasaModel(cfg).eval(), cfg,
+                        InputSpec(layout="mediapipe_hand21", fps=FPS))
+    cache = request.config.cache.mkdir("masa-rt-onnx") if request.config.cache else base
+    onnx_path = export_cached(ckpt, cache)
+    model, _cfg, spec, _meta = load_model(ckpt)
+    return model, spec, onnx_path, ckpt
+
+
+class OneByOne:
+    """Each stream stepped alone through the torch step: the ground truth."""
+
+    def __init__(self, model, n: int):
+        self.step_module = SlotMajorStep(model).eval()
+        self.state = {s: self.step_module.initial_state(1) for s in range(n)}
+
+    def reset(self, s: int) -> None:
+        self.state[s] = self.step_module.initial_state(1)
+
+    def step(self, s: int, frame: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            u, *self.state[s] = self.step_module(torch.from_numpy(frame[None]), *self.state[s])
+        return u[0].numpy()
+
+
+def _drive(backend, truth: OneByOne, rng, rounds: int, n: int) -> float:
+    """Random batches (contiguous and not), resets and a release/re-allocate."""
+    worst = 0.0
+    for r in range(rounds):
+        if r % 4 == 0:
+            slots = np.arange(n)  # everyone: the zero-copy path
+        else:
+            slots = rng.permutation(n)[: rng.integers(1, n + 1)]
+        if r == rounds // 2:
+            backend.reset(np.array([1]))
+            truth.reset(1)
+        if r == rounds // 3:
+            backend.release(2)
+            assert backend.allocate() == 2  # lowest free slot, handed back empty
+            truth.reset(2)
+        frames = rng.standard_normal((len(slots), backend.input_dim)).astype(np.float32)
+        out = backend.step(slots, frames)
+        for i, s in enumerate(slots):
+            worst = max(worst, float(np.abs(out[i] - truth.step(int(s), frames[i])).max()))
+    return worst
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "torch"])
+def test_backend_matches_streams_run_alone(engine_model, name):
+    model, _spec, onnx_path, ckpt = engine_model
+    opts = {"checkpoint": ckpt} if name == "torch" else {}
+    backend = get_backend(name, onnx_path, capacity=5, **opts)
+    assert (backend.input_dim, backend.embed_dim, backend.capacity) == (63, 32, 5)
+    slots = [backend.allocate() for _ in range(5)]
+    assert slots == [0, 1, 2, 3, 4]
+    worst = _drive(backend, OneByOne(model, 5), np.random.default_rng(0), 3 * W, 5)
+    assert worst < 1e-4
+
+
+def test_onnxruntime_contiguous_batches_copy_nothing(engine_model):
+    _model, _spec, onnx_path, _ckpt = engine_model
+    backend = get_backend("onnxruntime", onnx_path, capacity=4)
+    for _ in range(4):
+        backend.allocate()
+    frames = np.zeros((4, backend.input_dim), np.float32)
+    for _ in range(3):
+        backend.step(np.arange(4), frames)
+        backend.step(np.arange(1, 3), frames[:2])  # a sub-range with one parity: a view too
+        backend.step(np.arange(1, 3), frames[:2])
+        backend.step(np.arange(4), frames)  # ... which puts 0..3 back on one parity
+    assert backend.rows_copied == 0
+    backend.step(np.array([3, 0]), frames[:2])
+    assert backend.rows_copied == 2
+
+
+def test_backend_errors(engine_model):
+    _model, _spec, onnx_path, ckpt = engine_model
+    backend = get_backend("onnxruntime", onnx_path, capacity=1)
+    slot = backend.allocate()
+    with pytest.raises(CapacityError):
+        backend.allocate()
+    with pytest.raises(BackendError, match="frames"):
+        backend.step(np.array([slot]), np.zeros((1, 5), np.float32))
+    with pytest.raises(BackendError, match="not allocated"):
+        backend.release(slot) or backend.step(np.array([slot]), np.zeros((1, 63), np.float32))
+    with pytest.raises(ValueError, match="unknown backend"):
+        get_backend("tpu", onnx_path)
+
+
+def test_tensorrt_missing_is_a_clear_error(engine_model):
+    pytest.importorskip("engine.backends.tensorrt_backend")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendUnavailable, match=r"pip install -e \.\[gpu\]"):
+            get_backend("tensorrt", engine_model[2], capacity=2)
+    else:
+        pytest.skip("TensorRT is installed here; tests/test_tensorrt.py covers it")
+
+
+def test_contiguous_range():
+    assert contiguous_range(np.array([3, 4, 5])) == (3, 6)
+    assert contiguous_range(np.array([7])) == (7, 8)
+    assert contiguous_range(np.array([3, 5])) is None
+    assert contiguous_range(np.array([5, 4])) is None
+    assert contiguous_range(np.array([], dtype=np.int64)) is None

@@ -1,0 +1,107 @@
+"""ONNX export: metadata, the ORT-vs-torch check, refusals, atomic writes, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+import engine.export as export  # noqa: E402
+from engine.backends import read_model_info  # noqa: E402
+from masa_rt.checkpoint import load_model, save_checkpoint  # noqa: E402
+from masa_rt.cli import main  # noqa: E402
+from masa_rt.model import MasaConfig, MasaModel  # noqa: E402
+from masa_rt.preprocess import InputSpec  # noqa: E402
+
+W = 8
+
+
+def _ckpt(path, **overrides):
+    torch.manual_seed(0)
+    cfg = MasaConfig(**{**dict(num_joints=21, joint_dims=3, d_model=32, n_heads=4, ffn_dim=64,
+                               n_layers=4, window=W, proj_dim=32, proj_layers=2), **overrides})
+    save_checkpoint(path, MasaModel(cfg).eval(), cfg,
+                    InputSpec(layout="mediapipe_hand21", fps=30.0))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(request, tmp_path_factory):
+    """Same model and cache as the other engine tests (one slow export per session)."""
+    ckpt = tmp_path_factory.getbasetemp() / "engine_tiny.pt"
+    if not ckpt.exists():
+        _ckpt(ckpt)
+    cache = request.config.cache.mkdir("masa-rt-onnx") if request.config.cache else ckpt.parent
+    return ckpt, export.export_cached(ckpt, cache)
+
+
+def test_metadata_and_dynamic_batch(exported):
+    ckpt, path = exported
+    model, cfg, spec, meta = load_model(ckpt)
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props["masa_config"]) == cfg.to_dict()
+    assert json.loads(props["input_spec"]) == spec.to_dict()
+    assert props["window"] == str(W) and props["opset"] == "18"
+    assert props["model_fingerprint"] == meta["model_fingerprint"]
+    assert props["cache_layout"] == "slot_major" and props["masa_rt_version"]
+    info = read_model_info(path)
+    assert info.cache_shape == (4, 4, W - 1, 8) and (info.input_dim, info.embed_dim) == (63, 32)
+    proto = onnx.load(str(path))
+    names = [i.name for i in proto.graph.input], [o.name for o in proto.graph.output]
+    assert names == (list(export.INPUT_NAMES), list(export.OUTPUT_NAMES))
+    assert all(i.type.tensor_type.shape.dim[0].dim_param for i in proto.graph.input)
+    # the check itself, at batch sizes the export never saw
+    assert export.check_against_torch(model, path.read_bytes(), batches=(3, 7), steps=4) < 1e-4
+
+
+def test_refuses_a_graph_that_differs_and_leaves_no_file(exported, tmp_path, monkeypatch):
+    ckpt, path = exported
+    monkeypatch.setattr(export, "onnx_bytes", lambda *a, **k: path.read_bytes())
+    monkeypatch.setattr(export, "check_against_torch", lambda *a, **k: 0.5)
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"previous")
+    with pytest.raises(export.ExportError, match="differs from torch by 0.5"):
+        export.export_onnx(ckpt, out)
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temp litter
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(attention="full"), "causal"),
+    (dict(positions="absolute_sine"), "relative"),
+])
+def test_refuses_models_that_cannot_stream(tmp_path, overrides, match):
+    with pytest.raises(export.ExportError, match=match):
+        export.export_onnx(_ckpt(tmp_path / "m.pt", **overrides), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export(exported, tmp_path, monkeypatch, capsys):
+    ckpt, path = exported
+    seen = {}
+
+    def fake(checkpoint, out, *, opset, atol):
+        seen.update(checkpoint=checkpoint, out=out, opset=opset, atol=atol)
+        return out
+
+    monkeypatch.setattr(export, "export_onnx", fake)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", "x.onnx"]) == 0
+    assert seen == dict(checkpoint=str(ckpt), out="x.onnx", opset=18, atol=1e-4)
+    assert export.resolve_checkpoint(tmp_path) == tmp_path / "last.pt"  # a run folder
+
+
+def test_slot_major_step_equals_streaming_encoder(exported):
+    model = load_model(exported[0])[0]
+    step = export.SlotMajorStep(model).eval()
+    k, v, valid = step.initial_state(3)
+    frame = torch.randn(3, 63)
+    with torch.no_grad():
+        u, k2, _v2, ok = step(frame, k, v, valid)
+        u_ref, k_ref, _, ok_ref = step.encoder(frame, k.transpose(0, 1), v.transpose(0, 1), valid)
+    np.testing.assert_array_equal(u.numpy(), u_ref.numpy())
+    np.testing.assert_array_equal(k2.numpy(), k_ref.transpose(0, 1).numpy())
+    assert ok.equal(ok_ref)
