@@ -1,0 +1,237 @@
+"""trainer: config resolution, data batching, and tiny end-to-end training runs."""
+
+import contextlib
+import json
+import math
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from masa_rt import cli
+from masa_rt.checkpoint import load_checkpoint, load_model
+from masa_rt.sequence import Sequence, write_dataset_files
+from trainer.config import (
+    ConfigError,
+    RunConfig,
+    dump_run_config,
+    load_run_config,
+    run_config_to_dict,
+)
+from trainer.data import epoch_batches, subsample_indices
+from trainer.train import train
+
+torch.set_num_threads(1)
+
+# A model small enough that a whole run takes about a second on one core.
+TINY = ["model.d_model=16", "model.n_heads=2", "model.ffn_dim=32", "model.proj_dim=16",
+        "model.window=8", "train.batch_size=4"]
+
+
+def make_dataset(root, n=10, features=0, seed=0):
+    """n short two-activity sequences (mediapipe_hand21) with a few missing joints."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        t = int(rng.integers(20, 36))
+        phase = np.linspace(0, 2 * np.pi, t)[:, None, None]
+        base = rng.normal(size=(1, 21, 3))
+        joints = (base + 0.3 * np.sin(phase * (1 + i % 2) + rng.normal(size=(1, 21, 3))))
+        joints = joints.astype(np.float32)
+        joints[rng.random((t, 21)) < 0.05] = np.nan
+        feats = rng.normal(size=(t, features)).astype(np.float32) if features else None
+        seq = Sequence(joints, "mediapipe_hand21", 30.0, features=feats, activity=f"act{i % 2}")
+        items.append((f"s{i:02d}.npz", seq, "val" if i >= n - 2 else "train"))
+    write_dataset_files(root, items)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def _run(data, out, *extra, resume=False, plot=False):
+    """Train with the TINY model; curves.png (slowest part of a tiny run) only if asked."""
+    rc = load_run_config(None, TINY + list(extra))
+    with contextlib.ExitStack() as stack:
+        if not plot:
+            stack.enter_context(mock.patch("trainer.train.plot_curves"))
+        return train(rc, data, out, resume=resume)
+
+
+def _log(run_dir):
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(s).items() if k != "time"} for s in lines]
+
+
+# ------------------------------------------------------------------------- config
+
+def test_defaults_are_the_papers():
+    rc = RunConfig()
+    t = rc.train
+    assert (t.lr, t.lr_halve_every, t.epochs, t.batch_size, t.max_len) == (3e-3, 50, 150, 16, 150)
+    assert rc.model.tau == rc.loss.tau == 0.1 and rc.loss.stop_gradient
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {tau: 0.5, d_model: 64}\ntrain: {epochs: 7, lr: 1e-3}\n")
+    rc = load_run_config(f, ["model.tau=1", "augment.crop=off", "train.max_minutes=2"])
+    assert rc.model.tau == 1.0 and rc.loss.tau == 1.0  # loss.tau follows model.tau
+    assert rc.model.d_model == 64 and rc.train.epochs == 7 and rc.train.lr == 1e-3
+    assert rc.augment.crop == "off"  # YAML 1.1 would have read this as False
+    assert rc.train.max_minutes == 2.0
+
+
+def test_loss_aliases_and_independent_crop():
+    rc = load_run_config(None, ["loss.stop_gradient=false", "augment.crop=independent"])
+    assert rc.model.stop_gradient is False and rc.loss.stop_gradient is False
+    assert rc.loss.restrict_to_overlap is True
+    with pytest.raises(ConfigError, match="disagree"):
+        load_run_config(None, ["loss.tau=1", "model.tau=0.1"])
+
+
+def test_unknown_key_is_one_line_listing_valid_keys():
+    with pytest.raises(ConfigError) as info:
+        load_run_config(None, ["model.tua=1"])
+    msg = str(info.value)
+    assert "\n" not in msg and "'model.tua'" in msg and "model.tau" in msg
+    with pytest.raises(ConfigError, match=r"'optim.lr'; valid keys: model.\*, augment.\*"):
+        load_run_config(None, ["optim.lr=1"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_run_config(None, ["train.epochs=ten"])
+    with pytest.raises(ConfigError, match="batch_size: expected > 0"):
+        load_run_config(None, ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_run_config(None, ["train.epochs"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    rc = load_run_config(None, ["model.use_cross_attention=false", "augment.crop=off"])
+    (tmp_path / "c.yaml").write_text(dump_run_config(rc))
+    again = load_run_config(tmp_path / "c.yaml")
+    assert run_config_to_dict(again) == run_config_to_dict(rc)
+
+
+def test_cli_reports_bad_override_in_one_line(data, tmp_path, capsys):
+    code = cli.main(["train", "--data", str(data), "--out", str(tmp_path / "r"),
+                     "--set", "model.nope=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "unknown config key 'model.nope'" in err
+
+
+# ------------------------------------------------------------------------- data
+
+def test_subsample_keeps_even_spacing_under_max_len():
+    for T in (10, 150, 151, 299, 301, 1000):
+        idx = subsample_indices(T, 150)
+        assert len(idx) <= 150 and idx[0] == 0 and len(set(np.diff(idx))) <= 1
+
+
+def test_epoch_batches_shard_evenly_and_deterministically():
+    single = epoch_batches(10, 3, epoch=2, seed=5)
+    assert sorted(np.concatenate(single)) == list(range(10))
+    np.testing.assert_array_equal(np.concatenate(single),
+                                  np.concatenate(epoch_batches(10, 3, epoch=2, seed=5)))
+    assert not np.array_equal(np.concatenate(single),
+                              np.concatenate(epoch_batches(10, 3, epoch=3, seed=5)))
+    r0, r1 = (epoch_batches(10, 3, 2, 5, rank=r, world_size=2) for r in (0, 1))
+    assert len(r0) == len(r1) == 2  # 4 batches, every rank the same number of steps
+    assert not set(np.concatenate(r0)) & set(np.concatenate(r1))
+    assert len(epoch_batches(2, 4, 0, 0, rank=1, world_size=2)) == 1  # wraps, never empty
+
+
+# ------------------------------------------------------------------------- training
+
+def test_end_to_end_outputs(data, tmp_path):
+    run = tmp_path / "run"
+    ckpt = _run(data, run, "train.epochs=2", plot=True)
+    for name in ("last.pt", "log.jsonl", "config.yaml", "curves.png", "summary.json"):
+        assert (run / name).is_file(), name
+    log = _log(run)
+    assert len(log) == 4 and [r["step"] for r in log] == [1, 2, 3, 4]  # 8 train seqs / 4
+    assert all(math.isfinite(r[k]) for r in log for k in ("L", "L_m", "L_c"))
+    assert all(-1 <= r["L_c"] <= 1 and r["world_size"] == 1 for r in log)
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["model"]["num_joints"] == 21 and resolved["model"]["d_model"] == 16
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["steps"] == 4
+    assert summary["collapse"]["split"] == "val"
+    assert 1 <= summary["collapse"]["effective_rank"] <= 16
+    model, cfg, spec, meta = load_model(ckpt)
+    assert spec.layout == "mediapipe_hand21" and cfg.num_joints == 21 and meta["epoch"] == 2
+    assert meta["model_fingerprint"] == summary["model_fingerprint"]
+
+
+def test_refuses_to_overwrite_a_run(data, tmp_path):
+    _run(data, tmp_path / "run", "train.epochs=1")
+    with pytest.raises(ConfigError, match="--resume"):
+        _run(data, tmp_path / "run", "train.epochs=1")
+
+
+def test_same_seed_same_log_other_seed_differs(data, tmp_path):
+    _run(data, tmp_path / "a", "train.epochs=1", "train.seed=3")
+    _run(data, tmp_path / "b", "train.epochs=1", "train.seed=3")
+    _run(data, tmp_path / "c", "train.epochs=1", "train.seed=4")
+    assert _log(tmp_path / "a") == _log(tmp_path / "b")
+    assert _log(tmp_path / "a") != _log(tmp_path / "c")
+
+
+def _weights(ckpt_path):
+    return load_checkpoint(ckpt_path)["model_state"]
+
+
+def test_resume_equals_straight_run(data, tmp_path):
+    straight = _run(data, tmp_path / "straight", "train.epochs=2", "train.lr_halve_every=1")
+    _run(data, tmp_path / "resumed", "train.epochs=1", "train.lr_halve_every=1")
+    resumed = _run(data, tmp_path / "resumed", "train.epochs=2", "train.lr_halve_every=1",
+                   resume=True)
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert _log(tmp_path / "straight") == _log(tmp_path / "resumed")
+    assert load_checkpoint(resumed)["optimizer_state"]["param_groups"][0]["lr"] == 3e-3 / 4
+
+
+def test_time_budget_stops_mid_epoch_and_resumes_exactly(data, tmp_path):
+    run = tmp_path / "run"
+    _run(data, run, "train.epochs=2", "train.max_minutes=0")  # stops after the first step
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "time" and summary["steps"] == 1
+    assert load_checkpoint(run / "last.pt")["extra"]["position"]["batch"] == 1
+    resumed = _run(data, run, "train.epochs=2", resume=True)
+    straight = _run(data, tmp_path / "straight", "train.epochs=2")
+    a, b = _weights(straight), _weights(resumed)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_refuses_a_different_model(data, tmp_path):
+    _run(data, tmp_path / "run", "train.epochs=1")
+    with pytest.raises(ConfigError, match="window"):
+        _run(data, tmp_path / "run", "train.epochs=2", "model.window=4", resume=True)
+
+
+@pytest.mark.parametrize("ablation", [
+    "model.use_self_attention=false", "model.use_cross_attention=false",
+    "model.stop_gradient=false", "augment.dual=false", "augment.crop=independent",
+    "model.use_cluster_predictor=false", "model.tau=1",
+])
+def test_ablation_presets_train(data, tmp_path, ablation):
+    _run(data, tmp_path / "run", "train.epochs=1", "train.batch_size=8", ablation)
+    (record,) = _log(tmp_path / "run")
+    assert math.isfinite(record["L"])
+
+
+def test_features_input(tmp_path):
+    data = make_dataset(tmp_path / "feat", n=6, features=5)
+    _run(data, tmp_path / "run", "train.epochs=1")
+    _, cfg, spec, _ = load_model(tmp_path / "run" / "last.pt")
+    assert cfg.input_kind == spec.input_kind == "both" and cfg.feature_dim == 5
+    _run(data, tmp_path / "run2", "train.epochs=1", "input_kind=features")
+    _, cfg, spec, _ = load_model(tmp_path / "run2" / "last.pt")
+    assert cfg.input_dim == spec.input_dim == 5
