@@ -97,6 +97,10 @@ class TrainConfig:
     epochs: int = 150
     batch_size: int = 16
     max_len: int = 150  # longer clips are temporally subsampled to <= max_len (METHOD §8)
+    # A causal model with window W and L layers sees at most L*(W-1) frames back, so it can
+    # be trained on random contiguous windows of its clips at the served frame rate instead of
+    # whole clips: attention cost falls with the square of the length. None = whole clips.
+    clip_len: int | None = None
     seed: int = 0
     log_every: int = 1  # steps between log.jsonl lines
     ckpt_every_epochs: int = 1
@@ -111,6 +115,8 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected > 0, found {getattr(self, name)}")
+        if self.clip_len is not None and self.clip_len < 8:
+            raise ValueError(f"clip_len: expected >= 8 or null, found {self.clip_len}")
         if self.epochs < 0 or (self.max_minutes is not None and self.max_minutes < 0):
             raise ValueError(f"epochs / max_minutes: expected >= 0, found {self.epochs} / "
                              f"{self.max_minutes}")

@@ -156,11 +156,22 @@ def _view_tensors(view: dict, spec: InputSpec) -> tuple[torch.Tensor, ...]:
             torch.from_numpy(np.asarray(view["g"], np.int64)))
 
 
+def random_windows(lengths: list[int], clip_len: int | None,
+                   rng: np.random.Generator) -> list[slice]:
+    """One random contiguous window of at most ``clip_len`` frames per clip (all if None)."""
+    if clip_len is None:
+        return [slice(0, n) for n in lengths]
+    starts = [int(rng.integers(0, n - clip_len + 1)) if n > clip_len else 0 for n in lengths]
+    return [slice(s, s + min(n, clip_len)) for s, n in zip(starts, lengths, strict=True)]
+
+
 def make_batch(data: SequenceSet, idx: np.ndarray, spec: InputSpec, cfg: AugmentConfig,
-               rng: np.random.Generator) -> Batch:
+               rng: np.random.Generator, clip_len: int | None = None) -> Batch:
     """Pad the chosen sequences, draw two augmented views, and build model tensors."""
-    x, lengths = _pad([data.joints[i] for i in idx])
-    feats = _pad([data.features[i] for i in idx])[0] if spec.feature_dim else None
+    windows = random_windows([len(data.joints[i]) for i in idx], clip_len, rng)
+    x, lengths = _pad([data.joints[i][w] for i, w in zip(idx, windows, strict=True)])
+    feats = (_pad([data.features[i][w] for i, w in zip(idx, windows, strict=True)])[0]
+             if spec.feature_dim else None)
     layout = get_layout(data.layout)
     v1, v2 = dual_augment(x, lengths, rng, cfg, mirror_index=np.array(layout.mirror),
                           up_axis=layout.up_axis, features=feats)

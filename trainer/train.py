@@ -277,7 +277,8 @@ class _Log:
 def train_step(run: Run, idx: np.ndarray, step: int) -> torch.Tensor:
     """One optimizer step; returns (L, L_m, L_c) averaged over ranks, detached."""
     rng = np.random.default_rng([run.rc.train.seed, run.dist.rank, step])
-    batch = make_batch(run.data, idx, run.spec, run.rc.augment, rng).to(run.device)
+    batch = make_batch(run.data, idx, run.spec, run.rc.augment, rng,
+                       run.rc.train.clip_len).to(run.device)
     out = run.net(batch.x1, batch.m1, batch.x2, batch.m2, pos1=batch.g1, pos2=batch.g2)
     losses = masa_loss(out, batch.loss_inputs(), run.rc.loss)
     run.optimizer.zero_grad(set_to_none=True)

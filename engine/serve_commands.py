@@ -1,0 +1,184 @@
+"""CLI commands of the serving side: ``serve``, ``watch``, ``demo``, ``bench``.
+
+``engine.commands.register`` calls :func:`register`. Every command imports its module
+lazily, so ``masa-rt --help`` stays fast, and the serving commands (``serve``, ``watch``)
+never import torch: when no ``--model`` is given, the shipped checkpoint is exported to
+ONNX (and a demo recording embedded into a reference) in a *child* process, once, cached,
+so the serving process itself stays torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger("masa_rt.serve")
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+DEFAULT_PUB = "tcp://127.0.0.1:5556"
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+
+
+def cache_dir() -> Path:
+    """Where exported models are kept (``$MASA_RT_CACHE``, default ``~/.cache/masa-rt``)."""
+    return Path(os.environ.get("MASA_RT_CACHE", Path.home() / ".cache" / "masa-rt"))
+
+
+def is_reference_file(path: str | Path) -> bool:
+    """A built reference (embeddings) rather than a recording (joints)?"""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as f:
+        return "embeddings" in f.files
+
+
+def prepare(model: str | None, references: list[str]) -> tuple[Path, list[Path]]:
+    """The ONNX file and the reference files to serve.
+
+    ``model`` ``.onnx`` is served as is, and every reference must already be built for it
+    (``masa-rt reference build``). A checkpoint (``.pt`` or run folder; None = the shipped
+    model) is exported to ONNX once, and any *recording* among ``references`` (e.g.
+    ``examples/pour_milk.npz``) is embedded into a reference once, both cached in
+    :func:`cache_dir`. That needs torch, so it runs in a child process: the serving
+    process itself never imports torch.
+    """
+    for path in references:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"reference {path} not found")
+    demos = [r for r in references if not is_reference_file(r)]
+    if model is not None and model.endswith(".onnx"):
+        if not Path(model).is_file():
+            raise FileNotFoundError(f"model {model} not found")
+        if demos:
+            raise ValueError(f"{demos[0]} is a recording, not a reference: build one for this "
+                             "model with `masa-rt reference build DEMO --checkpoint CKPT -o "
+                             "REF.npz`, or pass the checkpoint as --model")
+        return Path(model), [Path(r) for r in references]
+    log.info("event=prepare checkpoint=%s demos=%d cache=%s", model or "shipped", len(demos),
+             cache_dir())
+    request = json.dumps({"checkpoint": model, "demos": demos, "cache": str(cache_dir())})
+    done = subprocess.run([sys.executable, "-c", "from engine.serve_commands import "
+                           "_prepare_in_child as p; p()", request],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise FileNotFoundError(f"could not prepare the model: {last}")
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    built = answer["references"]
+    return Path(answer["onnx"]), [Path(built.get(r, r)) for r in references]
+
+
+def _prepare_in_child() -> None:
+    """Child side of :func:`prepare` (imports torch): export, build, print JSON paths."""
+    import hashlib
+
+    from engine.export import export_cached, resolve_checkpoint
+    from engine.reference import build_reference
+    from masa_rt.checkpoint import default_model_path
+
+    req = json.loads(sys.argv[1])
+    ckpt = resolve_checkpoint(req["checkpoint"]) or default_model_path()
+    onnx = export_cached(ckpt, req["cache"])
+    refs = {}
+    for demo in req["demos"]:
+        key = hashlib.sha256(Path(demo).read_bytes() + ckpt.read_bytes()).hexdigest()[:24]
+        out = Path(req["cache"]) / f"ref-{Path(demo).stem}-{key}.npz"
+        if not out.is_file():
+            build_reference([demo], ckpt, out)
+        refs[demo] = str(out)
+    print(json.dumps({"onnx": str(onnx), "references": refs}))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from engine.pipeline import Pipeline
+    from engine.server import Server, ServerConfig, install_signal_handlers
+
+    model, references = prepare(args.model, args.reference)
+    pipeline = Pipeline.from_files(model, references, backend=args.backend)
+    config = ServerConfig(bind=args.bind, pub_bind=args.pub, max_sessions=args.max_sessions,
+                          idle_timeout_s=args.idle_timeout)
+    server = Server(pipeline, config)
+    install_signal_handlers(server)
+    server.run()
+    print(server.report())
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from engine.watch import WatchConfig, watch
+
+    cfg = WatchConfig(address=args.address, session=args.session,
+                      clock_offset=args.clock_offset)
+    return watch(cfg, duration=args.duration)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from engine.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(duration=args.duration, watch=not args.no_watch,
+                               seed=args.seed, model=args.model, backend=args.backend,
+                               reference=args.reference))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from engine.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(streams=tuple(args.streams), backends=tuple(args.backend or
+                      ("onnxruntime",)), iters=args.iters, model=args.model,
+                      reference=args.reference,
+                      e2e_clients=args.e2e_clients, rate_hz=args.rate, seconds=args.seconds,
+                      casa=not args.no_casa, out=args.out, plot=args.plot)
+    return run_bench(cfg)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``serve``, ``watch``, ``demo`` and ``bench`` to the masa-rt parser."""
+    p = subparsers.add_parser("serve", help="serve pose streams over ZeroMQ")
+    p.add_argument("--reference", action="append", required=True, metavar="NPZ",
+                   help="reference recording (repeat for several activities)")
+    p.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model)")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--bind", default=DEFAULT_BIND, help="ROUTER endpoint for headsets")
+    p.add_argument("--pub", default=DEFAULT_PUB, help="PUB endpoint for dashboards")
+    p.add_argument("--max-sessions", type=int, default=256)
+    p.add_argument("--idle-timeout", type=float, default=10.0, metavar="S")
+    p.set_defaults(func=_serve)
+
+    p = subparsers.add_parser("watch", help="live terminal dashboard of the estimates")
+    p.add_argument("session", nargs="?", help="one session id (default: all)")
+    p.add_argument("--address", default=DEFAULT_PUB, help="the server's PUB endpoint")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--clock-offset", type=float, metavar="S",
+                   help="server-minus-headset clock offset (0 on one machine): e2e latency")
+    p.set_defaults(func=_watch)
+
+    p = subparsers.add_parser("demo", help="server + simulated headset + dashboard")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--no-watch", action="store_true", help="no dashboard, summary only")
+    p.add_argument("--seed", type=int, default=7, help="seed of the held-out pour")
+    p.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model)")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--reference", type=Path, metavar="NPZ",
+                   help="reference built for --model (default: embed examples/pour_milk.npz)")
+    p.set_defaults(func=_demo)
+
+    p = subparsers.add_parser("bench", help="engine, end-to-end and floor latency benchmark")
+    p.add_argument("--out", default="bench.json", help="JSON results")
+    p.add_argument("--plot", default="bench.png", help="PNG plot (latency vs streams)")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64, 256])
+    p.add_argument("--backend", action="append", choices=BACKENDS,
+                   help="backend(s) to bench (repeat; default onnxruntime)")
+    p.add_argument("--iters", type=int, default=300, help="engine steps per stream count")
+    p.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model)")
+    p.add_argument("--reference", metavar="NPZ",
+                   help="reference built for --model (default: embed examples/pour_milk.npz)")
+    p.add_argument("--e2e-clients", type=int, default=8, metavar="N")
+    p.add_argument("--rate", type=float, default=90.0, metavar="HZ")
+    p.add_argument("--seconds", type=float, default=10.0, metavar="T")
+    p.add_argument("--no-casa", action="store_true", help="skip the torch baseline")
+    p.set_defaults(func=_bench)

@@ -1,0 +1,569 @@
+"""The masa-rt server: headsets stream poses in over ZeroMQ, estimates come back in real time.
+
+One thread, one loop, no locks: poll the ROUTER with a short timeout, drain every queued
+message (bounded per loop so a flood cannot starve the engine), validate each one with
+:mod:`masa_rt.protocol`, hand accepted frames to the pipeline, then run ONE batched
+``pipeline.step()`` for all sessions with a new frame and send each estimate back to its
+headset's DEALER and out on the PUB socket (topic = session id) for dashboards.
+
+Hostile input never crashes the loop: everything a peer can get wrong becomes an ``error``
+reply with a :data:`masa_rt.protocol.REASONS` reason and a ``rejected[reason]`` count; an
+accepted frame ends as an estimate or a ``dropped[reason]`` count, so every frame is
+accounted for (see :mod:`engine.counters`). Session rules (hello/resume, sequence numbers,
+expiry) follow ``docs/protocol.md``. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import zmq
+
+from engine.counters import Counters, LatencyHistogram, format_table
+from masa_rt import protocol as P
+
+__all__ = ["PipelineLike", "Server", "ServerConfig", "install_signal_handlers"]
+
+log = logging.getLogger("masa_rt.server")
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where to listen and how much any one peer may cost the server."""
+
+    bind: str = "tcp://127.0.0.1:5555"  # ROUTER: hello/frame/bye/ping/stats in, replies out
+    pub_bind: str = "tcp://127.0.0.1:5556"  # PUB: every estimate, topic = session id
+    max_sessions: int = 256
+    # Protocol cap. libzmq's ZMQ_MAXMSGSIZE is set to ``zmq_size_factor`` times this, so a
+    # moderately oversized message still arrives and gets a counted 'too_large' answer;
+    # anything beyond that is cut by libzmq (the peer is disconnected) before buffering.
+    max_message_bytes: int = P.MAX_MESSAGE_BYTES
+    zmq_size_factor: int = 2
+    rate_factor: float = 2.0  # frames/s a session may sustain, times its declared fps
+    rate_burst_s: float = 1.0  # ... with bursts of this many seconds' worth of frames
+    idle_timeout_s: float = 10.0  # a session silent this long (no frame/ping) expires
+    in_flight_timeout_s: float = 2.0  # an accepted frame unanswered this long is dropped
+    poll_ms: int = 5  # idle poll timeout; also bounds shutdown and expiry latency
+    max_batch: int = 4096  # messages drained per loop before the engine steps
+    router_hwm: int = 10_000  # queued messages per peer, both directions
+    pub_hwm: int = 1_000  # per subscriber: a slow dashboard loses estimates, never blocks us
+    sweep_s: float = 0.25  # how often idle sessions and stale frames are swept
+
+
+class PipelineLike(Protocol):
+    """What the server needs from the engine (``engine.pipeline.Pipeline`` or a test fake)."""
+
+    def open_session(self, session_id: str, layout: str, fps: float,
+                     reference: str | None = None) -> dict: ...
+
+    def close_session(self, session_id: str) -> None: ...
+
+    def submit(self, session_id: str, seq: int, t: float, joints: np.ndarray) -> None: ...
+
+    def step(self) -> list[tuple[str, int, float, Any]]: ...
+
+
+class TokenBucket:
+    """Per-session rate limit: ``rate`` frames/s on average, ``burst`` frames at once.
+
+    A token bucket (not a fixed window) so a headset that catches up after a Wi-Fi stall
+    is not punished, while a flooding one is held to ``rate`` without costing the others.
+    """
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = burst, now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass
+class Session:
+    """One headset stream: where to answer it, what it promised, what it is owed."""
+
+    id: str
+    identity: bytes  # routing id of the connection its last frame came from
+    layout: str
+    fps: float
+    shape: tuple[int, int]
+    bucket: TokenBucket
+    last_seen: float
+    info: dict = field(default_factory=dict)  # what open_session said (model, window, ...)
+    last_seq: int = -1
+    counters: Counters = field(default_factory=Counters)
+    in_flight: dict[int, float] = field(default_factory=dict)  # seq -> t_server_recv
+
+
+class Server:
+    """ROUTER + PUB front end of a pipeline. Use :meth:`run` (blocking) or
+    :meth:`start_in_thread` / :meth:`stop` (tests, demo, bench)."""
+
+    def __init__(self, pipeline: PipelineLike, config: ServerConfig | None = None, *,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.pipeline = pipeline
+        self.config = config or ServerConfig()
+        self.clock = clock  # perf_counter: the clients' local_clock, so loopback needs no offset
+        self.counters = Counters()
+        self.latency = LatencyHistogram()
+        self.sessions: dict[str, Session] = {}
+        self.address: str | None = None  # actual endpoints once bound (port 0 / '*' resolved)
+        self.pub_address: str | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._final: dict | None = None
+        self._ctx: zmq.Context | None = None
+        self._router: zmq.Socket | None = None
+        self._pub: zmq.Socket | None = None
+        self._in_flight = 0
+        self._engine_busy = True
+        self._next_sweep = 0.0
+        self._handlers = {"hello": self._on_hello, "frame": self._on_frame, "bye": self._on_bye,
+                          "ping": self._on_ping, "stats": self._on_stats}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> dict:
+        """Serve until :meth:`request_stop`; return the final ``stats`` (counters, latency)."""
+        try:
+            self._open_sockets()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            raise
+        self._ready.set()
+        log.info("event=serving bind=%s pub=%s max_sessions=%d", self.address,
+                 self.pub_address, self.config.max_sessions)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._loop_once()
+                except Exception:  # noqa: BLE001 - last line of defence: log, keep serving
+                    log.exception("event=loop_error")
+                    self.counters.loop_errors += 1
+        finally:
+            self._final = self.stats()
+            self._close_sockets()
+            log.info("event=stopped frames_in=%d estimates_out=%d rejected=%d dropped=%d",
+                     self.counters.frames_in, self.counters.estimates_out,
+                     sum(self.counters.rejected.values()), sum(self.counters.dropped.values()))
+        return self._final
+
+    def request_stop(self) -> None:
+        """Ask the loop to exit (signal-handler safe: it only sets a flag)."""
+        self._stop.set()
+
+    def start_in_thread(self, timeout: float = 10.0) -> Server:
+        """Run in a daemon thread; return once bound (raise what binding raised)."""
+        self._thread = threading.Thread(target=self._run_quietly, name="masa-rt-server",
+                                        daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"server did not start within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 10.0) -> dict:
+        """Stop the thread started by :meth:`start_in_thread`; return the final stats."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"server thread did not stop within {timeout} s")
+        return self._final if self._final is not None else self.stats()
+
+    def __enter__(self) -> Server:
+        return self.start_in_thread()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run_quietly(self) -> None:
+        try:
+            self.run()
+        except BaseException:  # noqa: BLE001 - reported through start_in_thread / logs
+            if self._ready.is_set() and self._error is None:
+                log.exception("event=server_crashed")
+
+    def _open_sockets(self) -> None:
+        cfg = self.config
+        self._ctx = zmq.Context()
+        self._router = self._socket(zmq.ROUTER, cfg.router_hwm)
+        # Mandatory routing: a send to a vanished peer or a full pipe raises instead of
+        # vanishing silently, so every undelivered estimate is counted in dropped[reason].
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._router.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes * cfg.zmq_size_factor)
+        self._pub = self._socket(zmq.PUB, cfg.pub_hwm)
+        self.address = _bind(self._router, cfg.bind)
+        self.pub_address = _bind(self._pub, cfg.pub_bind)
+        for endpoint in (cfg.bind, cfg.pub_bind):
+            if not is_loopback(endpoint):
+                log.warning("event=plain_mode endpoint=%s detail=\"pose streams are NOT "
+                            "encrypted; bind to 127.0.0.1 or use CURVE (--secure)\"", endpoint)
+
+    def _socket(self, kind: int, hwm: int) -> zmq.Socket:
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)  # never hang shutdown on a peer that stopped reading
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        return sock
+
+    def _close_sockets(self) -> None:
+        for sock in (self._router, self._pub):
+            if sock is not None:
+                sock.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+        self._router = self._pub = self._ctx = None
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop_once(self) -> None:
+        """Poll, drain, step once, sweep. A short poll bounds shutdown and sweep delay."""
+        timeout = 0 if self._in_flight and self._engine_busy else self.config.poll_ms
+        if self._router.poll(timeout):
+            self._drain()
+        if self._in_flight:
+            self._step()
+        now = self.clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+            self._next_sweep = now + self.config.sweep_s
+
+    def _drain(self) -> None:
+        """Handle every queued message (up to ``max_batch``) without blocking."""
+        for _ in range(self.config.max_batch):
+            try:
+                parts = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(parts, self.clock())
+
+    def _handle(self, parts: list[bytes], t_recv: float) -> None:
+        """Validate and dispatch one message; nothing raised here escapes the loop."""
+        self.counters.messages_in += 1
+        ident = parts[0]
+        try:
+            if len(parts) != 2:
+                raise P.ProtocolError("malformed", f"expected 1 frame, got {len(parts) - 1}")
+            if len(parts[1]) > self.config.max_message_bytes:
+                raise P.ProtocolError("too_large", f"{len(parts[1])} bytes")
+            msg = P.decode(parts[1])
+            handler = self._handlers.get(msg["type"])
+            if handler is None:
+                raise P.ProtocolError("unknown_type", f"{msg['type']!r} is a server message")
+            handler(ident, msg, t_recv)
+        except P.ProtocolError as exc:
+            self._reject(ident, exc.reason, exc.detail)
+        except Exception as exc:  # noqa: BLE001 - a server bug must not take everyone down
+            log.exception("event=internal_error")
+            self._reject(ident, "internal", type(exc).__name__)
+
+    def _reject(self, ident: bytes, reason: str, detail: str = "", *, seq: int | None = None,
+                session: Session | None = None) -> None:
+        """Count a rejection and tell the peer why (best effort: it may be gone)."""
+        self.counters.rejected[reason] += 1
+        if session is not None:
+            session.counters.rejected[reason] += 1
+        log.debug("event=rejected reason=%s detail=%r seq=%s", reason, detail, seq)
+        reply = P.error(reason, detail, seq=seq, session=session.id if session else None)
+        self._send(ident, P.encode(reply))
+
+    def _send(self, ident: bytes, data: bytes) -> str | None:
+        """Send to one peer without blocking; return a drop reason or None if sent."""
+        try:
+            self._router.send_multipart([ident, data], zmq.NOBLOCK)
+            return None
+        except zmq.Again:
+            return "send_hwm"  # the peer is not reading: its pipe is full
+        except zmq.ZMQError as exc:
+            return "unroutable" if exc.errno == zmq.EHOSTUNREACH else "send_failed"
+
+    # ------------------------------------------------------------------ messages
+
+    def _on_hello(self, ident: bytes, msg: dict, t_recv: float) -> None:
+        """Open, resume or restart a session (rules: docs/protocol.md, "Sessions")."""
+        sid = msg["session"]
+        old = self.sessions.get(sid)
+        resumed = old is not None and msg["resume"]
+        if resumed:
+            if old.layout != msg["layout"]:
+                raise P.ProtocolError("wrong_layout", f"session {sid} has layout {old.layout}")
+            self._resume(old, ident, msg["fps"], t_recv)
+            session = old
+        else:
+            if old is not None:
+                self._close(old, "restarted")
+            elif len(self.sessions) >= self.config.max_sessions:
+                raise P.ProtocolError("overloaded", f"max_sessions={self.config.max_sessions}")
+            session = self._open(ident, msg, t_recv)
+        log.info("event=session_%s session=%s layout=%s fps=%g last_seq=%d",
+                 "resume" if resumed else "open", sid, session.layout, session.fps,
+                 session.last_seq)
+        self._send(ident, P.encode(self._welcome(session, resumed)))
+
+    def _resume(self, s: Session, ident: bytes, fps: float, t_recv: float) -> None:
+        """Keep the alignment state; take the (maybe new) connection and declared rate."""
+        s.identity, s.last_seen = ident, t_recv
+        if fps != s.fps:
+            s.fps = fps
+            s.bucket = self._bucket(fps, t_recv)
+        self.counters.sessions_resumed += 1
+
+    def _bucket(self, fps: float, now: float) -> TokenBucket:
+        rate = self.config.rate_factor * fps
+        return TokenBucket(rate, max(8.0, rate * self.config.rate_burst_s), now)
+
+    def _open(self, ident: bytes, msg: dict, t_recv: float) -> Session:
+        try:
+            info = self.pipeline.open_session(msg["session"], msg["layout"], msg["fps"],
+                                              msg["reference"])
+        except P.ProtocolError:
+            raise
+        except (KeyError, ValueError) as exc:
+            raise P.ProtocolError(_open_reason(exc), str(exc)) from None
+        session = Session(
+            id=msg["session"], identity=ident, layout=msg["layout"], fps=msg["fps"],
+            shape=tuple(info["shape"]), info=info, last_seen=t_recv,
+            bucket=self._bucket(msg["fps"], t_recv))
+        self.sessions[session.id] = session
+        self.counters.sessions_opened += 1
+        return session
+
+    def _welcome(self, s: Session, resumed: bool) -> dict:
+        info = s.info
+        return P.welcome(s.id, self.clock(), model=str(info.get("model", "unknown")),
+                         references=list(info.get("references", [])), fps=s.fps,
+                         layout=s.layout, shape=s.shape, window=int(info.get("window", 0)),
+                         last_seq=s.last_seq, resumed=resumed,
+                         session_timeout=self.config.idle_timeout_s)
+
+    def _session_of(self, sid: str) -> Session:
+        """The session ``sid``, else 'unknown_session' without seq: the client answers with
+        a resume hello (docs/protocol.md, "Sessions")."""
+        s = self.sessions.get(sid)
+        if s is None:
+            raise P.ProtocolError("unknown_session", f"{sid}: send hello first")
+        return s
+
+    def _on_frame(self, ident: bytes, msg: dict, t_recv: float) -> None:
+        s = self._session_of(msg["session"])
+        # Answers go to the connection the frame came from: after a TCP reconnect (new
+        # routing id) the headset gets estimates again with its very next frame.
+        s.identity, s.last_seen = ident, t_recv
+        seq, joints = msg["seq"], msg["joints"]
+        reason = self._frame_problem(s, seq, joints, t_recv)
+        if reason is not None:
+            self._reject(ident, reason[0], reason[1], seq=seq, session=s)
+            return
+        if s.last_seq >= 0 and seq > s.last_seq + 1:  # gaps: frames lost on the way
+            self.counters.frames_lost += seq - s.last_seq - 1
+            s.counters.frames_lost += seq - s.last_seq - 1
+        s.last_seq = seq
+        self.pipeline.submit(s.id, seq, msg["t"], joints)
+        s.in_flight[seq] = t_recv
+        self._in_flight += 1
+        self.counters.frames_in += 1
+        s.counters.frames_in += 1
+
+    @staticmethod
+    def _frame_problem(s: Session, seq: int, joints: np.ndarray,
+                       now: float) -> tuple[str, str] | None:
+        """Why this frame cannot be accepted, as (reason, detail), or None."""
+        if seq == s.last_seq:
+            return "duplicate", f"seq {seq} already accepted"
+        if seq < s.last_seq:
+            return "out_of_order", f"seq {seq} < last accepted {s.last_seq}"
+        if joints.shape != s.shape:
+            return "bad_shape", f"joints {list(joints.shape)} != {list(s.shape)} for {s.layout}"
+        if not s.bucket.take(now):
+            return "rate_limited", f"over {s.bucket.rate:g} frames/s"
+        return None
+
+    def _on_bye(self, ident: bytes, msg: dict, t_recv: float) -> None:
+        self._close(self._session_of(msg["session"]), "bye")
+
+    def _on_ping(self, ident: bytes, msg: dict, t_recv: float) -> None:
+        s = self.sessions.get(msg["session"]) if msg["session"] else None
+        if s is not None:
+            s.last_seen = t_recv  # a heartbeat keeps a paused headset's session alive
+        self._send(ident, P.encode(P.pong(msg["client_time"], self.clock())))
+
+    def _on_stats(self, ident: bytes, msg: dict, t_recv: float) -> None:
+        if msg["session"] is None:
+            reply = self.stats()
+        else:
+            s = self._session_of(msg["session"])
+            reply = {"counters": {**s.counters.flat(), "last_seq": s.last_seq},
+                     "latency": None}
+        self._send(ident, P.encode(P.stats_reply(self.clock(), reply["counters"],
+                                                 reply["latency"], msg["session"])))
+
+    def stats(self) -> dict:
+        """Whole-server counters (flat) and latency histogram, as sent in ``stats_reply``."""
+        counters = {**self.counters.flat(), "sessions_active": len(self.sessions)}
+        return {"counters": counters, "latency": self.latency.to_wire()}
+
+    # ------------------------------------------------------------------ engine
+
+    def _step(self) -> None:
+        """One batched engine step for every session with a new frame; send the answers."""
+        try:
+            results = self.pipeline.step()
+        except Exception:  # noqa: BLE001 - the engine failing drops frames, not the server
+            log.exception("event=engine_error in_flight=%d", self._in_flight)
+            for s in self.sessions.values():
+                self._drop_in_flight(s, "engine_error")
+            return
+        # Nothing back although frames are in flight: do not spin on poll(0); the sweep
+        # drops frames the engine never answers (in_flight_timeout_s).
+        self._engine_busy = bool(results)
+        for sid, seq, _t, est in results:
+            self._emit(sid, seq, est)
+
+    def _emit(self, sid: str, seq: int, est: Any) -> None:
+        s = self.sessions.get(sid)
+        t_recv = s.in_flight.pop(seq, None) if s is not None else None
+        if t_recv is None:
+            return  # the session closed or restarted meanwhile: already counted as dropped
+        self._in_flight -= 1
+        self._drop_older(s, seq)
+        t_send = self.clock()
+        try:
+            data = P.encode(_estimate_msg(s.id, seq, est, t_recv, t_send))
+        except P.ProtocolError as exc:  # e.g. a NaN progress from the engine: a bug, counted
+            log.warning("event=bad_estimate session=%s seq=%d detail=%r", sid, seq, str(exc))
+            self._count_drop(s, "bad_estimate")
+            return
+        dropped = self._send(s.identity, data)
+        self._publish(s.id, data)
+        if dropped is not None:
+            self._count_drop(s, dropped)
+            return
+        self.latency.record((self.clock() - t_recv) * 1e6)
+        self.counters.estimates_out += 1
+        s.counters.estimates_out += 1
+
+    def _publish(self, sid: str, data: bytes) -> None:
+        try:
+            self._pub.send_multipart([P.topic(sid), data], zmq.NOBLOCK)
+            self.counters.published += 1
+        except zmq.ZMQError:  # PUB drops at its HWM by itself; this is belt and braces
+            self.counters.dropped["publish_failed"] += 1
+
+    def _drop_older(self, s: Session, seq: int) -> None:
+        """Frames the engine skipped (it answered a newer one) are dropped: 'superseded'."""
+        older = [q for q in s.in_flight if q < seq]
+        for q in older:
+            del s.in_flight[q]
+            self._in_flight -= 1
+            self._count_drop(s, "superseded")
+
+    def _drop_in_flight(self, s: Session, reason: str) -> None:
+        for _ in range(len(s.in_flight)):
+            self._count_drop(s, reason)
+        self._in_flight -= len(s.in_flight)
+        s.in_flight.clear()
+
+    def _count_drop(self, s: Session, reason: str) -> None:
+        self.counters.dropped[reason] += 1
+        s.counters.dropped[reason] += 1
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _close(self, s: Session, why: str) -> None:
+        self._drop_in_flight(s, "session_closed")
+        del self.sessions[s.id]
+        try:
+            self.pipeline.close_session(s.id)
+        except Exception:  # noqa: BLE001 - a failed cleanup must not keep the session
+            log.exception("event=close_failed session=%s", s.id)
+        if why == "expired":
+            self.counters.sessions_expired += 1
+        else:
+            self.counters.sessions_closed += 1
+        log.info("event=session_close session=%s why=%s frames_in=%d estimates_out=%d",
+                 s.id, why, s.counters.frames_in, s.counters.estimates_out)
+
+    def _sweep(self, now: float) -> None:
+        """Expire silent sessions; drop frames the engine has held too long."""
+        for s in list(self.sessions.values()):
+            if now - s.last_seen > self.config.idle_timeout_s:
+                self._close(s, "expired")
+                continue
+            stale = [q for q, t in s.in_flight.items()
+                     if now - t > self.config.in_flight_timeout_s]
+            for q in stale:
+                del s.in_flight[q]
+                self._in_flight -= 1
+                self._count_drop(s, "engine_timeout")
+
+    def report(self) -> str:
+        """The exit table: counters and latency percentiles."""
+        final = self._final or self.stats()
+        return format_table(final["counters"], self.latency.summary())
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _estimate_msg(sid: str, seq: int, est: Any, t_recv: float, t_send: float) -> dict:
+    """Wire ``estimate`` from an :class:`masa_rt.align.Estimate` (duck-typed)."""
+    return P.estimate(
+        sid, seq, est.t, t_recv, t_send, phase_id=est.phase_id,
+        phase_name=est.phase_name or None, phase_progress=est.phase_progress,
+        progress=est.progress, confidence=est.confidence, state=est.state,
+        activity=est.activity or None)
+
+
+def _bind(sock: zmq.Socket, endpoint: str) -> str:
+    """Bind and return the actual endpoint (``tcp://127.0.0.1:0`` picks a free port)."""
+    if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+        endpoint = endpoint[:-2] + ":*"
+    sock.bind(endpoint)
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether an endpoint is reachable from this machine only (no encryption needed)."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def install_signal_handlers(server: Server) -> None:
+    """SIGINT/SIGTERM ask the loop to stop; it finishes the step, reports and closes."""
+    def handler(signum: int, _frame: object) -> None:
+        log.info("event=signal signal=%s", signal.Signals(signum).name)
+        server.request_stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def _open_reason(exc: Exception) -> str:
+    """Protocol reason for a pipeline refusing a session (it names what it refused)."""
+    text = str(exc).lower()
+    if "layout" in text:
+        return "wrong_layout"
+    if "reference" in text or "activity" in text:
+        return "unknown_reference"
+    return "malformed"

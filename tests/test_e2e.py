@@ -1,0 +1,148 @@
+"""End to end: a small random model exported to ONNX, a real reference, the real server.
+
+The model is random (alignment quality is not the point here, the plumbing is): exported
+once with ``engine.export.export_cached`` into pytest's cache folder, because the dynamo
+export takes tens of seconds on a small CPU; later runs reuse the checked file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients import PoseOutlet
+from clients.replay import replay
+from engine.server import Server, ServerConfig
+from masa_rt.align import STATES
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "pour_milk.npz"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_files(request) -> tuple[Path, Path]:
+    """(onnx, reference) of a tiny random model; built once, cached across runs."""
+    torch = pytest.importorskip("torch")
+    from engine.export import export_cached
+    from engine.reference import build_reference
+    from masa_rt.checkpoint import save_checkpoint
+    from masa_rt.model import MasaConfig, MasaModel
+    from masa_rt.preprocess import InputSpec
+
+    cache = Path(request.config.cache.mkdir("masa-rt-e2e"))
+    ckpt, ref = cache / "tiny.pt", cache / "pour_milk_ref.npz"
+    if not ckpt.is_file():
+        torch.manual_seed(0)
+        cfg = MasaConfig(d_model=32, n_heads=2, ffn_dim=64, window=8)
+        save_checkpoint(ckpt, MasaModel(cfg).eval(), cfg, InputSpec("h2o_hands", 30.0))
+    onnx = export_cached(ckpt, cache)
+    if not ref.is_file():
+        build_reference([EXAMPLE], ckpt, ref)
+    return onnx, ref
+
+
+@pytest.fixture
+def server(model_files):
+    from engine.pipeline import Pipeline
+
+    pipeline = Pipeline.from_files(model_files[0], [model_files[1]], capacity=8)
+    with Server(pipeline, ServerConfig(bind="tcp://127.0.0.1:0",
+                                       pub_bind="tcp://127.0.0.1:0")) as srv:
+        yield srv
+
+
+def demo_frames() -> np.ndarray:
+    with np.load(EXAMPLE) as f:
+        return f["joints"]
+
+
+def test_outlet_push_and_pull_estimates(server):
+    joints = demo_frames()
+    with PoseOutlet(server.address, session="e2e", fps=30.0, reference="pour_milk") as out:
+        assert out.welcome["references"] == ["pour_milk"]
+        assert abs(out.time_correction()) < 0.01  # same machine, same clock
+        got = []
+        for k in range(40):
+            out.push(joints[k])
+            est = out.pull(timeout=2.0)
+            assert est is not None, f"no estimate for frame {k}"
+            got.append(est)
+        assert [e.seq for e in got] == list(range(40))
+        assert all(e.activity == "pour_milk" and e.state in STATES for e in got)
+        assert all(0.0 <= e.progress <= 1.0 and e.latency > 0 for e in got)
+        stats = out.stats(whole_server=True)
+        assert stats["counters"]["frames_in"] == 40 and stats["latency"]["count"] == 40
+
+
+def test_replay_three_clients(server):
+    report = replay(EXAMPLE, server.address, rate_hz=90.0, clients=3, duration=1.0,
+                    reference="pour_milk", session_prefix="r")
+    assert report.sent >= 3 * 80 and report.unanswered == 0
+    assert report.answered == report.sent and not report.rejected and not report.dropped
+    counters = server.stats()["counters"]
+    assert counters["frames_in"] == counters["estimates_out"] == report.sent
+    assert counters["sessions_opened"] == 3
+
+
+def test_serve_command_runs_and_stops_on_sigterm(model_files):
+    """`masa-rt serve` in its own process: binds, answers, prints counters on SIGTERM."""
+    onnx, ref = model_files
+    cmd = [sys.executable, "-m", "masa_rt.cli", "serve", "--model", str(onnx),
+           "--reference", str(ref), "--bind", "tcp://127.0.0.1:0", "--pub", "tcp://127.0.0.1:0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        address = _wait_for_bind(proc)
+        with PoseOutlet(address, session="cli", fps=30.0) as out:
+            out.push(demo_frames()[0])
+            assert out.pull(timeout=5.0).seq == 0
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert re.search(r"frames_in\s+1\b", stdout) and "latency.p99_us" in stdout
+    assert "event=signal signal=SIGTERM" in stderr
+
+
+def _wait_for_bind(proc: subprocess.Popen, timeout: float = 60.0) -> str:
+    """The ROUTER endpoint from the server's 'event=serving' log line."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            raise AssertionError(f"server exited: {proc.wait()}")
+        m = re.search(r"event=serving bind=(\S+)", line)
+        if m:
+            return m.group(1)
+    raise AssertionError("server did not start")
+
+
+def test_serving_modules_do_not_import_torch():
+    code = ("import sys, engine.server, engine.pipeline, engine.watch, engine.serve_commands, "
+            "clients.replay; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_demo_scores_a_held_out_pour(model_files, capsys):
+    from engine.demo import DemoConfig, run_demo
+    from engine.pipeline import Pipeline
+
+    pipeline = Pipeline.from_files(model_files[0], [model_files[1]], capacity=4)
+    assert run_demo(DemoConfig(duration=1.5, watch=True), pipeline=pipeline) == 0
+    out = capsys.readouterr().out
+    assert "pour_milk" in out and "phase accuracy" in out and "progress MAE" in out
+    answered = re.search(r"frames answered\s+(\d+)/(\d+)", out)
+    assert answered and answered.group(1) == answered.group(2) and int(answered.group(1)) >= 40

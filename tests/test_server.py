@@ -1,0 +1,428 @@
+"""engine.server against a fake pipeline: real ROUTER/DEALER/PUB sockets on loopback.
+
+Every wait is a poll with a deadline; nothing sleeps. The fake pipeline answers each frame
+with an estimate derived from its seq, so tests can check what came back.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from fake_pipeline import SHAPE, FakePipeline
+
+from engine.counters import LatencyHistogram
+from engine.server import Server, ServerConfig, is_loopback
+from masa_rt import protocol as P
+
+DEADLINE = 5.0
+
+
+class Client:
+    """A bare DEALER speaking the protocol: send dicts or raw bytes, receive decoded maps."""
+
+    def __init__(self, ctx: zmq.Context, address: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+
+    def send(self, msg: dict | bytes) -> None:
+        self.sock.send(msg if isinstance(msg, bytes) else P.encode(msg))
+
+    def recv(self, timeout: float = DEADLINE) -> dict | None:
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        return P.decode(self.sock.recv())
+
+    def expect(self, kind: str, timeout: float = DEADLINE) -> dict:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self.recv(left)
+            if msg is not None and msg["type"] == kind:
+                return msg
+        raise AssertionError(f"no {kind!r} within {timeout} s")
+
+    def hello(self, session: str, fps: float = 30.0, **kw) -> dict:
+        self.send(P.hello(session, kw.pop("layout", "h2o_hands"), fps, time.perf_counter(), **kw))
+        return self.recv()
+
+    def frame(self, session: str, seq: int, t: float | None = None,
+              joints: np.ndarray | None = None) -> None:
+        j = np.zeros(SHAPE, np.float32) if joints is None else joints
+        self.send(P.frame(session, seq, time.perf_counter() if t is None else t, j))
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.Context()
+    yield c
+    c.term()
+
+
+def make_server(**cfg) -> tuple[Server, FakePipeline]:
+    pipe = FakePipeline()
+    config = ServerConfig(bind="tcp://127.0.0.1:0", pub_bind="tcp://127.0.0.1:0", **cfg)
+    return Server(pipe, config).start_in_thread(), pipe
+
+
+@pytest.fixture
+def server():
+    srv, pipe = make_server()
+    yield srv, pipe
+    srv.stop()
+
+
+@pytest.fixture
+def client(ctx, server):
+    c = Client(ctx, server[0].address)
+    yield c
+    c.sock.close()
+
+
+def wait_for(predicate, timeout: float = DEADLINE) -> None:
+    """Poll a condition the server thread will make true (counters are plain ints)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        time.sleep(0.001)
+
+
+# --------------------------------------------------------------------------- happy path
+
+
+def test_hello_welcome(client):
+    w = client.hello("s1", fps=90.0)
+    assert w["type"] == "welcome" and w["session"] == "s1"
+    assert w["shape"] == list(SHAPE) and w["fps"] == 90.0 and w["layout"] == "h2o_hands"
+    assert w["last_seq"] == -1 and w["resumed"] is False and w["model"] == "fake"
+    assert w["references"] == ["pour_milk"] and w["window"] == 32
+
+
+def test_frames_get_estimates_with_seq_and_timestamps(client, server):
+    client.hello("s1")
+    for seq in range(5):
+        t0 = time.perf_counter()
+        client.frame("s1", seq, t=t0)
+        est = client.expect("estimate")
+        assert est["seq"] == seq and est["session"] == "s1"
+        assert est["t_capture"] == t0
+        assert t0 <= est["t_server_recv"] <= est["t_server_send"] <= time.perf_counter()
+        assert est["progress"] == pytest.approx(seq / 100)
+        assert est["phase_name"] == f"phase{seq % 3}" and est["state"] == "tracking"
+    wait_for(lambda: server[0].counters.estimates_out == 5)  # counted just after the send
+    assert server[0].counters.frames_in == 5
+
+
+def test_ping_pong(client):
+    client.send(P.ping(123.5))
+    pong = client.expect("pong")
+    assert pong["client_time"] == 123.5
+    assert abs(pong["server_time"] - time.perf_counter()) < 1.0
+
+
+def test_stats_request_server_and_session(client):
+    client.hello("s1")
+    for seq in range(3):
+        client.frame("s1", seq)
+        client.expect("estimate")
+    client.send(P.stats())
+    reply = client.expect("stats_reply")
+    assert reply["counters"]["frames_in"] == 3 and reply["counters"]["sessions_active"] == 1
+    assert reply["latency"]["count"] == 3 and reply["latency"]["p99_us"] > 0
+    client.send(P.stats("s1"))
+    mine = client.expect("stats_reply")
+    assert mine["session"] == "s1" and mine["counters"]["last_seq"] == 2
+
+
+def test_pub_republishes_with_session_topic(ctx, client, server):
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"s1")
+    sub.connect(server[0].pub_address)
+    client.hello("s1")
+    # A SUB joins asynchronously: keep streaming until the subscription is in place.
+    deadline, seq = time.monotonic() + DEADLINE, 0
+    while not sub.poll(10):
+        assert time.monotonic() < deadline, "nothing published"
+        client.frame("s1", seq)
+        seq += 1
+    topic, data = sub.recv_multipart()
+    assert topic == b"s1" and P.decode(data)["type"] == "estimate"
+    sub.close()
+
+
+def test_resume_rebinds_identity_and_keeps_last_seq(ctx, client, server):
+    client.hello("s1")
+    for seq in range(3):
+        client.frame("s1", seq)
+        client.expect("estimate")
+    other = Client(ctx, server[0].address)  # the headset reconnected: new routing id
+    w = other.hello("s1", resume=True)
+    assert w["resumed"] is True and w["last_seq"] == 2
+    other.frame("s1", 3)
+    assert other.expect("estimate")["seq"] == 3
+    client.frame("s1", 4)  # answers go to the connection each frame came from
+    assert client.expect("estimate")["seq"] == 4
+    assert other.hello("s1", resume=True, layout="penn13")["reason"] == "wrong_layout"
+    other.sock.close()
+
+
+def test_seq_gaps_are_counted_as_lost(client, server):
+    client.hello("s1")
+    for seq in (0, 1, 5):
+        client.frame("s1", seq)
+        client.expect("estimate")
+    assert server[0].counters.frames_lost == 3
+
+
+def test_hello_without_resume_restarts_the_session(client):
+    client.hello("s1")
+    client.frame("s1", 7)
+    client.expect("estimate")
+    w = client.hello("s1", resume=False)
+    assert w["resumed"] is False and w["last_seq"] == -1
+    client.frame("s1", 0)  # numbering starts again
+    assert client.expect("estimate")["seq"] == 0
+
+
+def test_bye_closes_session(client, server):
+    client.hello("s1")
+    client.send(P.bye("s1"))
+    wait_for(lambda: server[0].counters.sessions_closed == 1)
+    client.frame("s1", 0)
+    assert client.expect("error")["reason"] == "unknown_session"
+
+
+def test_idle_session_expires(ctx):
+    srv, pipe = make_server(idle_timeout_s=0.05, sweep_s=0.01)
+    c = Client(ctx, srv.address)
+    try:
+        assert c.hello("s1")["session_timeout"] == 0.05
+        wait_for(lambda: srv.counters.sessions_expired == 1)
+        assert "s1" not in pipe.open
+    finally:
+        c.sock.close()
+        srv.stop()
+
+
+# --------------------------------------------------------------------------- rejections
+
+
+def _raw(**fields) -> bytes:
+    return msgpack.packb({"v": 1, **fields}, use_bin_type=True)
+
+
+def _wire_joints(a: np.ndarray, dtype: str = "<f4") -> dict:
+    return {"dtype": dtype, "shape": list(a.shape), "data": a.astype(dtype).tobytes()}
+
+
+def _frame_raw(seq: int, joints: dict) -> bytes:
+    return _raw(type="frame", session="s1", seq=seq, t=1.0, joints=joints)
+
+
+INF = np.full(SHAPE, np.inf, np.float32)
+BAD = {
+    "malformed": b"\xc1\xc1 not msgpack",
+    "bad_version": msgpack.packb({"v": 99, "type": "ping", "client_time": 1.0}),
+    "unknown_type": _raw(type="teleport"),
+    "non_finite": _frame_raw(0, _wire_joints(INF)),
+    "bad_shape": _frame_raw(0, _wire_joints(np.zeros((21, 3), np.float32))),
+    "bad_dtype": _frame_raw(0, _wire_joints(np.zeros(SHAPE), "<f8")),
+    "too_large": b"\x00" * (P.MAX_MESSAGE_BYTES + 10),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD))
+def test_bad_message_gets_error_and_is_counted(client, server, reason):
+    client.hello("s1")
+    client.send(BAD[reason])
+    err = client.expect("error")
+    assert err["reason"] == reason
+    assert server[0].counters.rejected[reason] == 1
+    client.frame("s1", 0)  # the session survives its own bad message
+    assert client.expect("estimate")["seq"] == 0
+
+
+def test_server_message_types_from_a_client_are_unknown_types(client, server):
+    client.send(P.pong(1.0, 2.0))
+    assert client.expect("error")["reason"] == "unknown_type"
+
+
+def test_multipart_message_is_malformed(client, server):
+    client.sock.send_multipart([b"a", b"b"])
+    assert client.expect("error")["reason"] == "malformed"
+
+
+@pytest.mark.parametrize("seqs, reason", [((5, 5), "duplicate"), ((5, 3), "out_of_order")])
+def test_sequence_rules(client, server, seqs, reason):
+    client.hello("s1")
+    client.frame("s1", seqs[0])
+    client.expect("estimate")
+    client.frame("s1", seqs[1])
+    err = client.expect("error")
+    assert (err["reason"], err["seq"], err["session"]) == (reason, seqs[1], "s1")
+    assert server[0].counters.rejected[reason] == 1
+    assert server[0].sessions["s1"].counters.rejected[reason] == 1
+
+
+def test_frame_for_unknown_session(client, server):
+    client.frame("nobody", 0)
+    err = client.expect("error")
+    assert err["reason"] == "unknown_session" and err["seq"] is None
+    assert server[0].counters.rejected["unknown_session"] == 1
+
+
+@pytest.mark.parametrize("kw, reason", [({"layout": "penn13"}, "wrong_layout"),
+                                        ({"reference": "juggle"}, "unknown_reference")])
+def test_hello_refused(client, server, kw, reason):
+    err = client.hello("s1", **kw)
+    assert err["type"] == "error" and err["reason"] == reason
+    assert server[0].counters.rejected[reason] == 1 and not server[0].sessions
+
+
+def test_max_sessions(ctx):
+    srv, _ = make_server(max_sessions=2)
+    c = Client(ctx, srv.address)
+    try:
+        assert c.hello("a")["type"] == "welcome" and c.hello("b")["type"] == "welcome"
+        err = c.hello("c")
+        assert err["reason"] == "overloaded" and "max_sessions" in err["detail"]
+        assert c.hello("a", resume=True)["type"] == "welcome"  # existing ones still may
+    finally:
+        c.sock.close()
+        srv.stop()
+
+
+def test_rate_limit_only_hits_the_flooding_session(ctx, server):
+    srv = server[0]
+    flood, calm = Client(ctx, srv.address), Client(ctx, srv.address)
+    flood.hello("flood", fps=1.0)  # allowed 2 frames/s, burst of 8
+    calm.hello("calm", fps=90.0)
+    for seq in range(50):
+        flood.frame("flood", seq)
+    calm.frame("calm", 0)
+    assert calm.expect("estimate")["seq"] == 0
+    wait_for(lambda: srv.counters.messages_in >= 53)
+    assert srv.counters.rejected["rate_limited"] >= 40
+    assert srv.sessions["flood"].counters.frames_in <= 10
+    assert srv.sessions["calm"].counters.rejected.total() == 0
+    flood.sock.close()
+    calm.sock.close()
+
+
+def test_garbage_flood_does_not_crash_and_everything_is_counted(ctx, server):
+    srv = server[0]
+    rng = np.random.default_rng(0)
+    bad, good = Client(ctx, srv.address), Client(ctx, srv.address)
+    good.hello("good")
+    n = 3000
+    for i in range(n):
+        bad.send(rng.bytes(int(rng.integers(0, 200))) if i % 2 else _raw(type=int(i)))
+    good.frame("good", 0)
+    assert good.expect("estimate")["seq"] == 0
+    wait_for(lambda: srv.counters.messages_in >= n + 2)
+    assert sum(srv.counters.rejected.values()) == n
+    assert srv._thread.is_alive()
+    bad.sock.close()
+    good.sock.close()
+
+
+# --------------------------------------------------------------------------- engine faults
+
+
+def test_engine_error_drops_frames_but_server_survives(client, server):
+    srv, pipe = server
+    client.hello("s1")
+    pipe.fail_next = True
+    client.frame("s1", 0)
+    wait_for(lambda: srv.counters.dropped["engine_error"] == 1)
+    client.frame("s1", 1)
+    assert client.expect("estimate")["seq"] == 1
+
+
+def test_stalled_engine_frames_time_out_as_dropped(ctx):
+    srv, pipe = make_server(in_flight_timeout_s=0.05, sweep_s=0.01)
+    c = Client(ctx, srv.address)
+    try:
+        c.hello("s1")
+        pipe.hold = True
+        c.frame("s1", 0)
+        wait_for(lambda: srv.counters.dropped["engine_timeout"] == 1)
+        pipe.hold = False
+        c.frame("s1", 1)
+        assert c.expect("estimate")["seq"] == 1
+    finally:
+        c.sock.close()
+        srv.stop()
+
+
+def test_every_accepted_frame_is_answered_or_dropped(ctx, server):
+    """The accounting invariant, with a client that vanishes while frames are in flight."""
+    srv, pipe = server
+    c = Client(ctx, srv.address)
+    c.hello("s1")
+    pipe.hold = True
+    for seq in range(20):
+        c.frame("s1", seq)
+    wait_for(lambda: srv.counters.frames_in == 20)
+    c.sock.close()
+    pipe.hold = False
+    wait_for(lambda: srv._in_flight == 0)
+    counters = srv.stats()["counters"]
+    assert counters["estimates_out"] + counters["dropped"] == counters["frames_in"] == 20
+
+
+def test_stop_returns_final_counters_and_report(ctx):
+    srv, _ = make_server()
+    c = Client(ctx, srv.address)
+    c.hello("s1")
+    c.frame("s1", 0)
+    c.expect("estimate")
+    final = srv.stop()
+    c.sock.close()
+    assert final["counters"]["frames_in"] == 1 and final["counters"]["estimates_out"] == 1
+    assert final["latency"]["count"] == 1
+    table = srv.report()
+    assert "frames_in" in table and "latency.p99_us" in table
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_latency_histogram_percentiles_are_close_and_never_optimistic():
+    h = LatencyHistogram()
+    samples = np.random.default_rng(1).lognormal(mean=5, sigma=1, size=10_000)
+    for s in samples:
+        h.record(float(s))
+    for q in (50, 99, 99.9):
+        exact = float(np.percentile(samples, q))
+        assert exact * 0.999 <= h.percentile(q) <= exact * 1.13
+    assert h.summary()["count"] == 10_000
+    empty = LatencyHistogram().to_wire()
+    assert empty["p99_us"] is None and empty["buckets"] == []
+
+
+def test_loopback_detection():
+    assert is_loopback("tcp://127.0.0.1:5555") and is_loopback("ipc:///tmp/x")
+    assert not is_loopback("tcp://0.0.0.0:5555") and not is_loopback("tcp://10.0.0.2:1")
+
+
+def test_non_loopback_bind_warns(caplog):
+    srv = Server(FakePipeline(), ServerConfig(bind="tcp://0.0.0.0:0",
+                                              pub_bind="tcp://127.0.0.1:0"))
+    with caplog.at_level("WARNING", logger="masa_rt.server"):
+        srv.start_in_thread()
+        srv.stop()
+    assert any("plain_mode" in r.getMessage() for r in caplog.records)
+
+
+def test_serving_path_does_not_import_torch():
+    code = "import sys, engine.server, engine.watch; assert 'torch' not in sys.modules"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
