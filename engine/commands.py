@@ -10,7 +10,8 @@ function plus a lazily importing handler.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+
+from engine import security_commands, serve_commands
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -57,7 +58,5 @@ def register(subparsers) -> None:
     """Add this package's subcommands to the masa-rt parser."""
     _add_export(subparsers)
     _add_reference(subparsers)
-    if importlib.util.find_spec("engine.serve_commands") is not None:
-        from engine import serve_commands
-
-        serve_commands.register(subparsers)
+    serve_commands.register(subparsers)
+    security_commands.register(subparsers)

@@ -101,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
     model, references = prepare(args.model, args.reference)
     pipeline = Pipeline.from_files(model, references, backend=args.backend)
     config = ServerConfig(bind=args.bind, pub_bind=args.pub, max_sessions=args.max_sessions,
-                          idle_timeout_s=args.idle_timeout)
+                          idle_timeout_s=args.idle_timeout, keydir=args.secure)
     server = Server(pipeline, config)
     install_signal_handlers(server)
     server.run()
@@ -147,6 +147,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pub", default=DEFAULT_PUB, help="PUB endpoint for dashboards")
     p.add_argument("--max-sessions", type=int, default=256)
     p.add_argument("--idle-timeout", type=float, default=10.0, metavar="S")
+    p.add_argument("--secure", metavar="KEYDIR",
+                   help="CURVE encryption + client allow-list (docs/security.md)")
     p.set_defaults(func=_serve)
 
     p = subparsers.add_parser("watch", help="live terminal dashboard of the estimates")

@@ -27,13 +27,13 @@ import numpy as np
 import zmq
 
 from engine.counters import Counters, LatencyHistogram, format_table
+from engine.security import apply_server_curve, plain_mode_warning, start_authenticator
 from masa_rt import protocol as P
 
 __all__ = ["PipelineLike", "Server", "ServerConfig", "install_signal_handlers"]
 
 log = logging.getLogger("masa_rt.server")
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class ServerConfig:
     router_hwm: int = 10_000  # queued messages per peer, both directions
     pub_hwm: int = 1_000  # per subscriber: a slow dashboard loses estimates, never blocks us
     sweep_s: float = 0.25  # how often idle sessions and stale frames are swept
+    keydir: str | None = None  # --secure KEYDIR: CURVE + ZAP allow-list; None = plain
 
 
 class PipelineLike(Protocol):
@@ -130,6 +131,7 @@ class Server:
         self._final: dict | None = None
         self._ctx: zmq.Context | None = None
         self._router: zmq.Socket | None = None
+        self._auth = None  # ZAP authenticator thread in --secure mode
         self._pub: zmq.Socket | None = None
         self._in_flight = 0
         self._engine_busy = True
@@ -211,12 +213,16 @@ class Server:
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes * cfg.zmq_size_factor)
         self._pub = self._socket(zmq.PUB, cfg.pub_hwm)
+        if cfg.keydir is not None:
+            # The authenticator must run before bind, or libzmq admits any CURVE client.
+            for sock in (self._router, self._pub):
+                apply_server_curve(sock, cfg.keydir)
+            self._auth = start_authenticator(self._ctx, cfg.keydir)
+        else:
+            for endpoint in (cfg.bind, cfg.pub_bind):
+                plain_mode_warning(endpoint, log)
         self.address = _bind(self._router, cfg.bind)
         self.pub_address = _bind(self._pub, cfg.pub_bind)
-        for endpoint in (cfg.bind, cfg.pub_bind):
-            if not is_loopback(endpoint):
-                log.warning("event=plain_mode endpoint=%s detail=\"pose streams are NOT "
-                            "encrypted; bind to 127.0.0.1 or use CURVE (--secure)\"", endpoint)
 
     def _socket(self, kind: int, hwm: int) -> zmq.Socket:
         sock = self._ctx.socket(kind)
@@ -229,6 +235,9 @@ class Server:
         for sock in (self._router, self._pub):
             if sock is not None:
                 sock.close(linger=0)
+        if self._auth is not None:  # before term(), or term() hangs on the ZAP socket
+            self._auth.stop()
+            self._auth = None
         if self._ctx is not None:
             self._ctx.term()
         self._router = self._pub = self._ctx = None
@@ -539,14 +548,6 @@ def _bind(sock: zmq.Socket, endpoint: str) -> str:
         endpoint = endpoint[:-2] + ":*"
     sock.bind(endpoint)
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
-
-def is_loopback(endpoint: str) -> bool:
-    """Whether an endpoint is reachable from this machine only (no encryption needed)."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0]
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
 def install_signal_handlers(server: Server) -> None:

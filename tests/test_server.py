@@ -18,7 +18,8 @@ import zmq
 from fake_pipeline import SHAPE, FakePipeline
 
 from engine.counters import LatencyHistogram
-from engine.server import Server, ServerConfig, is_loopback
+from engine.security import is_loopback
+from engine.server import Server, ServerConfig
 from masa_rt import protocol as P
 
 DEADLINE = 5.0
