@@ -25,7 +25,6 @@ in the streaming evaluation, offline checks).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import pickle
@@ -46,6 +45,7 @@ __all__ = [
     "AlignerBank",
     "AlignerConfig",
     "Estimate",
+    "EstimateBatch",
     "Reference",
     "ReferenceFormatError",
     "offline_dtw",
@@ -291,7 +291,7 @@ class AlignerConfig:
                                  f"found {getattr(self, name)}")
 
 
-@dataclass
+@dataclass(slots=True)
 class Estimate:
     """Where the user is in the chosen reference. ``phase_id`` is -1 while ``waiting``."""
 
@@ -380,153 +380,27 @@ def path_to_index(path: np.ndarray, n_query: int) -> np.ndarray:
     return sums / np.maximum(counts, 1)
 
 
+
 # ---------------------------------------------------------------------------------------
-# Online alignment to one reference
+# Online alignment: one batched implementation for one stream or many
 # ---------------------------------------------------------------------------------------
+#
+# Every session's state lives in rows of stacked arrays (``_Sessions``), and one step for B
+# sessions is a fixed number of numpy operations over (B, ...) arrays: one matmul, ~10
+# passes over (B, P) for the relocaliser, small gathers for the tracker. ``Aligner`` is a
+# session store of one row, ``AlignerBank`` one of many rows; the math is the same code.
 
-class _Track:
-    """Tracker and relocaliser state for one reference (see the module docstring).
-
-    Both DP rows live in persistent padded buffers with precomputed sliding-window views,
-    so a step is a handful of numpy calls (per-call overhead, not arithmetic, dominates
-    at these sizes).
-    """
-
-    def __init__(self, ref: Reference, cfg: AlignerConfig) -> None:
-        self.ref, self.cfg = ref, cfg
-        self.n = len(ref)
-        self._pad = max(cfg.max_step, cfg.back)
-        # Tracker predecessors of cell i: i - k for k = max_step .. -back, in window order.
-        ks = np.arange(cfg.max_step, -cfg.back - 1, -1)
-        self._penalty = np.select(
-            [ks < 0, ks == 0, ks >= 2],
-            [cfg.back_penalty * -ks, np.full(ks.shape, cfg.stay_penalty),
-             cfg.skip_penalty * (ks - 1)], 0.0)
-        # Relocaliser: R(j) = c(j) + lam * min(R(j) + stay, R(j-1), ..., R(j-max_step)), a
-        # sum over an exponential window (~relocalise_memory frames). The stay penalty is
-        # divided by lam so it weighs like a cost; skips are free: it is a detector.
-        self._lam = 1.0 - 1.0 / cfg.relocalise_memory
-        self._reloc_stay = cfg.stay_penalty / self._lam
-        self.speed = _window_speed(ref.embeddings, ref.fps, cfg.pause_lag)
-        self._phases = ref.phases.tolist()  # python lists: scalar lookups on the hot path
-        self._run = list(zip(ref.run_start.tolist(), ref.run_end.tolist(), strict=True))
-        self.reset()
-
-    def fresh(self) -> _Track:
-        """A new track sharing this one's read-only parts (penalties, lookups, speed)."""
-        new = copy.copy(self)
-        new.reset()  # allocates all mutable state anew
-        return new
-
-    def reset(self) -> None:
-        cfg = self.cfg
-        self.started = False
-        self.pos = 0
-        self.shown = 0.0  # smoothed position: what is reported
-        self._acc = np.full(self.n + 2 * self._pad, np.inf)  # tracker row, inf off-window
-        self._acc_win = np.lib.stride_tricks.sliding_window_view(
-            self._acc, cfg.max_step + cfg.back + 1)
-        self._lo = self._hi = 0
-        self._reloc_buf = np.full(cfg.max_step + self.n, np.inf)  # inf pad, then the row
-        self.reloc = self._reloc_buf[cfg.max_step:]
-        # Views of R(j - k), k = 1..max_step (np.minimum over shifted views beats a strided
-        # sliding-window reduction by ~4x here).
-        m = cfg.max_step
-        self._reloc_shifted = [self._reloc_buf[m - k:m - k + self.n] for k in range(1, m + 1)]
-        self._reloc_started = False
-        self.best = 0  # relocaliser's best end frame, refreshed every frame
-        self.gap = 0.0  # how much cheaper (mean cost per frame) best is than the tracked one
-        self._streak = 0
-        self.activity_cost = math.inf
-
-    # -- relocaliser (whole reference, every frame) -----------------------------------
-
-    def update_relocaliser(self, cost: np.ndarray) -> None:
-        row = self.reloc
-        if self._reloc_started:
-            best = row + self._reloc_stay
-            for prev in self._reloc_shifted:
-                np.minimum(best, prev, out=best)
-            best *= self._lam
-            best += cost
-            row[:] = best
-        else:
-            row[:] = cost / (1.0 - self._lam)  # as if this frame had lasted forever
-            self._reloc_started = True
-        self.best = int(row.argmin())
-        mean_best = float(row[self.best]) * (1.0 - self._lam)
-        a = 1.0 / self.cfg.activity_memory
-        self.activity_cost = mean_best if math.isinf(self.activity_cost) else (
-            (1.0 - a) * self.activity_cost + a * mean_best)
-
-    def refresh_gap(self) -> None:
-        """Call after the position and the relocaliser row have both been updated."""
-        back = self.cfg.back
-        near = float(self.reloc[max(self.pos - back, 0):self.pos + back + 1].min())
-        self.gap = (near - float(self.reloc[self.best])) * (1.0 - self._lam)
-
-    def maybe_jump(self) -> bool:
-        """Jump to the relocaliser's choice once it has been clearly better for a while."""
-        cfg = self.cfg
-        far = abs(self.best - self.pos) > cfg.relocalise_margin
-        self._streak = self._streak + 1 if far and self.gap > cfg.relocalise_cost_margin else 0
-        if self._streak < cfg.relocalise_patience:
-            return False
-        self.jump_to(self.best)
-        return True
-
-    # -- tracker (band around the position) ---------------------------------------------
-
-    def _window(self, pos: int) -> tuple[int, int]:
-        return max(pos - self.cfg.back, 0), min(pos + self.cfg.band, self.n - 1)
-
-    def _set_row(self, lo: int, hi: int, row: np.ndarray) -> None:
-        p = self._pad
-        self._acc[self._lo + p:self._hi + p + 1] = np.inf
-        self._acc[lo + p:hi + p + 1] = row
-        self._acc[lo + p:hi + p + 1] -= row.min()  # keep values bounded
-        self._lo, self._hi = lo, hi
-
-    def jump_to(self, pos: int) -> None:
-        """Restart the tracker at ``pos``, seeding its row from the relocaliser's sums."""
-        lo, hi = self._window(pos)
-        self._set_row(lo, hi, self.reloc[lo:hi + 1])
-        self.pos, self.shown, self._streak = pos, float(pos), 0
-        self.started = True
-        self.refresh_gap()  # pos may not be the relocaliser's best (a switch jumps too)
-
-    def start(self, cost: np.ndarray) -> None:
-        """First frame: assume the user starts at the beginning (the relocaliser corrects)."""
-        lo, hi = self._window(0)
-        row = cost[lo:hi + 1] + self.cfg.skip_penalty * np.arange(hi - lo + 1)
-        self._set_row(lo, hi, row)
-        self.pos = lo + int(row.argmin())
-        self.shown = float(self.pos)
-        self.started = True
-
-    def track(self, cost: np.ndarray) -> None:
-        """One online-DTW step: best predecessor (with move penalties) plus this cost."""
-        lo, hi = self._window(self.pos)
-        a = lo + self._pad - self.cfg.max_step  # window of cell lo starts at buffer index a
-        row = (self._acc_win[a:a + hi - lo + 1] + self._penalty).min(axis=1)
-        row += cost[lo:hi + 1]
-        self._set_row(lo, hi, row)
-        self.pos = lo + int(row.argmin())
-        s = self.cfg.smoothing
-        self.shown = s * self.shown + (1.0 - s) * self.pos
-
-    # -- reporting ------------------------------------------------------------------------
-
-    def where(self) -> tuple[float, int, float]:
-        """Reported (fractional index, phase id, phase progress), in python scalars."""
-        x = min(max(self.shown, 0.0), self.n - 1.0)
-        i = int(round(x))
-        s, e = self._run[i]
-        return x, self._phases[i], min(max((x - s) / max(e - s, 1), 0.0), 1.0)
+# State codes: indices into STATES.
+_WAITING, _TRACKING, _PAUSED, _OFF_SCRIPT, _LOST, _FINISHED = range(len(STATES))
+# The relocaliser rows are the bulk of the work and memory, (B, P) per step: float32 halves
+# both. Its values are recent sums of costs (< 2 * relocalise_memory), so float32 keeps
+# ~1e-6 absolute, far below any margin. The tracker band rows stay float64.
+_RELOC_DTYPE = np.float32
 
 
 def _window_speed(embeddings: np.ndarray, fps: float, lag: int) -> float:
-    """Median speed (per second) of a sequence, measured as :class:`_SpeedMeter` does."""
+    """Median speed (per second) of a sequence, measured as the aligner measures a stream's
+    (distance between the means of consecutive blocks of ``lag`` frames)."""
     lag = max(min(lag, len(embeddings) // 2), 1)
     csum = np.concatenate([np.zeros((1, embeddings.shape[1])), np.cumsum(embeddings, axis=0)])
     means = (csum[lag:] - csum[:-lag]) / lag  # mean of frames i .. i+lag-1
@@ -534,47 +408,563 @@ def _window_speed(embeddings: np.ndarray, fps: float, lag: int) -> float:
     return float(np.median(steps)) * fps / lag
 
 
-class _SpeedMeter:
-    """Speed of a stream of embeddings: distance between the mean of the last ``lag`` frames
-    and the mean of the ``lag`` frames before them, over the time between those means.
-    Averaging cuts frame-to-frame jitter by ~sqrt(lag) while steady motion shows in full,
-    which is what tells a still user from a slow one."""
+def _checked_references(references: Reference | Sequence[Reference]) -> list[Reference]:
+    refs = [references] if isinstance(references, Reference) else list(references)
+    if not refs:
+        raise ValueError("Aligner: expected at least one reference, found none")
+    if len({r.dim for r in refs}) > 1:
+        raise ValueError("Aligner: references have different embedding sizes "
+                         f"{sorted({r.dim for r in refs})}")
+    prints = {r.model_fingerprint for r in refs if r.model_fingerprint}
+    if len(prints) > 1:
+        raise ValueError(f"Aligner: references come from different models {sorted(prints)}")
+    return refs
 
-    def __init__(self, lag: int, dim: int) -> None:
-        self.lag = lag
-        n = 2 * lag
-        # Frames go round a ring of n slots. With the newest frame in slot s, the slots from
-        # oldest to newest are s+1, ..., s+n (mod n); row s weighs them -1/lag (older half)
-        # and +1/lag (recent half), so one product gives the difference of the two means.
+
+class _Model:
+    """The references and config compiled into read-only arrays, shared by all sessions.
+
+    Every reference frame gets a *column* in one row of ``P`` columns, each reference
+    preceded by ``pad`` columns and the last one followed by ``tail`` columns::
+
+        [pad | ref 0 (T_0 frames) | pad | ref 1 (T_1) | ... | ref K-1 | tail]
+
+    Pad columns cost +inf, so the relocaliser's shifted minima, the tracker's window and the
+    gap's neighbourhood never reach across references: one pass covers all references.
+    """
+
+    def __init__(self, refs: list[Reference], cfg: AlignerConfig) -> None:
+        self.refs, self.cfg = refs, cfg
+        self.n_refs = len(refs)
+        self.dim = refs[0].dim
+        self.width = cfg.back + cfg.band + 1  # W: cells of the tracker's window, at most
+        self.pad = max(cfg.max_step, cfg.back)
+        tail = max(self.pad, self.width)
+        self.lengths = np.array([len(r) for r in refs], dtype=np.int64)  # (K,) T_k
+        self.offsets = self.pad + np.concatenate(  # (K,) column of each reference's frame 0
+            [[0], np.cumsum(self.lengths + self.pad)[:-1]]).astype(np.int64)
+        self.cols = int(self.offsets[-1] + self.lengths[-1] + tail)  # P
+        emb = np.zeros((self.cols, self.dim), dtype=np.float32)  # (P, d), zero rows on pads
+        is_pad = np.ones(self.cols, dtype=bool)
+        # Per column (P,): phase id, and first/last frame of its run (local frame indices).
+        self.phases = np.zeros(self.cols, dtype=np.int64)
+        self.run_start = np.zeros(self.cols, dtype=np.int64)
+        self.run_end = np.zeros(self.cols, dtype=np.int64)
+        for r, o in zip(refs, self.offsets.tolist(), strict=True):
+            cols = slice(o, o + len(r))
+            emb[cols], is_pad[cols] = r.embeddings, False
+            self.phases[cols], self.run_start[cols], self.run_end[cols] = (
+                r.phases, r.run_start, r.run_end)
+        self.embeddings = emb
+        self.pad_cols = np.flatnonzero(is_pad)
+        self.ref_cols = [slice(o, o + n) for o, n in
+                         zip(self.offsets.tolist(), self.lengths.tolist(), strict=True)]
+        self.phase_names = [r.phase_names for r in refs]
+        self.activities = [r.activity for r in refs]
+        # Pause: each reference's median speed, and its frame period (K,).
+        self.ref_speed = np.array(
+            [_window_speed(r.embeddings, r.fps, cfg.pause_lag) for r in refs])
+        self.frame_dt = np.array([1.0 / r.fps for r in refs])
+        # Speed meter: frames go round a ring of 2*lag slots; with the newest frame in slot
+        # s, row s of these weights gives (time of the recent half - time of the older
+        # half) / lag, i.e. the time between the two means.
+        lag = cfg.pause_lag
         halves = np.concatenate([np.full(lag, -1.0 / lag), np.full(lag, 1.0 / lag)])
-        self._weights = np.stack([np.roll(halves, s + 1) for s in range(n)])  # (n, n)
-        self._ring = np.zeros((n, dim))
-        self._times = np.zeros(n)
-        self.reset()
+        self.meter_weights = np.stack([np.roll(halves, s + 1) for s in range(2 * lag)])
+        # Tracker predecessors of cell i: i - k for k = max_step .. -back, in window order.
+        ks = np.arange(cfg.max_step, -cfg.back - 1, -1)
+        self.penalty = np.select(  # (max_step + back + 1,)
+            [ks < 0, ks == 0, ks >= 2],
+            [cfg.back_penalty * -ks, np.full(ks.shape, cfg.stay_penalty),
+             cfg.skip_penalty * (ks - 1)], 0.0)
+        # Relocaliser: R(j) = c(j) + lam * min(R(j) + stay, R(j-1), ..., R(j-max_step)), a
+        # sum over an exponential window (~relocalise_memory frames). The stay penalty is
+        # divided by lam so it weighs like a cost; skips are free: it is a detector.
+        self.lam = 1.0 - 1.0 / cfg.relocalise_memory
+        self.reloc_stay = cfg.stay_penalty / self.lam
 
-    def reset(self) -> None:
-        self._count = 0
-        self._t0 = 0.0  # times are kept relative to the first frame, for precision
 
-    def push(self, q: np.ndarray, t: float, frame_dt: float) -> float | None:
-        """Add a frame; the speed per second once ``2 * lag`` frames are in, else None."""
-        if self._count == 0:
-            self._t0 = t
-        slot = self._count % len(self._times)
-        self._ring[slot] = q
-        self._times[slot] = t - self._t0
-        self._count += 1
-        if self._count < len(self._times):
-            return None
-        w = self._weights[slot]
-        diff = w @ self._ring
-        dt = float(w @ self._times)
-        dt = dt if dt > 0 else self.lag * frame_dt  # timestamps not increasing: trust the rate
-        return math.sqrt(float(diff @ diff)) / dt
+# Per-session fields: name -> (shape after the session axis, dtype, value after reset).
+# "K" is the number of references, "P" the number of columns, "W" the tracker window,
+# "d" the embedding size, "2lag" the speed meter's ring.
+_FIELDS: dict[str, tuple[tuple[str, ...], Any, float]] = {
+    "seen": ((), bool, False),  # a valid frame has arrived since the reset
+    "active": ((), np.int64, 0),  # chosen reference
+    "switch_streak": ((), np.int64, 0),  # frames another reference has been better
+    "still": ((), np.int64, 0),  # consecutive slow frames
+    "off": ((), np.int64, 0),  # consecutive off-script frames
+    "sim": ((), np.float64, 0.0),  # EMA of the cosine at the tracked position
+    # Tracker (of the active reference; a switch re-seeds it, so one per session suffices).
+    "pos": ((), np.int64, 0),  # argmin of the band row, local frame index
+    "shown": ((), np.float64, 0.0),  # smoothed position: what is reported
+    "lo": ((), np.int64, 0),  # local frame of band cell 0
+    "band": (("W",), np.float64, math.inf),  # accumulated cost of frames lo .., inf past hi
+    "streak": ((), np.int64, 0),  # frames the relocaliser has wanted a jump
+    # Relocaliser, every reference: (P,) row, and the EMA of its best mean cost per ref.
+    "reloc": (("P",), _RELOC_DTYPE, math.inf),
+    "activity_cost": (("K",), np.float64, math.inf),
+    # Speed meter: the last 2*lag frames (zero before they arrive), their times (relative
+    # to the first frame after a restart, for precision), and the running difference
+    # (sum of the recent lag frames) - (sum of the lag before).
+    "m_count": ((), np.int64, 0),
+    "m_t0": ((), np.float64, 0.0),
+    "m_ring": (("2lag", "d"), np.float64, 0.0),
+    "m_times": (("2lag",), np.float64, 0.0),
+    "m_diff": (("d",), np.float64, 0.0),
+    # The last estimate's own fields (the rest follows from active and shown).
+    "last_state": ((), np.int8, _WAITING),
+    "last_conf": ((), np.float64, 0.0),
+    "last_t": ((), np.float64, math.nan),
+}
+# Scratch rows, allocated once: fresh (B, P) or (B, d) temporaries every step would cost
+# page faults that take longer than the arithmetic. name -> (shape, dtype).
+_SCRATCH: dict[str, tuple[tuple[str, ...], Any]] = {
+    "sims": (("P",), np.float32),  # this step's cosines, then costs
+    "reloc_spare": (("P",), _RELOC_DTYPE),  # the relocaliser's new rows
+    "reloc_src": (("P",), _RELOC_DTYPE),  # its old rows, gathered (some sessions step)
+    "reloc_pairs": (("P",), _RELOC_DTYPE),  # min of neighbouring old cells
+    "m_new": (("d",), np.float64),  # the speed meter's frames: arriving,
+    "m_middle": (("d",), np.float64),  # moving from the recent to the older half,
+    "m_leaving": (("d",), np.float64),  # leaving
+}
+
+
+class _Sessions:
+    """The state of ``n`` sessions in rows ``0 .. n-1`` of arrays with spare capacity.
+
+    Removing a session moves the last row into its slot (arrays stay compact), adding one
+    takes row ``n`` (doubling the capacity when full).
+    """
+
+    def __init__(self, model: _Model, capacity: int = 1) -> None:
+        self.model = model
+        sizes = {"K": model.n_refs, "P": model.cols, "W": model.width, "d": model.dim,
+                 "2lag": 2 * model.cfg.pause_lag}
+        self._shapes = {name: tuple(sizes[s] for s in spec[0])
+                        for name, spec in (_FIELDS | _SCRATCH).items()}
+        self.n = 0
+        self.capacity = 0
+        self._grow(max(int(capacity), 1))
+
+    def _grow(self, capacity: int) -> None:
+        for name, (_, dtype, init) in _FIELDS.items():
+            new = np.full((capacity, *self._shapes[name]), init, dtype=dtype)
+            if self.capacity:
+                new[:self.n] = getattr(self, name)[:self.n]
+            setattr(self, name, new)
+        for name, (_, dtype) in _SCRATCH.items():
+            setattr(self, name, np.zeros((capacity, *self._shapes[name]), dtype=dtype))
+        self.capacity = capacity
+
+    def add(self) -> int:
+        if self.n == self.capacity:
+            self._grow(2 * self.capacity)
+        slot = self.n
+        self.n += 1
+        self.reset(np.array([slot]))
+        return slot
+
+    def remove(self, slot: int) -> int:
+        """Free ``slot``; returns the slot whose session now lives in ``slot`` (the old last
+        one), which is ``slot`` itself when it was the last."""
+        last = self.n - 1
+        if slot != last:
+            for name in _FIELDS:
+                arr = getattr(self, name)
+                arr[slot] = arr[last]
+        self.n -= 1
+        return last
+
+    def reset(self, rows: np.ndarray) -> None:
+        for name, (_, _, init) in _FIELDS.items():
+            getattr(self, name)[rows] = init
+
+    # -- one step of many sessions ------------------------------------------------------
+
+    def step(self, rows: np.ndarray, q: np.ndarray, ok: np.ndarray,
+             t: np.ndarray) -> EstimateBatch:
+        """Step sessions ``rows`` (B,) (distinct slots) with unit embeddings ``q`` (B, d)
+        float32 (zero rows where not ``ok``) at times ``t`` (B,)."""
+        n = self.n
+        if len(rows) < n:
+            self._step(rows, rows, q, ok, t)
+        else:
+            # Every session steps: go in slot order, so that the big rows are updated in
+            # place (no gather/scatter of the (B, P) rows).
+            if n > 1:
+                order = np.empty(n, dtype=np.int64)
+                order[rows] = np.arange(n)
+                q, ok, t = q[order], ok[order], t[order]
+            self._step(slice(0, n), np.arange(n), q, ok, t)
+        return self.estimates(rows)
+
+    def _step(self, sel: slice | np.ndarray, rows: np.ndarray, q: np.ndarray,
+              ok: np.ndarray, t: np.ndarray) -> None:
+        """The math of one frame. ``rows`` (B,) are the slots; ``sel`` selects the same rows
+        (a slice when they are all of 0 .. n-1 in order). All (B,)-shaped unless noted."""
+        M, cfg = self.model, self.model.cfg
+        b = len(rows)
+        every = np.arange(b)
+        seen = self.seen[rows]
+
+        # Costs: one matmul against every reference frame. Pads get cos -inf, cost +inf.
+        sims = np.matmul(q, M.embeddings.T, out=self.sims[:b])  # (B, P) float32
+        sims[:, M.pad_cols] = -np.inf
+        on_script = sims.max(axis=1) >= cfg.off_script_sim
+        cost = np.subtract(1.0, sims, out=sims)  # (B, P) float32
+
+        active = self.active[rows]
+        paused, still = self._pause(sel, rows, q, ok, t, active)
+        off = self.off[rows]
+        off = np.where(ok, np.where(on_script, 0, off + 1), off)
+
+        reloc, best, activity_cost = self._relocalise(sel, rows, cost, ok, seen)
+
+        # Activity: switch to the reference with the lowest recent cost, with hysteresis.
+        switch_streak = self.switch_streak[rows]
+        switched = np.zeros(b, dtype=bool)
+        if M.n_refs > 1:
+            top = activity_cost.argmin(axis=1)
+            active = np.where(ok & ~seen, top, active)  # first frame: just take the best
+            better = (activity_cost[every, top]
+                      < activity_cost[every, active] - cfg.activity_margin)
+            going = ok & seen
+            switch_streak = np.where(going, np.where(better, switch_streak + 1, 0),
+                                     switch_streak)
+            switched = going & (switch_streak >= cfg.activity_patience)
+            active = np.where(switched, top, active)
+            switch_streak[switched] = 0
+
+        # Tracker of the active reference: seed on a switch, start on the first frame,
+        # track when the frame says something about progress, else hold.
+        tr = _Tracker(self, rows, active, reloc, cost)
+        target = best[every, active] - tr.offset  # relocaliser's best, local frame
+        tr.jump(np.flatnonzero(switched), target)
+        tr.start(np.flatnonzero(ok & ~seen))
+        # An unrelated or a still frame says nothing about progress: hold, do not drift.
+        tr.track(np.flatnonzero(ok & seen & ~switched & on_script & ~paused))
+        gap = tr.gap(np.flatnonzero(ok), target)
+        # Jump to the relocaliser's choice once it has been clearly better for a while
+        # (also while paused: the user may have moved while lost).
+        asks = ok & on_script & ~switched
+        far = np.abs(target - tr.pos) > cfg.relocalise_margin
+        tr.streak = np.where(
+            asks, np.where(far & (gap > cfg.relocalise_cost_margin), tr.streak + 1, 0),
+            tr.streak)
+        jumps = np.flatnonzero(asks & (tr.streak >= cfg.relocalise_patience))
+        if jumps.size:
+            tr.jump(jumps, target)
+            gap[jumps] = tr.gap(jumps, target)[jumps]
+
+        # Similarity at the tracked frame (EMA), state and confidence.
+        here = 1.0 - tr.take(cost, every, tr.offset + tr.pos).astype(np.float64)
+        sim = self.sim[rows]
+        sim = np.where(ok, np.where(seen, 0.5 * (sim + here), here), sim)
+        state = np.where(paused, _PAUSED, _TRACKING)
+        state[tr.pos >= tr.length - 1 - cfg.finish_tolerance] = _FINISHED
+        state[off >= cfg.off_script_frames] = _OFF_SCRIPT
+        state[~ok] = np.where(seen, _LOST, _WAITING)[~ok]
+        floor = cfg.off_script_sim
+        sim_term = np.clip((sim - floor) / (1.0 - floor), 0.0, 1.0)
+        doubt = np.clip(gap / cfg.relocalise_cost_margin, 0.0, 1.0)
+        conf = np.where(ok, sim_term * (1.0 - 0.5 * doubt), 0.0)
+
+        # Write back (the reads above were copies).
+        self.seen[sel] = seen | ok
+        self.active[sel], self.switch_streak[sel] = active, switch_streak
+        self.still[sel], self.off[sel], self.sim[sel] = still, off, sim
+        tr.store(sel)
+        self.activity_cost[sel] = activity_cost
+        self.last_state[sel], self.last_conf[sel], self.last_t[sel] = state, conf, t
+
+    def _pause(self, sel: slice | np.ndarray, rows: np.ndarray, q: np.ndarray,
+               ok: np.ndarray, t: np.ndarray,
+               active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Paused = slower than ``pause_speed_ratio`` x the reference for ``pause_frames``.
+
+        Speed is the distance between the mean of the last ``lag`` frames and the mean of
+        the ``lag`` before them, over the time between those means: averaging cuts
+        frame-to-frame jitter by ~sqrt(lag) while steady motion shows in full, which is
+        what tells a still user from a slow one. The difference of the two sums is kept
+        running: the new frame enters the recent half, the one ``lag`` frames back moves
+        to the older half, the one ``2 lag`` back (whose ring slot the new one takes)
+        leaves. Slots not yet written are zero, so the first frames need no special case.
+        """
+        M, cfg = self.model, self.model.cfg
+        lag, size = cfg.pause_lag, 2 * cfg.pause_lag
+        count = self.m_count[rows]
+        t0 = np.where(count == 0, t, self.m_t0[rows])
+        slot = count % size
+        ring = self.m_ring.reshape(-1, M.dim)  # (capacity * 2lag, d)
+        at = rows * size + slot  # (B,) ring row of the new frame (and of the leaving one)
+        b = len(rows)
+        new = self.m_new[:b]  # (B, d) each
+        new[:] = q
+        middle = np.take(ring, rows * size + (slot + lag) % size, axis=0,
+                         out=self.m_middle[:b])
+        leaving = np.take(ring, at, axis=0, out=self.m_leaving[:b])
+        diff = self.m_diff[sel]  # (B, d): a view when sel is a slice
+        diff += new
+        diff -= middle
+        diff -= middle
+        diff += leaving
+        ring[at] = new
+        times = self.m_times[rows]  # (B, 2lag)
+        times[np.arange(b), slot] = t - t0
+        count = count + 1
+        dt = (M.meter_weights[slot] * times).sum(axis=1)
+        dt = np.where(dt > 0, dt, lag * M.frame_dt[active])  # times not increasing: the rate
+        speed = np.sqrt(np.einsum("ij,ij->i", diff, diff)) / lag / dt
+        slow = ok & (count >= size) & (speed < cfg.pause_speed_ratio * M.ref_speed[active])
+        still = np.where(slow, self.still[rows] + 1, 0)  # a lost frame also ends a pause
+        lost = np.flatnonzero(~ok)
+        if lost.size:  # restart the meter: the speed across a gap is meaningless
+            count[lost], t0[lost], diff[lost] = 0, 0.0, 0.0
+            self.m_ring[rows[lost]] = 0.0
+        if not isinstance(sel, slice):
+            self.m_diff[sel] = diff
+        self.m_count[sel], self.m_t0[sel], self.m_times[sel] = count, t0, times
+        return still >= cfg.pause_frames, still
+
+    def _relocalise(self, sel: slice | np.ndarray, rows: np.ndarray, cost: np.ndarray,
+                    ok: np.ndarray, seen: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Streaming subsequence DTW with forgetting over every reference at once.
+
+        Returns the new rows (B, P), each reference's best end column (B, K) and the
+        activity costs (B, K): EMA of each reference's best mean cost."""
+        M, cfg = self.model, self.model.cfg
+        b, full = len(rows), isinstance(sel, slice)
+        # (B, P) rows before and after; after a full step the two buffers swap roles.
+        src = self.reloc[sel] if full else np.take(self.reloc, rows, axis=0,
+                                                   out=self.reloc_src[:b])
+        dst = self.reloc_spare[:b]
+        # Work on the rows laid end to end, (B * P,): a row's leading pad separates it
+        # from the previous row's tail as it separates references, and 1-d shifted
+        # operands are several times faster than 2-d ones.
+        s, d, m = src.reshape(-1), dst.reshape(-1), cfg.max_step
+        np.add(s, M.reloc_stay, out=d)  # R(j) + stay
+        if m == 1:
+            np.minimum(d[1:], s[:-1], out=d[1:])
+        else:
+            # min(R(j-1), ..., R(j-m)) from pairs p(j) = min(R(j), R(j-1)): p(j-1),
+            # p(j-3), ... and R(j-m) alone when m is odd.
+            p = self.reloc_pairs[:b].reshape(-1)
+            np.minimum(s[1:], s[:-1], out=p[1:])
+            for k in range(1, m, 2):
+                np.minimum(d[k + 1:], p[1:-k], out=d[k + 1:])
+            if m % 2:
+                np.minimum(d[m:], s[:-m], out=d[m:])
+        d *= M.lam
+        d += cost.reshape(-1)
+        fresh = np.flatnonzero(ok & ~seen)
+        if fresh.size:  # first frame: as if it had lasted forever
+            dst[fresh] = cost[fresh] / (1.0 - M.lam)
+        lost = np.flatnonzero(~ok)
+        if lost.size:
+            dst[lost] = src[lost]
+        if full:
+            self.reloc, self.reloc_spare = self.reloc_spare, self.reloc
+            new = self.reloc[sel]
+        else:
+            self.reloc[rows] = new = dst
+
+        best = np.empty((b, M.n_refs), dtype=np.int64)  # (B, K) columns
+        for k, cols in enumerate(M.ref_cols):
+            best[:, k] = new[:, cols].argmin(axis=1) + cols.start
+        mean_best = np.take_along_axis(new, best, axis=1).astype(np.float64) * (1.0 - M.lam)
+        a = 1.0 / cfg.activity_memory
+        old = self.activity_cost[rows]  # (B, K)
+        ema = np.where(np.isinf(old), mean_best, (1.0 - a) * old + a * mean_best)
+        return new, best, np.where(ok[:, None], ema, old)
+
+    # -- estimates ------------------------------------------------------------------------
+
+    def estimates(self, rows: np.ndarray) -> EstimateBatch:
+        """The latest estimates of sessions ``rows``, as arrays."""
+        M = self.model
+        active = self.active[rows]
+        state = self.last_state[rows]
+        n = M.lengths[active]
+        x = np.clip(self.shown[rows], 0.0, n - 1.0)
+        col = M.offsets[active] + np.rint(x).astype(np.int64)
+        s, e = M.run_start[col], M.run_end[col]
+        phase_progress = np.clip((x - s) / np.maximum(e - s, 1), 0.0, 1.0)
+        waiting = state == _WAITING
+        return EstimateBatch(
+            M, phase_id=np.where(waiting, -1, M.phases[col]),
+            phase_progress=np.where(waiting, 0.0, phase_progress),
+            progress=np.where(waiting, 0.0, x / (n - 1)), ref_index=np.where(waiting, 0.0, x),
+            confidence=self.last_conf[rows], state=state, ref=active, t=self.last_t[rows])
+
+
+class _Tracker:
+    """The tracker's fields of a batch of sessions, and its three moves. Local frame
+    indices throughout; ``offset`` (B,) turns them into columns."""
+
+    def __init__(self, sessions: _Sessions, rows: np.ndarray, active: np.ndarray,
+                 reloc: np.ndarray, cost: np.ndarray) -> None:
+        M = sessions.model
+        self.cfg, self.penalty, self.width, self.lam = M.cfg, M.penalty, M.width, M.lam
+        self.reloc, self.cost = reloc, cost  # (B, P) this frame's relocaliser rows, costs
+        self.offset = M.offsets[active]  # (B,)
+        self.length = M.lengths[active]  # (B,)
+        self.pos, self.shown = sessions.pos[rows], sessions.shown[rows]
+        self.lo, self.band = sessions.lo[rows], sessions.band[rows]  # band (B, W)
+        self.streak = sessions.streak[rows]
+        self._sessions = sessions
+        self._cells = np.arange(self.width)  # (W,)
+
+    def store(self, sel: slice | np.ndarray) -> None:
+        s = self._sessions
+        s.pos[sel], s.shown[sel], s.lo[sel], s.band[sel] = (
+            self.pos, self.shown, self.lo, self.band)
+        s.streak[sel] = self.streak
+
+    @staticmethod
+    def take(a: np.ndarray, ix: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``a[ix[i], cols[i, ...]]`` for a C-contiguous 2-d ``a`` (a flat take: faster
+        than 2-d fancy indexing)."""
+        flat = ix * a.shape[1]
+        return np.take(a.reshape(-1), flat.reshape(flat.shape + (1,) * (cols.ndim - 1)) + cols)
+
+    def _window(self, ix: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """First frame of the window around ``pos`` and a (len(ix), W) mask of its cells
+        that lie past the window's last frame (clipped at the reference's end)."""
+        lo = np.maximum(pos - self.cfg.back, 0)
+        hi = np.minimum(pos + self.cfg.band, self.length[ix] - 1)
+        return lo, self._cells >= (hi - lo + 1)[:, None]
+
+    def _set_rows(self, ix: np.ndarray, lo: np.ndarray, row: np.ndarray) -> None:
+        """Store band rows (len(ix), W), shifted so that each minimum is 0."""
+        self.band[ix] = row - row.min(axis=1, keepdims=True)  # keep values bounded
+        self.lo[ix] = lo
+
+    def _columns(self, ix: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        return (self.offset[ix] + lo)[:, None] + self._cells  # (len(ix), W)
+
+    def jump(self, ix: np.ndarray, target: np.ndarray) -> None:
+        """Restart at ``target[ix]``, seeding the band from the relocaliser's sums."""
+        if not ix.size:
+            return
+        pos = target[ix]
+        lo, past = self._window(ix, pos)
+        row = self.take(self.reloc, ix, self._columns(ix, lo)).astype(np.float64)
+        row[past] = np.inf
+        self._set_rows(ix, lo, row)
+        self.pos[ix], self.shown[ix], self.streak[ix] = pos, pos, 0
+
+    def start(self, ix: np.ndarray) -> None:
+        """First frame: assume the user starts at the beginning (the relocaliser corrects)."""
+        if not ix.size:
+            return
+        lo, past = self._window(ix, np.zeros(ix.size, dtype=np.int64))
+        row = (self.take(self.cost, ix, self._columns(ix, lo))
+               + self.cfg.skip_penalty * self._cells)
+        row[past] = np.inf
+        self._set_rows(ix, lo, row)
+        self.pos[ix] = lo + row.argmin(axis=1)
+        self.shown[ix] = self.pos[ix]
+
+    def track(self, ix: np.ndarray) -> None:
+        """One online-DTW step: best predecessor (with move penalties) plus this cost."""
+        if not ix.size:
+            return
+        cfg, w = self.cfg, self.width
+        lo, past = self._window(ix, self.pos[ix])
+        # Predecessors of new cell c are old cells (lo + c - k) - lo_old, k = max_step ..
+        # -back: place the old band (inf around it) shifted by lo - lo_old, then each k is
+        # a slice.
+        n_pred = len(self.penalty)
+        left = cfg.max_step + cfg.back  # lo - lo_old >= -back
+        old = np.full((ix.size, left + 2 * w + cfg.back), np.inf)
+        old[:, left:left + w] = self.band[ix]
+        first = left - cfg.max_step + lo - self.lo[ix]  # (n,) where cell 0's k=max_step is
+        shifted = self.take(old, np.arange(ix.size), first[:, None]
+                            + np.arange(w + n_pred - 1))  # (n, W + n_pred - 1)
+        row = shifted[:, :w] + self.penalty[0]  # (n, W)
+        for j in range(1, n_pred):
+            np.minimum(row, shifted[:, j:j + w] + self.penalty[j], out=row)
+        row += self.take(self.cost, ix, self._columns(ix, lo))
+        row[past] = np.inf
+        self._set_rows(ix, lo, row)
+        self.pos[ix] = lo + row.argmin(axis=1)
+        s = cfg.smoothing
+        self.shown[ix] = s * self.shown[ix] + (1.0 - s) * self.pos[ix]
+
+    def gap(self, ix: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """(B,) how much cheaper (mean cost per frame) the relocaliser's best is than the
+        best within ``back`` frames of the tracked position; 0 outside ``ix``."""
+        back = self.cfg.back
+        at = (self.offset + self.pos)[ix]
+        near = self.take(self.reloc, ix, at[:, None] + np.arange(-back, back + 1)).min(axis=1)
+        best = self.take(self.reloc, ix, (self.offset + target)[ix])
+        gap = np.zeros(len(self.pos))
+        gap[ix] = (near.astype(np.float64) - best.astype(np.float64)) * (1.0 - self.lam)
+        return gap
+
+
+class EstimateBatch(Sequence[Estimate]):
+    """The estimates of one step of many sessions, as (B,) arrays in the order of the
+    sessions given. It is a sequence of :class:`Estimate` built on access; consumers that
+    want arrays read the fields (``state`` holds indices into :data:`STATES`, ``ref``
+    indices into the references)."""
+
+    __slots__ = ("_model", "_list", "phase_id", "phase_progress", "progress", "ref_index",
+                 "confidence", "state", "ref", "t")
+
+    def __init__(self, model: _Model, *, phase_id: np.ndarray, phase_progress: np.ndarray,
+                 progress: np.ndarray, ref_index: np.ndarray, confidence: np.ndarray,
+                 state: np.ndarray, ref: np.ndarray, t: np.ndarray) -> None:
+        self._model, self._list = model, None
+        self.phase_id, self.phase_progress, self.progress = phase_id, phase_progress, progress
+        self.ref_index, self.confidence, self.state = ref_index, confidence, state
+        self.ref, self.t = ref, t
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    def __getitem__(self, i):  # type: ignore[override]  # int -> Estimate, slice -> list
+        return self.to_list()[i]
+
+    def __iter__(self):
+        return iter(self.to_list())
+
+    @property
+    def states(self) -> list[str]:
+        return [STATES[s] for s in self.state.tolist()]
+
+    def to_list(self) -> list[Estimate]:
+        """Every estimate, as :class:`Estimate` objects (built once, then cached)."""
+        if self._list is None:
+            names, activities = self._model.phase_names, self._model.activities
+            self._list = [
+                Estimate(p, names[r][p] if p >= 0 else "", pp, pr, x, c, STATES[s],
+                         activities[r], t)
+                for p, pp, pr, x, c, s, r, t in zip(
+                    self.phase_id.tolist(), self.phase_progress.tolist(),
+                    self.progress.tolist(), self.ref_index.tolist(),
+                    self.confidence.tolist(), self.state.tolist(), self.ref.tolist(),
+                    self.t.tolist(), strict=True)]
+        return self._list
+
+
+def _unit_rows_or_zero(embeddings: np.ndarray, valid: np.ndarray | None, dim: int,
+                       who: str) -> tuple[np.ndarray, np.ndarray]:
+    """(B, d) float32 unit rows, zero where invalid, and the (B,) validity: a row is invalid
+    when flagged so, or with any NaN or inf, or (near) zero."""
+    q = np.asarray(embeddings, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise ValueError(f"{who}: expected embeddings of size {dim}, found shape {q.shape}")
+    norms = np.sqrt((q * q).sum(axis=1))  # NaN or inf anywhere makes the norm non-finite
+    ok = np.isfinite(norms) & (norms > _EPS)
+    if valid is not None:
+        ok &= np.asarray(valid, dtype=bool)
+    return np.where(ok[:, None], q / np.where(ok, norms, 1.0)[:, None], 0.0), ok
 
 
 # ---------------------------------------------------------------------------------------
-# The aligner
+# Public steppers
 # ---------------------------------------------------------------------------------------
 
 class Aligner:
@@ -583,38 +973,36 @@ class Aligner:
     Several references: every reference's relocaliser runs each frame (it gives each
     activity's recent best cost); only the chosen reference's tracker runs. The choice
     switches with hysteresis (``activity_margin`` for ``activity_patience`` frames).
+    It is a batch of one session: the same code as :class:`AlignerBank`.
     """
 
     def __init__(self, references: Reference | Sequence[Reference],
                  config: AlignerConfig | None = None) -> None:
-        refs = [references] if isinstance(references, Reference) else list(references)
-        if not refs:
-            raise ValueError("Aligner: expected at least one reference, found none")
-        if len({r.dim for r in refs}) > 1:
-            raise ValueError("Aligner: references have different embedding sizes "
-                             f"{sorted({r.dim for r in refs})}")
-        prints = {r.model_fingerprint for r in refs if r.model_fingerprint}
-        if len(prints) > 1:
-            raise ValueError(f"Aligner: references come from different models {sorted(prints)}")
-        self.references = refs
-        self.config = config or AlignerConfig()
-        self._tracks = [_Track(r, self.config) for r in refs]
-        # Row offsets into the stacked embeddings, for one matmul over all references.
-        self._stacked = np.concatenate([r.embeddings for r in refs])
-        ends = np.cumsum([len(r) for r in refs]).tolist()
-        self._spans = list(zip([0] + ends[:-1], ends, strict=True))
-        self.reset()
+        self._init(_Model(_checked_references(references), config or AlignerConfig()))
+
+    def _init(self, model: _Model) -> None:
+        self._model = model
+        self._sessions = _Sessions(model, capacity=1)
+        self._row = np.array([self._sessions.add()])
+        self._last = self._sessions.estimates(self._row)[0]
+
+    @property
+    def references(self) -> list[Reference]:
+        return self._model.refs
+
+    @property
+    def config(self) -> AlignerConfig:
+        return self._model.cfg
 
     @property
     def dim(self) -> int:
-        return self.references[0].dim
+        return self._model.dim
 
     def fresh(self) -> Aligner:
-        """A new aligner over the same references and config, sharing their read-only arrays
-        (cheap: for many sessions, build one aligner and ``fresh()`` it per session)."""
-        new = copy.copy(self)
-        new._tracks = [tr.fresh() for tr in self._tracks]
-        new.reset()
+        """A new aligner over the same references and config, sharing their read-only
+        arrays (cheap)."""
+        new = Aligner.__new__(Aligner)
+        new._init(self._model)
         return new
 
     @property
@@ -623,26 +1011,19 @@ class Aligner:
         return self._last
 
     def reset(self) -> None:
-        for tr in self._tracks:
-            tr.reset()
-        self._active = 0
-        self._switch_streak = 0
-        self._meter = _SpeedMeter(self.config.pause_lag, self.dim)
-        self._still = 0
-        self._off = 0
-        self._sim = 0.0  # EMA of the similarity at the tracked position
-        self._seen = False
-        self._last = self._waiting(math.nan)
-
-    # -- public stepping ------------------------------------------------------------------
+        self._sessions.reset(self._row)
+        self._last = self._sessions.estimates(self._row)[0]
 
     def step(self, embedding: np.ndarray | None, t: float, valid: bool = True) -> Estimate:
         """Consume one frame's embedding (d,) at time ``t`` (seconds). ``None``, any NaN or
         ``valid=False`` mean "no pose this frame": the position is held."""
-        q = _unit_or_none(embedding, valid, self.dim)
-        if q is None:
-            return self._lost(t)
-        return self._advance(q, self._stacked @ q, t)
+        if embedding is None:
+            q, ok = np.zeros((1, self.dim), dtype=np.float32), np.zeros(1, dtype=bool)
+        else:
+            q, ok = _unit_rows_or_zero(np.reshape(embedding, (1, -1)), np.array([valid]),
+                                       self.dim, "Aligner.step")
+        self._last = self._sessions.step(self._row, q, ok, np.array([float(t)]))[0]
+        return self._last
 
     def run(self, embeddings: np.ndarray, times: np.ndarray | None = None,
             valid: np.ndarray | None = None) -> list[Estimate]:
@@ -654,162 +1035,85 @@ class Aligner:
         ok = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
         return [self.step(embeddings[i], float(times[i]), bool(ok[i])) for i in range(n)]
 
-    # -- one frame ------------------------------------------------------------------------
-
-    def _lost(self, t: float) -> Estimate:
-        self._meter.reset()  # the speed across a gap is meaningless
-        self._still = 0
-        if not self._seen:
-            self._last = self._waiting(t)
-        else:
-            self._last = self._estimate(t, "tracking_lost", confidence=0.0)
-        return self._last
-
-    def _advance(self, q: np.ndarray, sims: np.ndarray, t: float) -> Estimate:
-        """One valid frame: ``sims`` (sum of T_ref,) are its cosines to every reference."""
-        cfg = self.config
-        paused = self._update_pause(q, t)
-        on_script = float(sims.max()) >= cfg.off_script_sim
-        self._off = 0 if on_script else self._off + 1
-        cost_all = 1.0 - sims
-        costs = [cost_all[a:b] for a, b in self._spans]
-        for tr, cost in zip(self._tracks, costs, strict=True):
-            tr.update_relocaliser(cost)
-        switched = self._choose_activity()
-        tr, cost = self._tracks[self._active], costs[self._active]
-        if switched:
-            tr.jump_to(tr.best)
-        elif not tr.started:
-            tr.start(cost)
-        elif on_script and not paused:
-            # An unrelated or a still frame says nothing about progress: hold, do not drift.
-            tr.track(cost)
-        tr.refresh_gap()
-        if on_script and not switched:
-            tr.maybe_jump()  # also while paused: the user may have moved while lost
-        self._seen = True
-        sim = 1.0 - float(cost[tr.pos])
-        self._sim = sim if self._last.state == "waiting" else 0.5 * (self._sim + sim)
-        self._last = self._estimate(t, self._state(paused), self._confidence(tr))
-        return self._last
-
-    def _update_pause(self, q: np.ndarray, t: float) -> bool:
-        """Paused = slower than ``pause_speed_ratio`` x the reference for ``pause_frames``."""
-        cfg = self.config
-        ref = self._tracks[self._active]
-        speed = self._meter.push(q, t, frame_dt=1.0 / ref.ref.fps)
-        slow = speed is not None and speed < cfg.pause_speed_ratio * ref.speed
-        self._still = self._still + 1 if slow else 0
-        return self._still >= cfg.pause_frames
-
-    def _choose_activity(self) -> bool:
-        """Switch to the reference with the lowest recent cost, with hysteresis."""
-        if len(self._tracks) == 1:
-            return False
-        scores = [tr.activity_cost for tr in self._tracks]
-        best = int(np.argmin(scores))
-        if not self._seen:
-            self._active = best
-            return False
-        better = scores[best] < scores[self._active] - self.config.activity_margin
-        self._switch_streak = self._switch_streak + 1 if better else 0
-        if self._switch_streak < self.config.activity_patience:
-            return False
-        self._active, self._switch_streak = best, 0
-        return True
-
-    def _state(self, paused: bool) -> str:
-        tr = self._tracks[self._active]
-        if self._off >= self.config.off_script_frames:
-            return "off_script"
-        if tr.pos >= tr.n - 1 - self.config.finish_tolerance:
-            return "finished"
-        return "paused" if paused else "tracking"
-
-    def _confidence(self, tr: _Track) -> float:
-        """Similarity of the current match, scaled from the off-script threshold (0) to 1,
-        halved as the relocaliser's best alternative becomes a jump candidate."""
-        floor = self.config.off_script_sim
-        sim_term = min(max((self._sim - floor) / (1.0 - floor), 0.0), 1.0)
-        doubt = min(max(tr.gap / self.config.relocalise_cost_margin, 0.0), 1.0)
-        return sim_term * (1.0 - 0.5 * doubt)
-
-    # -- estimates ------------------------------------------------------------------------
-
-    def _waiting(self, t: float) -> Estimate:
-        ref = self.references[self._active]
-        return Estimate(-1, "", 0.0, 0.0, 0.0, 0.0, "waiting", ref.activity, float(t))
-
-    def _estimate(self, t: float, state: str, confidence: float) -> Estimate:
-        tr = self._tracks[self._active]
-        ref = tr.ref
-        x, phase, phase_progress = tr.where()
-        return Estimate(
-            phase_id=phase, phase_name=ref.phase_names[phase],
-            phase_progress=phase_progress, progress=x / (tr.n - 1),
-            ref_index=x, confidence=float(confidence), state=state,
-            activity=ref.activity, t=float(t),
-        )
-
-
-def _unit_or_none(embedding: np.ndarray | None, valid: bool, dim: int) -> np.ndarray | None:
-    if embedding is None or not valid:
-        return None
-    q = np.asarray(embedding, dtype=np.float32).reshape(-1)
-    if q.shape[0] != dim:
-        raise ValueError(f"Aligner.step: expected an embedding of size {dim}, found {q.shape}")
-    norm = math.sqrt(float(q @ q))  # NaN or inf anywhere makes this non-finite
-    if not math.isfinite(norm) or norm < _EPS:
-        return None
-    return q / norm
-
-
-# ---------------------------------------------------------------------------------------
-# Many streams
-# ---------------------------------------------------------------------------------------
 
 class AlignerBank:
-    """One aligner per session, created on first sight, sharing references and config.
+    """Many sessions over the same references and config, stepped together.
 
-    ``step_many`` computes every stream's similarities to every reference in one matmul;
-    the per-stream DP updates are then a Python loop (each is O(band + T_ref)).
+    A session is created on first sight (or by :meth:`add`) and behaves exactly as its
+    own :class:`Aligner` would. ``step_many`` is one matmul and a fixed number of numpy
+    operations over all the sessions given, whatever their number.
     """
 
     def __init__(self, references: Reference | Sequence[Reference],
-                 config: AlignerConfig | None = None) -> None:
-        self._template = Aligner(references, config)
-        self._aligners: dict[Hashable, Aligner] = {}
+                 config: AlignerConfig | None = None, capacity: int = 16) -> None:
+        self._model = _Model(_checked_references(references), config or AlignerConfig())
+        self._sessions = _Sessions(self._model, capacity)
+        self._slot: dict[Hashable, int] = {}
+        self._ids: list[Hashable] = []  # session of each slot
+
+    @property
+    def references(self) -> list[Reference]:
+        return self._model.refs
+
+    @property
+    def config(self) -> AlignerConfig:
+        return self._model.cfg
 
     def __len__(self) -> int:
-        return len(self._aligners)
+        return len(self._ids)
 
     def __contains__(self, session: Hashable) -> bool:
-        return session in self._aligners
+        return session in self._slot
 
-    def get(self, session: Hashable) -> Aligner:
-        if session not in self._aligners:
-            self._aligners[session] = self._template.fresh()
-        return self._aligners[session]
+    @property
+    def sessions(self) -> list[Hashable]:
+        return list(self._ids)
+
+    def add(self, session: Hashable) -> None:
+        """Start a session (``waiting``); nothing happens if it exists."""
+        if session not in self._slot:
+            self._slot[session] = self._sessions.add()
+            self._ids.append(session)
 
     def remove(self, session: Hashable) -> None:
-        self._aligners.pop(session, None)
+        slot = self._slot.pop(session, None)
+        if slot is None:
+            return
+        moved = self._sessions.remove(slot)
+        last_session = self._ids.pop()
+        if moved != slot:
+            self._ids[slot] = last_session
+            self._slot[last_session] = slot
+
+    def reset(self, session: Hashable) -> None:
+        """Restart a session (creating it if needed), as :meth:`Aligner.reset`."""
+        self.add(session)
+        self._sessions.reset(np.array([self._slot[session]]))
+
+    def last(self, session: Hashable) -> Estimate:
+        """A session's latest estimate (``waiting`` for an unknown one)."""
+        if session not in self._slot:
+            return Estimate(-1, "", 0.0, 0.0, 0.0, 0.0, "waiting", self._model.activities[0],
+                            math.nan)
+        return self._sessions.estimates(np.array([self._slot[session]]))[0]
 
     def step_many(self, ids: Sequence[Hashable], embeddings: np.ndarray,
                   times: Sequence[float] | np.ndarray,
-                  valid: Sequence[bool] | np.ndarray | None = None) -> list[Estimate]:
-        """Step each session ``ids[b]`` with ``embeddings[b]`` (B, d) at ``times[b]``."""
+                  valid: Sequence[bool] | np.ndarray | None = None) -> EstimateBatch:
+        """Step each session ``ids[b]`` (distinct) with ``embeddings[b]`` (B, d) at
+        ``times[b]``; ``valid[b] = False`` or a NaN means no pose (as
+        :meth:`Aligner.step`). Returns the estimates in the order of ``ids``."""
         q = np.asarray(embeddings, dtype=np.float32)
         if q.ndim != 2 or q.shape[0] != len(ids):
             raise ValueError(f"step_many: expected ({len(ids)}, d) embeddings, found {q.shape}")
-        norms = np.linalg.norm(q, axis=1)
-        ok = np.isfinite(norms) & (norms > _EPS)
-        if valid is not None:
-            ok &= np.asarray(valid, dtype=bool)
-        q = np.where(ok[:, None], q / np.where(ok, norms, 1.0)[:, None], 0.0)
-        sims = q @ self._template._stacked.T  # (B, sum T_ref)
-        out = []
-        for b, session in enumerate(ids):
-            al = self.get(session)
-            t = float(times[b])
-            out.append(al._advance(q[b], sims[b], t) if ok[b] else al._lost(t))
-        return out
+        t = np.asarray(times, dtype=np.float64).reshape(-1)
+        if t.shape != (len(ids),):
+            raise ValueError(f"step_many: expected {len(ids)} times, found {t.shape}")
+        q, ok = _unit_rows_or_zero(q, valid, self._model.dim, "step_many")
+        for session in ids:
+            if session not in self._slot:
+                self.add(session)
+        rows = np.fromiter((self._slot[s] for s in ids), dtype=np.int64, count=len(ids))
+        if len(set(rows.tolist())) != len(rows):
+            raise ValueError("step_many: a session appears more than once in one step")
+        return self._sessions.step(rows, q, ok, t)

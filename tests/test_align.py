@@ -12,13 +12,17 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.ndimage import gaussian_filter1d
 
 from masa_rt.align import (
+    STATES,
     Aligner,
     AlignerBank,
     AlignerConfig,
     Estimate,
+    EstimateBatch,
     Reference,
     ReferenceFormatError,
     offline_dtw,
@@ -286,10 +290,157 @@ def test_bank_matches_single_aligners(ref: Reference) -> None:
             assert e.ref_index == pytest.approx(singles[s][f].ref_index, abs=1e-6)
             assert e.state == singles[s][f].state
     assert len(bank) == 3 and 41 in bank
-    # Sessions share the references' arrays instead of copying them per session.
-    assert np.shares_memory(bank.get(40)._stacked, bank.get(41)._stacked)
+    # A fresh aligner shares the compiled references instead of copying them.
+    single = Aligner(ref)
+    assert single.fresh()._model is single._model
     lost = bank.step_many([40], np.full((1, DIM), np.nan), [9.0])[0]
     assert lost.state == "tracking_lost"
+
+
+# -- Bank == single aligners, property style -------------------------------------------------
+#
+# Embeddings with entries +-1/8 in 64-d are exactly unit and every dot product between them is
+# exact in float32 whatever the summation order, so a bank of sessions (one matmul over all)
+# and single aligners (one matmul each) see bit-identical costs and must agree exactly.
+
+_SMALL = AlignerConfig(band=6, pause_lag=2, pause_frames=2, off_script_frames=3,
+                       relocalise_margin=4, relocalise_patience=2, activity_patience=3)
+
+
+def _dyadic_walk(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 64) +-1/8 frames, each flipping 2 signs of the previous one (cos 0.94)."""
+    x = np.where(rng.random(DIM) < 0.5, -0.125, 0.125)
+    out = np.empty((n, DIM), dtype=np.float32)
+    for i in range(n):
+        x = x.copy()
+        x[rng.choice(DIM, 2, replace=False)] *= -1
+        out[i] = x
+    return out
+
+
+def _dyadic_refs(rng: np.random.Generator, n_refs: int) -> list[Reference]:
+    refs = []
+    for k in range(n_refs):
+        n = int(rng.integers(40, 90))
+        refs.append(Reference(
+            name=f"r{k}", activity=f"act{k}", embeddings=_dyadic_walk(rng, n),
+            phases=np.minimum(np.arange(n) * 3 // n, 2), phase_names=["a", "b", "c"],
+            times=np.arange(n) / 30.0, fps=30.0))
+    return refs
+
+
+class _Stream:
+    """A user following a reference with noise, pauses, jumps, lost and unrelated frames."""
+
+    def __init__(self, rng: np.random.Generator, refs: list[Reference]) -> None:
+        self.rng, self.refs = rng, refs
+        self.k, self.x, self.speed = int(rng.integers(len(refs))), 0.0, rng.uniform(0.5, 2)
+        self.hold, self.unrelated, self.frame, self.t = 0, 0, None, 0.0
+
+    def next(self) -> tuple[np.ndarray, float, bool]:
+        rng, ref = self.rng, self.refs[self.k]
+        self.t += 1 / 30.0
+        u = rng.random()
+        if u < 0.04:  # restart somewhere, maybe in another activity
+            self.k = int(rng.integers(len(self.refs)))
+            self.x = float(rng.integers(len(self.refs[self.k])))
+        elif u < 0.08:
+            self.hold = int(rng.integers(3, 9))
+        elif u < 0.10:
+            self.unrelated = int(rng.integers(2, 7))
+        if u > 0.97:
+            return np.full(DIM, np.nan, dtype=np.float32), self.t, True
+        if u > 0.94:
+            return np.zeros(DIM, dtype=np.float32) + 0.125, self.t, False
+        if 0.91 < u <= 0.94 or self.unrelated:  # unrelated motion
+            self.unrelated = max(self.unrelated - 1, 0)
+            return np.where(rng.random(DIM) < 0.5, -0.125, 0.125).astype(np.float32), self.t, True
+        if self.hold and self.frame is not None:
+            self.hold -= 1
+            return self.frame, self.t, True
+        i = min(int(self.x), len(ref) - 1)
+        q = ref.embeddings[i].copy()
+        q[rng.choice(DIM, 3, replace=False)] *= -1  # cos 0.91 to the true frame
+        self.frame = q
+        self.x = self.x + self.speed if self.x < len(ref) - 1 else 0.0
+        return q, self.t, True
+
+
+def _bank_vs_singles(seed: int, steps: int = 60) -> list[Estimate]:
+    """Drive a bank and one single aligner per session with the same random sessions
+    (added, removed, stepped in random subsets and orders); assert identical estimates."""
+    rng = np.random.default_rng(seed)
+    refs = _dyadic_refs(rng, int(rng.integers(1, 4)))
+    bank = AlignerBank(refs, _SMALL, capacity=2)  # small: it has to grow
+    template = Aligner(refs, _SMALL)
+    singles: dict[str, Aligner] = {}
+    streams: dict[str, _Stream] = {}
+    seen: list[Estimate] = []
+    known: set[str] = set()  # the sessions the bank has been told about
+    next_id = 0
+    for _ in range(steps):
+        if not singles or rng.random() < 0.25:
+            sid = f"s{next_id}"
+            next_id += 1
+            singles[sid], streams[sid] = template.fresh(), _Stream(rng, refs)
+            if rng.random() < 0.5:
+                bank.add(sid)  # else created on first sight
+                known.add(sid)
+        if len(singles) > 1 and rng.random() < 0.12:
+            sid = str(rng.choice(sorted(singles)))
+            bank.remove(sid)
+            del singles[sid], streams[sid]
+            known.discard(sid)
+        ids = sorted(singles)
+        if rng.random() < 0.4:  # else every session steps, which takes the in-place path
+            ids = [s for s in ids if rng.random() < 0.6]
+        ids = [ids[i] for i in rng.permutation(len(ids))]
+        frames = [streams[s].next() for s in ids]
+        q = np.array([f[0] for f in frames], dtype=np.float32).reshape(len(ids), DIM)
+        out = bank.step_many(ids, q, [f[1] for f in frames], [f[2] for f in frames])
+        assert isinstance(out, EstimateBatch) and len(out) == len(ids)
+        for sid, (e, t, ok), est in zip(ids, frames, out, strict=True):
+            assert est.to_dict() == singles[sid].step(e, t, ok).to_dict(), sid
+            seen.append(est)
+        known.update(ids)
+        assert len(bank) == len(known) and set(bank.sessions) == known
+    for sid, single in singles.items():
+        assert bank.last(sid).to_dict() == single.last.to_dict()
+    return seen
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 2**31))
+def test_bank_equals_single_aligners_random_sessions(seed: int) -> None:
+    _bank_vs_singles(seed)
+
+
+def test_bank_vs_singles_covers_every_state() -> None:
+    seen = [e for seed in range(3) for e in _bank_vs_singles(seed, steps=120)]
+    assert {e.state for e in seen} == set(STATES)
+    assert len({e.activity for e in seen}) > 1
+
+
+def test_bank_session_lifecycle(ref: Reference) -> None:
+    bank = AlignerBank(ref, capacity=1)
+    assert bank.last("x").state == "waiting" and "x" not in bank
+    for s in "abc":
+        bank.add(s)
+    q = np.stack([ref.embeddings[0]] * 3)
+    out = bank.step_many(["c", "a", "b"], q, [0.0] * 3)
+    assert [e.state for e in out] == ["tracking"] * 3 == out.states
+    bank.remove("a")
+    bank.remove("nope")  # unknown: nothing happens
+    assert bank.sessions == ["c", "b"] or set(bank.sessions) == {"b", "c"}
+    assert bank.last("c").state == "tracking"
+    bank.reset("c")
+    assert bank.last("c").state == "waiting" and bank.last("b").state == "tracking"
+    with pytest.raises(ValueError, match="more than once"):
+        bank.step_many(["b", "b"], q[:2], [1.0, 1.0])
+    with pytest.raises(ValueError, match="size"):
+        bank.step_many(["b"], np.zeros((1, DIM + 1)), [1.0])
+    empty = bank.step_many([], np.zeros((0, DIM)), [])
+    assert len(empty) == 0 and list(empty) == []
 
 
 def test_config_validation() -> None:
