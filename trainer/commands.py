@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from trainer import eval_commands
+
 TRAIN_EPILOG = """\
 examples:
   masa-rt train --data data/synth/hands --out runs/hands --config configs/hands_causal.yaml
@@ -49,3 +51,4 @@ def register(subparsers) -> None:
     )
     add_train_arguments(p)
     p.set_defaults(func=_train)
+    eval_commands.register(subparsers)
