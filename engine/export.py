@@ -1,19 +1,28 @@
 """Export the causal encoder's one-frame step to ONNX, checked against torch.
 
 The engine never runs the training graph: it runs ``StreamingEncoder`` (``masa_rt.model``),
-one frame per stream per call, with the per-layer key/value caches passed in and out.
-This module wraps that step, exports it with ``torch.onnx.export(dynamo=True)`` (opset 18,
-dynamic batch = number of streams in one call) and writes everything a server needs to use
-the file alone into ``metadata_props``: the model config, the input spec (layout, fps,
-normalisation), the window, the model fingerprint, the masa-rt version and the opset.
+one frame per stream per call. This module wraps that step, exports it with
+``torch.onnx.export(dynamo=True)`` (opset 18, dynamic batch = number of streams in one
+call) and writes everything a server needs to use the file alone into ``metadata_props``:
+the model config, the input spec (layout, fps, normalisation), the window, the model
+fingerprint, the masa-rt version, the opset and the step ABI.
 
-Cache layout on the wire is **slot-major**: ``k_cache (B, L, H, W-1, dh)``. ``StreamingEncoder``
-works layer-major ``(L, B, ...)``; the wrapper transposes at the graph boundary. Why: the
-backends keep every stream's state in one ``(capacity, L, H, W-1, dh)`` array, so a stream is
-one contiguous row and any contiguous range of streams is a zero-copy view that ONNX Runtime
-(or TensorRT) can read and write directly. Layer-major storage would make every call a
-gather/scatter of the whole cache. The transposes cost nothing measurable inside the graph
-(the step already splits and concatenates the cache per layer).
+Step ABI 2 (``STEP_ABI``), a **ring buffer** the graph only reads::
+
+    inputs   frame (B, D_in) float32
+             k_cache_0 .. k_cache_{L-1}   (B, H, W-1, dh) float32, one per layer
+             v_cache_0 .. v_cache_{L-1}   (B, H, W-1, dh) float32
+             age   (B, W-1) int64   frames since each ring slot was written, 1..W-1
+             valid (B, W-1) bool    the slot holds a frame of this stream
+    outputs  embedding (B, d), new_k (B, L, H, dh), new_v (B, L, H, dh)
+
+The backend owns the rings and a write pointer per stream: it writes ``new_k``/``new_v``
+into slot ``ptr`` (the oldest), advances ``ptr`` and marks the slot valid; ``age`` follows
+from ``ptr`` (slot ``ptr-1`` has age 1). One input per layer because a backend keeps each
+layer's cache as its own ``(capacity, H, W-1, dh)`` array: a contiguous range of streams is
+then a zero-copy view for every layer, and the graph needs no ``Split`` (a single
+``(B, L, ...)`` input would be copied once per step just to take the layers apart). ABI 1
+(shift-by-concat caches in and out) copied the cache about four times per step.
 
 An export that ONNX Runtime does not reproduce within ``atol`` is refused: no file is
 written (the write is atomic, so a previous file stays as it was).
@@ -41,8 +50,9 @@ from masa_rt.model import MasaModel, StreamingEncoder
 __all__ = [
     "INPUT_NAMES",
     "OUTPUT_NAMES",
+    "STEP_ABI",
     "ExportError",
-    "SlotMajorStep",
+    "RingStep",
     "export_cached",
     "export_onnx",
     "onnx_bytes",
@@ -51,33 +61,47 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-INPUT_NAMES = ("frame", "k_cache", "v_cache", "valid")
-OUTPUT_NAMES = ("embedding", "k_cache_out", "v_cache_out", "valid_out")
-CACHE_LAYOUT = "slot_major"  # (B, L, H, W-1, dh); recorded in the metadata
+STEP_ABI = 2  # bumped on any change of the step's inputs/outputs; in the metadata
+CACHE_LAYOUT = "ring_per_layer"  # (B, H, W-1, dh) per layer, read only; in the metadata
+OUTPUT_NAMES = ("embedding", "new_k", "new_v")
+
+
+def input_names(n_layers: int) -> tuple[str, ...]:
+    """frame, k_cache_0.., v_cache_0.., age, valid."""
+    return ("frame", *(f"k_cache_{i}" for i in range(n_layers)),
+            *(f"v_cache_{i}" for i in range(n_layers)), "age", "valid")
+
+
+INPUT_NAMES = input_names(4)  # the shipped size; ``input_names(L)`` for others
 
 
 class ExportError(RuntimeError):
     """The model cannot be exported, or the exported graph disagrees with torch."""
 
 
-class SlotMajorStep(nn.Module):
-    """``StreamingEncoder`` with slot-major caches: (B, L, H, W-1, dh) in and out."""
+class RingStep(nn.Module):
+    """``StreamingEncoder`` with flat inputs, as exported:
+    ``(frame, k_cache_0.., v_cache_0.., age, valid) -> (embedding, new_k, new_v)``."""
 
     def __init__(self, model: MasaModel):
         super().__init__()
         self.encoder = StreamingEncoder(model)
+        self.n_layers = len(model.blocks)
 
-    def forward(
-        self, frame: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        u, k, v, valid_out = self.encoder(
-            frame, k_cache.transpose(0, 1), v_cache.transpose(0, 1), valid
-        )  # caches (L, B, H, W-1, dh) inside
-        return u, k.transpose(0, 1), v.transpose(0, 1), valid_out
+    def forward(self, frame: Tensor, *caches_age_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        L = self.n_layers
+        k, v = caches_age_valid[:L], caches_age_valid[L:2 * L]
+        age, valid = caches_age_valid[2 * L], caches_age_valid[2 * L + 1]
+        return self.encoder(frame, k, v, age, valid)
 
-    def initial_state(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
-        k, v, valid = self.encoder.initial_state(batch)  # (L, B, ...)
-        return k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous(), valid
+    def initial_state(self, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """k, v (L, B, H, W-1, dh), ptr (B,), valid (B, W-1): see ``StreamingEncoder``."""
+        return self.encoder.initial_state(batch)
+
+    def inputs(self, frame: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The flat graph inputs for ``frame`` and a ring ``state``."""
+        k, v, ptr, valid = state
+        return (frame, *k.unbind(0), *v.unbind(0), self.encoder.ages(ptr), valid)
 
 
 def _check_exportable(model: MasaModel) -> None:
@@ -91,22 +115,22 @@ def _check_exportable(model: MasaModel) -> None:
                           f"this one has positions={cfg.positions!r}")
 
 
-def _export_program(step: SlotMajorStep, opset: int) -> Any:
+def _export_program(step: RingStep, opset: int) -> Any:
     """torch.export + ONNX translation with a dynamic batch axis on every input."""
     batch = torch.export.Dim("batch", min=1, max=65536)
-    k, v, valid = step.initial_state(2)  # 2, not 1: a size-1 example would be specialised
-    frame = torch.zeros(2, step.encoder.model.cfg.input_dim)
+    state = step.initial_state(2)  # 2, not 1: a size-1 example would be specialised
+    args = step.inputs(torch.zeros(2, step.encoder.model.cfg.input_dim), state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter
         return torch.onnx.export(
             step,
-            (frame, k, v, valid),
+            args,
             None,
             dynamo=True,
             opset_version=opset,
-            input_names=list(INPUT_NAMES),
+            input_names=list(input_names(step.n_layers)),
             output_names=list(OUTPUT_NAMES),
-            dynamic_shapes=({0: batch}, {0: batch}, {0: batch}, {0: batch}),
+            dynamic_shapes=({0: batch}, tuple({0: batch} for _ in args[1:])),
             verbose=False,
         )
 
@@ -121,6 +145,7 @@ def _metadata(model: MasaModel, spec: Any, fingerprint: str, opset: int) -> dict
         "masa_rt_version": masa_rt.__version__,
         "opset": str(opset),
         "cache_layout": CACHE_LAYOUT,
+        "step_abi": str(STEP_ABI),
         "torch_version": torch.__version__,
     }
 
@@ -130,31 +155,36 @@ def onnx_bytes(model: MasaModel, spec: Any, fingerprint: str, opset: int = 18) -
     import onnx
 
     _check_exportable(model)
-    step = SlotMajorStep(model).eval()
+    step = RingStep(model).eval()
     program = _export_program(step, opset)
     proto = program.model_proto
     onnx.helper.set_model_props(proto, _metadata(model, spec, fingerprint, opset))
     return proto.SerializeToString()
 
 
-def _run_both(step: SlotMajorStep, session: Any, batch: int, steps: int,
+def _run_both(step: RingStep, session: Any, batch: int, steps: int,
               rng: np.random.Generator) -> float:
-    """Feed ``steps`` random frames through torch and ORT, each fed its own caches back."""
-    k, v, valid = (t.numpy() for t in step.initial_state(batch))
-    ort_state = (k, v, valid)
-    torch_state = tuple(torch.from_numpy(x.copy()) for x in ort_state)
+    """Feed ``steps`` random frames through torch and ORT, each keeping its own ring (ORT's
+    written with ORT's outputs, in numpy, the way the backends do it)."""
+    names = input_names(step.n_layers)
+    torch_state = step.initial_state(batch)
+    k, v, ptr, valid = (t.numpy().copy() for t in torch_state)
+    S, rows = valid.shape[1], np.arange(batch)
     worst = 0.0
     for _ in range(steps):
         frame = rng.standard_normal((batch, step.encoder.model.cfg.input_dim)).astype(np.float32)
         with torch.no_grad():
-            t_out = step(torch.from_numpy(frame), *torch_state)
-        o_out = session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, (frame, *ort_state),
-                                                         strict=True)))
-        for a, b in zip(t_out[:3], o_out[:3], strict=True):
+            t_out = step(*step.inputs(torch.from_numpy(frame), torch_state))
+            torch_state = step.encoder.write(torch_state, *t_out[1:])
+        age = step.encoder.ages(torch.from_numpy(ptr)).numpy()
+        feed = (frame, *k, *v, age, valid)
+        o_out = session.run(list(OUTPUT_NAMES), dict(zip(names, feed, strict=True)))
+        for a, b in zip(t_out, o_out, strict=True):
             worst = max(worst, float(np.abs(a.numpy() - b).max()))
-        if not np.array_equal(t_out[3].numpy(), o_out[3]):
-            return float("inf")
-        torch_state, ort_state = t_out[1:], tuple(o_out[1:])
+        if S:
+            k[:, rows, :, ptr], v[:, rows, :, ptr] = o_out[1], o_out[2]
+            valid[rows, ptr] = True
+            ptr = (ptr + 1) % S
     return worst
 
 
@@ -166,8 +196,8 @@ def check_against_torch(model: MasaModel, data: bytes, *, batches: tuple[int, ..
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    step = SlotMajorStep(model).eval()
-    steps = steps if steps is not None else model.cfg.window + 3  # fill and shift the window
+    step = RingStep(model).eval()
+    steps = steps if steps is not None else model.cfg.window + 3  # fill and wrap the ring
     rng = np.random.default_rng(seed)
     return max(_run_both(step, session, b, steps, rng) for b in batches)
 
@@ -215,7 +245,7 @@ def export_onnx(
 def _cache_key(checkpoint_path: Path, opset: int) -> str:
     """Checkpoint bytes + the code that turns them into a graph + the exporter's version."""
     h = hashlib.sha256(checkpoint_path.read_bytes())
-    for module in (StreamingEncoder, SlotMajorStep):
+    for module in (StreamingEncoder, RingStep):
         h.update(Path(__import__(module.__module__, fromlist=["_"]).__file__).read_bytes())
     h.update(f"{torch.__version__}|{masa_rt.__version__}|{opset}".encode())
     return h.hexdigest()[:24]

@@ -14,6 +14,7 @@ Read top to bottom: positions, small blocks (``FrameMLP``, ``Attention``, ``Bloc
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -166,7 +167,11 @@ class Block(nn.Module):
     ) -> Tensor:
         """The block given already projected keys/values (shared with ``StreamingEncoder``)."""
         q = self.attn.queries(self.attn_input(x))  # (B, H, Tq, dh)
-        a = self.drop(self.attn.attend(q, k, v, offsets, allowed))  # (B, Tq, dim)
+        return self.finish(x, self.attn.attend(q, k, v, offsets, allowed))
+
+    def finish(self, x: Tensor, a: Tensor) -> Tensor:
+        """The block around an attention output ``a`` (B, Tq, dim): residuals, norms, FFN."""
+        a = self.drop(a)
         if self.pre_norm:
             x = x + a
             return x + self.drop(self.ffn(self.ln2(x)))
@@ -419,15 +424,20 @@ class MasaModel(nn.Module):
 
 
 class StreamingEncoder(nn.Module):
-    """One frame at a time through a causal ``MasaModel``, with per-layer key/value caches.
+    """One frame at a time through a causal ``MasaModel``, with per-layer key/value rings.
 
-    ``forward(frame (B, D_in), k_cache (L, B, H, W-1, dh), v_cache (same), valid (B, W-1))
-    -> (u (B, d), k_cache', v_cache', valid')``. Slots are oldest first; slot s holds the
-    frame W-1-s steps back and the new frame has offset 0. At inference self and cross layers
-    attend to the same sequence, so every layer caches the keys/values of its own input.
-    Equals ``MasaModel.encode`` on the whole stream (float tolerance). Shapes are static and
-    there is no data-dependent control flow or in-place op, so it exports to ONNX.
-    One stream per batch row; resetting a stream = zeroing its ``valid`` row.
+    ``forward(frame (B, D_in), k_cache, v_cache, age (B, S), valid (B, S))
+    -> (u (B, d), k_new (B, L, H, dh), v_new (B, L, H, dh))`` with ``S = W-1`` ring slots.
+    ``k_cache``/``v_cache`` are sequences of L tensors (B, H, S, dh), one per layer, and are
+    only read; ``age[b, j]`` is how many frames ago slot j was written (1..W-1; the new frame
+    has age 0), ``valid[b, j]`` whether it holds a frame of this stream. The caller writes
+    ``k_new``/``v_new`` into the slot the stream will overwrite next (its oldest) and
+    advances its write pointer (:meth:`write`, :meth:`ages` do that for torch tensors).
+    So frame t attends to (t-W, t], as the offline banded causal mask does. At inference
+    self and cross layers attend to the same sequence, so every layer caches the
+    keys/values of its own input. Equals ``MasaModel.encode`` on the whole stream (float
+    tolerance). Static shapes, no data-dependent control flow, no in-place op: it exports
+    to ONNX. One stream per batch row; resetting a stream = zeroing its ``valid`` row.
 
     With ``positions="absolute_sine"`` the caller passes ``position (B,)``, the frame's index
     in its stream; with relative positions ``position`` must be None.
@@ -442,43 +452,108 @@ class StreamingEncoder(nn.Module):
                 " (full attention sees future frames and cannot stream)"
             )
         self.model = model  # shared modules, not copies
-        W = cfg.window
-        self.register_buffer("offsets", torch.arange(W - 1, -1, -1), persistent=False)  # (W,)
+        self.slots = cfg.window - 1  # S
+        self.register_buffer("_slot_ids", torch.arange(self.slots), persistent=False)  # (S,)
 
-    def initial_state(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Empty caches: k, v zeros (L, B, H, W-1, dh) and valid all False (B, W-1)."""
+    @property
+    def cache_shape(self) -> tuple[int, int, int, int]:
+        """One stream's ring over all layers: (L, H, S, dh)."""
         cfg = self.model.cfg
-        shape = (len(self.model.blocks), batch, cfg.n_heads, cfg.window - 1,
-                 cfg.d_model // cfg.n_heads)  # fmt: skip
-        device = self.offsets.device
-        k = torch.zeros(shape, device=device)
-        valid = torch.zeros(batch, cfg.window - 1, dtype=torch.bool, device=device)
-        return k, torch.zeros_like(k), valid
+        return (len(self.model.blocks), cfg.n_heads, self.slots, cfg.d_model // cfg.n_heads)
+
+    def initial_state(self, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Empty rings: k, v zeros (L, B, H, S, dh) (``k[i]`` is layer i's cache), the
+        write pointers ptr zeros (B,) long and valid all False (B, S)."""
+        L, H, S, dh = self.cache_shape
+        device = self._slot_ids.device
+        k = torch.zeros(L, batch, H, S, dh, device=device)
+        ptr = torch.zeros(batch, dtype=torch.long, device=device)
+        valid = torch.zeros(batch, S, dtype=torch.bool, device=device)
+        return k, torch.zeros_like(k), ptr, valid
+
+    def ages(self, ptr: Tensor) -> Tensor:
+        """(B,) write pointers -> (B, S) ages: slot ptr-1 was written 1 frame ago, slot ptr
+        (the next to be overwritten) W-1 frames ago."""
+        S = max(self.slots, 1)
+        return (ptr[:, None] - self._slot_ids - 1).remainder(S) + 1
+
+    def write(self, state: tuple[Tensor, Tensor, Tensor, Tensor], k_new: Tensor,
+              v_new: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The ring after a step (new tensors; ``state`` is left as it was): ``k_new``,
+        ``v_new`` (B, L, H, dh) into slot ``ptr`` of each row, ptr advanced, slot valid."""
+        k, v, ptr, valid = state
+        if self.slots == 0:
+            return k, v, ptr, valid
+        rows = torch.arange(len(ptr), device=ptr.device)
+        k, v, valid = k.clone(), v.clone(), valid.clone()
+        k[:, rows, :, ptr] = k_new  # advanced indices first: (B, L, H, dh)
+        v[:, rows, :, ptr] = v_new
+        valid[rows, ptr] = True
+        return k, v, (ptr + 1) % self.slots, valid
+
+    def step(self, frame: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor],
+             position: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """``forward`` plus the ring write: (u (B, d), the next state)."""
+        k, v, ptr, valid = state
+        u, k_new, v_new = self(frame, k, v, self.ages(ptr), valid, position)
+        return u, self.write(state, k_new, v_new)
 
     def forward(
         self,
         frame: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
+        k_cache: Sequence[Tensor] | Tensor,
+        v_cache: Sequence[Tensor] | Tensor,
+        age: Tensor,
         valid: Tensor,
         position: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        m = self.model
-        if (m.cfg.positions == "absolute_sine") != (position is not None):
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # Written for an exported graph with few, small nodes (per-node overhead is most of
+        # a one-stream step): activations stay (B, d), the q/k/v projections are one matmul
+        # against weights concatenated here (constants, folded by ONNX Runtime) with the
+        # 1/sqrt(dh) scale folded into q, and the position bias and the valid mask of all
+        # layers are gathered once. The cache is only read, by two matmuls per layer.
+        m, cfg = self.model, self.model.cfg
+        if (cfg.positions == "absolute_sine") != (position is not None):
             raise ValueError("pass position (B,) exactly when positions='absolute_sine'")
-        B = frame.shape[0]
-        pos = position[:, None] if position is not None else frame.new_zeros(B, 1)  # (B, 1)
-        x = m.embed(frame[:, None, :], pos)  # (B, 1, d)
-        new = torch.ones_like(valid[:, :1])  # (B, 1), the new frame is always real
-        allowed = torch.cat([valid, new], dim=1)[:, None, :]  # (B, 1, W)
-        offsets = self.offsets.expand(B, 1, -1)  # (B, 1, W): W-1 ... 0
+        B, d = frame.shape[0], cfg.d_model
+        L, H, S, dh = self.cache_shape
+        x = m.f(torch.where(torch.isnan(frame), 0.0, frame))  # embed(): f(S), NaN read as 0
+        if position is not None:
+            x = x + absolute_sine_positions(position[:, None], d)[:, 0]
+        # additive score bias over the ring slots, all layers: (L, B, H, 1, S). The bias
+        # of layer l, head h, age a is rel[l, h, a]: one gather from the flattened tables
+        # with index (l*H + h)*W + age, laid out as the scores are (no transpose).
+        keep = torch.where(valid, 0.0, NEG_FILL)[None, :, None, None, :]  # (1, B, 1, 1, S)
+        rel = self._rel_bias()  # (L, H, W) or None
+        if rel is not None:
+            W = rel.shape[-1]
+            rows = (torch.arange(L * H, device=age.device) * W).reshape(L, 1, H, 1, 1)
+            bias = rel.reshape(-1)[rows + age[None, :, None, None, :]] + keep
+        else:
+            bias = keep.expand(L, B, H, 1, S)
         ks, vs = [], []
         for i, block in enumerate(m.blocks):
-            k_new, v_new = block.attn.keys_values(block.attn_input(x))  # (B, H, 1, dh)
-            k = torch.cat([k_cache[i], k_new], dim=2)  # (B, H, W, dh)
-            v = torch.cat([v_cache[i], v_new], dim=2)
-            x = block.forward_kv(x, k, v, offsets, allowed)  # (B, 1, d)
-            ks.append(k[:, :, 1:])  # drop the oldest slot
-            vs.append(v[:, :, 1:])
-        u = m.ln_f(x)[:, 0]  # (B, d)
-        return u, torch.stack(ks), torch.stack(vs), allowed[:, 0, 1:]
+            attn = block.attn
+            scale = 1.0 / math.sqrt(dh)
+            w = torch.cat([attn.q.weight * scale, attn.k.weight, attn.v.weight])  # (3d, d)
+            b = torch.cat([attn.q.bias * scale, attn.k.bias, attn.v.bias])
+            q2, k2, v2 = F.linear(block.attn_input(x), w, b).split(d, dim=-1)  # 3 x (B, d)
+            q, k_new, v_new = (t.reshape(B, H, 1, dh) for t in (q2, k2, v2))
+            s_cache = q @ k_cache[i].transpose(-2, -1) + bias[i]  # (B, H, 1, S)
+            s_self = (q * k_new).sum(dim=-1, keepdim=True)  # (B, H, 1, 1)
+            if rel is not None:
+                s_self = s_self + rel[i, :, 0][None, :, None, None]  # offset 0
+            att = attn.drop(torch.cat([s_cache, s_self], dim=-1).softmax(dim=-1))
+            w_cache, w_self = att.split([S, 1], dim=-1)
+            y = w_cache @ v_cache[i] + w_self * v_new  # (B, H, 1, dh)
+            x = block.finish(x, attn.out(y.reshape(B, d)))  # (B, d)
+            ks.append(k2)
+            vs.append(v2)
+        u = m.ln_f(x)  # (B, d)
+        return u, torch.stack(ks, dim=1).reshape(B, L, H, dh), torch.stack(vs, dim=1).reshape(
+            B, L, H, dh)
+
+    def _rel_bias(self) -> Tensor | None:
+        """Every layer's learned relative bias stacked: (L, H, W), or None without one."""
+        tables = [block.attn.rel_bias for block in self.model.blocks]
+        return None if tables[0] is None else torch.stack(tables)

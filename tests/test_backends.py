@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch")
 
 from engine.backends import BackendError, BackendUnavailable, CapacityError, get_backend  # noqa: E402
 from engine.backends.base import contiguous_range  # noqa: E402
-from engine.export import SlotMajorStep, export_cached  # noqa: E402
+from engine.export import export_cached  # noqa: E402
 from masa_rt.checkpoint import load_model, save_checkpoint  # noqa: E402
-from masa_rt.model import MasaConfig, MasaModel  # noqa: E402
+from masa_rt.model import MasaConfig, MasaModel, StreamingEncoder  # noqa: E402
 from masa_rt.preprocess import InputSpec  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -44,15 +44,15 @@ class OneByOne:
     """Each stream stepped alone through the torch step: the ground truth."""
 
     def __init__(self, model, n: int):
-        self.step_module = SlotMajorStep(model).eval()
-        self.state = {s: self.step_module.initial_state(1) for s in range(n)}
+        self.encoder = StreamingEncoder(model).eval()
+        self.state = {s: self.encoder.initial_state(1) for s in range(n)}
 
     def reset(self, s: int) -> None:
-        self.state[s] = self.step_module.initial_state(1)
+        self.state[s] = self.encoder.initial_state(1)
 
     def step(self, s: int, frame: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            u, *self.state[s] = self.step_module(torch.from_numpy(frame[None]), *self.state[s])
+            u, self.state[s] = self.encoder.step(torch.from_numpy(frame[None]), self.state[s])
         return u[0].numpy()
 
 
@@ -98,12 +98,32 @@ def test_onnxruntime_contiguous_batches_copy_nothing(engine_model):
     frames = np.zeros((4, backend.input_dim), np.float32)
     for _ in range(3):
         backend.step(np.arange(4), frames)
-        backend.step(np.arange(1, 3), frames[:2])  # a sub-range with one parity: a view too
-        backend.step(np.arange(1, 3), frames[:2])
-        backend.step(np.arange(4), frames)  # ... which puts 0..3 back on one parity
+        backend.step(np.arange(1, 3), frames[:2])  # a sub-range: a view too
+        backend.step(np.array([2, 1]), frames[:2])  # any order of a range: permuted frames
+        backend.step(np.array([3, 0, 2, 1]), frames)
     assert backend.rows_copied == 0
     backend.step(np.array([3, 0]), frames[:2])
     assert backend.rows_copied == 2
+
+
+def test_onnxruntime_step_writes_one_ring_slot_per_stream(engine_model):
+    """Structural (step ABI 2): a step changes each stepping stream's caches only in the
+    ring slot at its write pointer, and nothing of the other streams."""
+    _model, _spec, onnx_path, _ckpt = engine_model
+    backend = get_backend("onnxruntime", onnx_path, capacity=4)
+    for _ in range(4):
+        backend.allocate()
+    rng = np.random.default_rng(3)
+    for r in range(2 * W + 1):
+        slots = np.array([3, 1]) if r % 3 else np.arange(4)
+        k, v, ptr = backend._k.copy(), backend._v.copy(), backend._ptr.copy()
+        backend.step(slots, rng.standard_normal((len(slots), backend.input_dim),
+                                                dtype=np.float32))
+        changed = np.zeros(k.shape, dtype=bool)
+        changed[:, slots, :, ptr[slots]] = True
+        assert np.array_equal(backend._k != k, changed) and np.array_equal(backend._v != v,
+                                                                             changed)
+        assert np.array_equal(backend._ptr[slots], (ptr[slots] + 1) % (W - 1))
 
 
 def test_backend_errors(engine_model):

@@ -47,7 +47,8 @@ def test_metadata_and_dynamic_batch(exported):
     assert json.loads(props["input_spec"]) == spec.to_dict()
     assert props["window"] == str(W) and props["opset"] == "18"
     assert props["model_fingerprint"] == meta["model_fingerprint"]
-    assert props["cache_layout"] == "slot_major" and props["masa_rt_version"]
+    assert props["cache_layout"] == "ring_per_layer" and props["masa_rt_version"]
+    assert props["step_abi"] == str(export.STEP_ABI) == "2"
     info = read_model_info(path)
     assert info.cache_shape == (4, 4, W - 1, 8) and (info.input_dim, info.embed_dim) == (63, 32)
     proto = onnx.load(str(path))
@@ -94,14 +95,28 @@ def test_cli_export(exported, tmp_path, monkeypatch, capsys):
     assert export.resolve_checkpoint(tmp_path) == tmp_path / "last.pt"  # a run folder
 
 
-def test_slot_major_step_equals_streaming_encoder(exported):
+def test_ring_step_equals_streaming_encoder(exported):
     model = load_model(exported[0])[0]
-    step = export.SlotMajorStep(model).eval()
-    k, v, valid = step.initial_state(3)
+    step = export.RingStep(model).eval()
+    state = step.initial_state(3)
     frame = torch.randn(3, 63)
     with torch.no_grad():
-        u, k2, _v2, ok = step(frame, k, v, valid)
-        u_ref, k_ref, _, ok_ref = step.encoder(frame, k.transpose(0, 1), v.transpose(0, 1), valid)
+        u, k_new, v_new = step(*step.inputs(frame, state))
+        u_ref, (k, v, ptr, ok) = step.encoder.step(frame, state)
     np.testing.assert_array_equal(u.numpy(), u_ref.numpy())
-    np.testing.assert_array_equal(k2.numpy(), k_ref.transpose(0, 1).numpy())
-    assert ok.equal(ok_ref)
+    np.testing.assert_array_equal(k_new.numpy(), k[:, :, :, 0].transpose(0, 1).numpy())
+    assert k_new.shape == v_new.shape == (3, 4, 4, 8) and ok[:, 0].all() and (ptr == 1).all()
+
+
+def test_graph_only_reads_the_caches(exported, tmp_path):
+    """After ONNX Runtime's optimisations every cache input feeds one matmul and nothing
+    else: no Split/Concat/Slice copies of the cache (what step ABI 1 spent its time on)."""
+    ort = pytest.importorskip("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(exported[1]), opts, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(tmp_path / "opt.onnx")).graph
+    for name in export.input_names(4)[1:9]:
+        users = [n.op_type for n in graph.node if name in n.input]
+        assert users in (["MatMul"], ["FusedMatMul"]), (name, users)

@@ -167,13 +167,13 @@ def test_sine_positions():
 
 
 def run_stream(stream: StreamingEncoder, x: torch.Tensor, positions: bool = False):
-    k, v, valid = stream.initial_state(x.shape[0])
+    state = stream.initial_state(x.shape[0])
     outs = []
     for t in range(x.shape[1]):
         pos = torch.full((x.shape[0],), t) if positions else None
-        u, k, v, valid = stream(x[:, t], k, v, valid, pos)
+        u, state = stream.step(x[:, t], state, pos)
         outs.append(u)
-    return torch.stack(outs, 1), (k, v, valid)
+    return torch.stack(outs, 1), state
 
 
 @pytest.mark.parametrize("positions", ["relative", "absolute_sine"])
@@ -184,12 +184,41 @@ def test_streaming_equals_encode(positions, norm):
     x = torch.randn(2, 3 * W + 5, model.cfg.input_dim)
     with torch.no_grad():
         stream = StreamingEncoder(model)
-        u_stream, (k, v, valid) = run_stream(stream, x, positions == "absolute_sine")
+        u_stream, (k, v, ptr, valid) = run_stream(stream, x, positions == "absolute_sine")
         u_full = model.encode(x)
     torch.testing.assert_close(u_stream, u_full, atol=1e-5, rtol=1e-5)
     L, dh = len(model.blocks), model.cfg.d_model // model.cfg.n_heads
     assert k.shape == v.shape == (L, 2, model.cfg.n_heads, W - 1, dh)
-    assert valid.all()
+    assert valid.all() and ptr.tolist() == [(3 * W + 5) % (W - 1)] * 2
+
+
+def test_streaming_ring_reads_cache_only_and_returns_new_keys():
+    """forward returns only the new frame's keys/values; the ring write and ages agree
+    with a cache kept oldest-first by shifting (the previous contract)."""
+    model = make_model(seed=3)
+    stream = StreamingEncoder(model)
+    W, (L, H, S, dh) = model.cfg.window, stream.cache_shape
+    assert S == W - 1
+    state = stream.initial_state(2)
+    x = torch.randn(2, W + 4, model.cfg.input_dim)
+    shifted_k = torch.zeros(L, 2, H, S, dh)
+    with torch.no_grad():
+        for t in range(W + 4):
+            k, v, ptr, valid = state
+            before = k.clone()
+            u, k_new, v_new = stream(x[:, t], k, v, stream.ages(ptr), valid)
+            assert u.shape == (2, model.cfg.d_model) and k_new.shape == (2, L, H, dh)
+            assert torch.equal(k, before)  # read only
+            state = stream.write(state, k_new, v_new)
+            shifted_k = torch.cat([shifted_k[:, :, :, 1:], k_new.transpose(0, 1)[:, :, :, None]],
+                                  dim=3)
+            # slot order by age (oldest first) reproduces the shift-by-concat cache
+            order = stream.ages(state[2])[0].argsort(descending=True)
+            n = min(t + 1, S)
+            torch.testing.assert_close(state[0][:, :, :, order][:, :, :, S - n:],
+                                       shifted_k[:, :, :, S - n:])
+    a0, a1 = stream.ages(torch.tensor([0, 1])).tolist()
+    assert a0 == list(range(S, 0, -1)) and a1[:2] == [1, S]  # slot ptr is the oldest
 
 
 def test_streaming_shares_modules_and_reset():
@@ -199,8 +228,8 @@ def test_streaming_shares_modules_and_reset():
     assert {id(p) for p in stream.parameters()} == {id(p) for p in model.parameters()}
     x = torch.randn(1, 20, model.cfg.input_dim)
     with torch.no_grad():
-        _, (k, v, valid) = run_stream(stream, x[:, :12])
-        u, *_ = stream(x[:, 12], k, v, torch.zeros_like(valid))  # reset = zero valid
+        _, (k, v, ptr, valid) = run_stream(stream, x[:, :12])
+        u, _ = stream.step(x[:, 12], (k, v, ptr, torch.zeros_like(valid)))  # reset = zero valid
         torch.testing.assert_close(u, model.encode(x[:, 12:13])[:, 0], atol=1e-5, rtol=1e-5)
 
 
@@ -208,6 +237,6 @@ def test_streaming_refuses_full_and_missing_position():
     with pytest.raises(ValueError, match="causal"):
         StreamingEncoder(make_model(attention="full"))
     stream = StreamingEncoder(make_model(positions="absolute_sine"))
-    k, v, valid = stream.initial_state(1)
+    k, v, ptr, valid = stream.initial_state(1)
     with pytest.raises(ValueError, match="position"):
-        stream(torch.zeros(1, 15), k, v, valid)
+        stream(torch.zeros(1, 15), k, v, stream.ages(ptr), valid)

@@ -1,10 +1,11 @@
 """The one small interface every encoder backend implements, and what they share.
 
-A backend runs the exported one-frame step (``engine.export``) for many streams at once and
-**owns the per-stream state** (key/value caches and the valid mask) for up to ``capacity``
-slots. Callers hand over slot indices and frames and get embeddings back; the caches never
-cross the Python boundary per call, so a step costs what the model costs plus, at worst,
-one gather and one scatter of the active rows (see ``docs/engine.md``).
+A backend runs the exported one-frame step (``engine.export``, step ABI 2) for many streams
+at once and **owns the per-stream state** (key/value rings, write pointers and the valid
+mask) for up to ``capacity`` slots. Callers hand over slot indices and frames and get
+embeddings back; the caches never cross the Python boundary per call, so a step costs what
+the model costs plus the ring write of the new keys/values and, for a batch that is not a
+contiguous slot range, one gather of the active rows (see ``docs/engine.md``).
 
 No torch here: this module is on the serving path.
 """
@@ -27,7 +28,10 @@ __all__ = [
     "SlotPool",
     "contiguous_range",
     "read_model_info",
+    "ring_ages",
 ]
+
+STEP_ABI = 2  # the step signature these backends run (engine.export.STEP_ABI)
 
 
 class BackendError(RuntimeError):
@@ -90,13 +94,14 @@ class ModelInfo:
 
     @property
     def cache_shape(self) -> tuple[int, int, int, int]:
-        """One slot's key (or value) cache: (L, H, W-1, dh)."""
+        """One slot's key (or value) ring over all layers: (L, H, W-1, dh)."""
         return (self.num_layers, self.num_heads, self.window - 1, self.head_dim)
 
     @property
     def slot_nbytes(self) -> int:
-        """Bytes of state per stream: keys + values (float32) + the valid row."""
-        return 2 * 4 * int(np.prod(self.cache_shape)) + (self.window - 1)
+        """Bytes of state per stream: keys + values (float32), the valid row, the write
+        pointer (int64)."""
+        return 2 * 4 * int(np.prod(self.cache_shape)) + (self.window - 1) + 8
 
 
 def read_model_info(path: str | Path) -> ModelInfo:
@@ -112,8 +117,10 @@ def read_model_info(path: str | Path) -> ModelInfo:
     if missing:
         raise BackendError(f"{p}: not a masa-rt step model (metadata {missing} missing); "
                            "export one with masa-rt export")
-    if meta.get("cache_layout", "slot_major") != "slot_major":
-        raise BackendError(f"{p}: cache layout {meta['cache_layout']!r} is not slot_major")
+    abi = meta.get("step_abi", "1")
+    if abi != str(STEP_ABI):
+        raise BackendError(f"{p}: step ABI {abi}, this engine runs ABI {STEP_ABI} (ring "
+                           "buffer caches): re-export it with masa-rt export")
     cfg = json.loads(meta["masa_config"])
     return ModelInfo(
         path=p,
@@ -121,7 +128,7 @@ def read_model_info(path: str | Path) -> ModelInfo:
         input_spec=json.loads(meta["input_spec"]),
         masa_config=cfg,
         window=int(cfg["window"]),
-        num_layers=_cache_dim(proto, 1),
+        num_layers=sum(1 for v in proto.graph.input if v.name.startswith("k_cache_")),
         num_heads=int(cfg["n_heads"]),
         head_dim=int(cfg["d_model"]) // int(cfg["n_heads"]),
         input_dim=_input_dim(proto),
@@ -136,12 +143,16 @@ def _graph_input(proto: Any, name: str) -> Any:
     raise BackendError(f"step model has no input {name!r}")
 
 
-def _cache_dim(proto: Any, axis: int) -> int:
-    return int(_graph_input(proto, "k_cache").type.tensor_type.shape.dim[axis].dim_value)
-
-
 def _input_dim(proto: Any) -> int:
     return int(_graph_input(proto, "frame").type.tensor_type.shape.dim[1].dim_value)
+
+
+def ring_ages(slots: int) -> np.ndarray:
+    """``(S, S)`` int64 table: row ``p`` = the ages of ring slots ``0..S-1`` when the write
+    pointer is ``p`` (slot ``p-1`` was written 1 frame ago, slot ``p``, the next to be
+    overwritten, ``S`` frames ago). Same as ``StreamingEncoder.ages``."""
+    p, j = np.arange(slots)[:, None], np.arange(slots)[None, :]
+    return ((p - j - 1) % max(slots, 1) + 1).astype(np.int64)
 
 
 def contiguous_range(slots: np.ndarray) -> tuple[int, int] | None:
@@ -191,7 +202,7 @@ class SlotPool:
             raise BackendError(f"slot out of range [0, {self.capacity}): {s.tolist()}")
         if not self._used[s].all():
             raise BackendError(f"slots not allocated: {s[~self._used[s]].tolist()}")
-        if len(np.unique(s)) != len(s):
+        if len(s) > 1 and len(np.unique(s)) != len(s):
             raise BackendError(f"repeated slots in one step: {s.tolist()}")
         return s
 

@@ -1,24 +1,31 @@
 """ONNX Runtime backend: the CPU default, no torch.
 
-State lives in preallocated numpy arrays, slot-major, twice over (ping-pong)::
+State lives in preallocated numpy arrays, one ring of ``S = W-1`` slots per stream and
+layer, layer-major so that every layer's cache of a contiguous slot range is one contiguous
+block (the graph takes one cache input per layer, step ABI 2, see ``engine/export.py``)::
 
-    k[2, capacity, L, H, W-1, dh]   v[same]   valid[2, capacity, W-1]   parity[capacity]
+    k[L, capacity, H, S, dh]   v[same]   valid[capacity, S]   ptr[capacity]
 
-``parity[s]`` says which of the two copies holds slot ``s``'s current state. A step binds
-the current copy as the graph's input and the other copy as its output (ONNX Runtime
-I/O binding with raw pointers, so it reads and writes our memory directly), then flips the
-parity: the cache is never copied by us, only by the graph itself (its shift-by-concat).
+A step binds the caches **in place** as read-only inputs (ONNX Runtime I/O binding with raw
+pointers) and gets back only the new frame's keys/values ``(B, L, H, dh)``; the backend
+then writes them into ring slot ``ptr`` of each stream (one numpy fancy assignment of
+``B*L*H*dh`` floats per tensor), marks the slot valid and advances ``ptr``. ``age`` (frames
+since each slot was written, which selects the relative position bias) is a row of a small
+``(S, S)`` table indexed by ``ptr``. The cache is read once per step and written 1/S of
+it: no copies of it by the graph or by us.
 
-That zero-copy path needs the batch to be a view: a contiguous slot range whose slots share
-one parity. The lowest-free-slot allocation makes "all live streams" such a range. Any
-other batch is gathered into scratch arrays and scattered back, which costs one read and
-one write of the active rows' caches: ``2 * L * H * (W-1) * dh * 4`` bytes per stream each
-way (127 KB per stream for the shipped d=128, L=4, W=32 model; ~2 ms for 256 streams on
-this CPU).
+Zero-copy needs the batch's slots, once sorted, to be a contiguous range (any order is
+fine: frames and embeddings are permuted, they are small). The lowest-free-slot allocation
+makes "all live streams" such a range. Any other batch has its caches gathered into
+scratch arrays first: one read and one write of the active rows' caches (nothing is
+scattered back any more: the ring write is the same in both paths). Outputs go to
+preallocated buffers; the I/O bindings of recent batch shapes are kept and reused.
 """
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +36,36 @@ from engine.backends.base import (
     ModelInfo,
     SlotPool,
     check_frames,
-    contiguous_range,
     read_model_info,
+    ring_ages,
 )
 
-__all__ = ["OnnxRuntimeBackend"]
+__all__ = ["OnnxRuntimeBackend", "default_threads"]
+
+_MAX_BINDINGS = 64  # cached I/O bindings (one per recent batch shape)
 
 
-def _session(path: Path, threads: int, providers: list[str] | None) -> ort.InferenceSession:
+def default_threads() -> int:
+    """ONNX Runtime intra-op threads by default: 1.
+
+    Measured on the 2-core development machine (docs/engine.md): a second thread does not
+    pay for itself below ~64 streams and competes with the aligner, which runs in the same
+    process between encoder calls. ``MASA_RT_ORT_THREADS`` overrides it.
+    """
+    return max(1, int(os.environ.get("MASA_RT_ORT_THREADS", "1")))
+
+
+def session_options(threads: int) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+    opts.enable_mem_pattern = True  # fixed intermediate layout per input shape
+    opts.enable_cpu_mem_arena = True
+    if threads > 1:  # do not spin between steps on cores the aligner needs
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
 
 
 class OnnxRuntimeBackend:
@@ -51,20 +74,33 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, capacity: int = 256, *,
-                 intra_op_threads: int = 1, providers: list[str] | None = None):
+                 intra_op_threads: int | None = None, providers: list[str] | None = None):
         self.info: ModelInfo = read_model_info(onnx_path)
         self.input_dim, self.embed_dim = self.info.input_dim, self.info.embed_dim
         self.capacity = capacity
+        self.threads = intra_op_threads or default_threads()
         self._pool = SlotPool(capacity)
-        self._session = _session(self.info.path, intra_op_threads, providers)
-        self._io = self._session.io_binding()
-        cache = (2, capacity, *self.info.cache_shape)
-        self._k = np.zeros(cache, dtype=np.float32)
-        self._v = np.zeros(cache, dtype=np.float32)
-        self._valid = np.zeros((2, capacity, self.info.window - 1), dtype=bool)
-        self._parity = np.zeros(capacity, dtype=np.int8)
-        self._scratch: dict[str, np.ndarray] = {}
-        self.rows_copied = 0  # rows gathered+scattered so far (the slow path), for stats
+        self._session = ort.InferenceSession(
+            str(self.info.path), session_options(self.threads),
+            providers=providers or ["CPUExecutionProvider"])
+        L, H, S, dh = self.info.cache_shape
+        self._k = np.zeros((L, capacity, H, S, dh), dtype=np.float32)
+        self._v = np.zeros_like(self._k)
+        self._valid = np.zeros((capacity, S), dtype=bool)
+        self._ptr = np.zeros(capacity, dtype=np.int64)
+        self._age_table = ring_ages(S)  # (S, S): ages of the slots given ptr
+        # ring row (of dh floats) of (layer, head) for slot 0, pointer 0: (L, H)
+        self._ring_row = ((np.arange(L)[:, None] * capacity * H + np.arange(H)[None, :]) * S
+                          ).astype(np.int64)
+        # per-call buffers, full capacity, allocated once: a batch of n uses the first n rows
+        self._frames = np.zeros((capacity, self.input_dim), dtype=np.float32)
+        self._age = np.ones((capacity, S), dtype=np.int64)
+        self._emb = np.zeros((capacity, self.embed_dim), dtype=np.float32)
+        self._new_k = np.zeros((capacity, L, H, dh), dtype=np.float32)
+        self._new_v = np.zeros_like(self._new_k)
+        self._gathered: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # lazily
+        self._bindings: OrderedDict[tuple, ort.IOBinding] = OrderedDict()
+        self.rows_copied = 0  # rows gathered so far (the slow path), for stats
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -78,81 +114,108 @@ class OnnxRuntimeBackend:
 
     def reset(self, slots: np.ndarray) -> None:
         s = np.asarray(slots, dtype=np.int64)
-        self._valid[:, s] = False  # the model masks invalid slots; zeros keep them finite
+        self._valid[s] = False  # the model masks invalid slots; zeros keep them finite
+        self._ptr[s] = 0
         self._k[:, s] = 0.0
         self._v[:, s] = 0.0
 
     def state_nbytes(self) -> int:
-        return self._k.nbytes + self._v.nbytes + self._valid.nbytes
+        return self._k.nbytes + self._v.nbytes + self._valid.nbytes + self._ptr.nbytes
 
     # -- stepping -------------------------------------------------------------------------
 
     def step(self, slots: np.ndarray, frames: np.ndarray) -> np.ndarray:
         s = self._pool.check(slots)
         f = check_frames(frames, len(s), self.input_dim)
-        emb = np.empty((len(s), self.embed_dim), dtype=np.float32)
-        if len(s) == 0:
-            return emb
-        span = contiguous_range(s)
-        p = int(self._parity[s[0]])
-        if span is not None and bool(np.all(self._parity[s] == p)):
-            self._step_view(span, p, f, emb)
+        n = len(s)
+        if n == 0:
+            return np.empty((0, self.embed_dim), dtype=np.float32)
+        order = None if n == 1 or bool(np.all(s[1:] > s[:-1])) else np.argsort(s)
+        if order is None:
+            ss = s
+            self._frames[:n] = f
         else:
-            self._step_gathered(s, f, emb)
+            ss = s[order]
+            np.take(f, order, axis=0, out=self._frames[:n])
+        ptr = self._ptr[ss]
+        np.take(self._age_table, ptr, axis=0, out=self._age[:n])
+        a = int(ss[0])
+        if int(ss[-1]) - a == n - 1:  # a contiguous range: bind the state itself
+            io = self._binding(("view", a, a + n))
+        else:
+            io = self._binding(("gather", n))
+            self._gather(ss)
+        self._session.run_with_iobinding(io)
+        self._write(ss, ptr, n)
+        if order is None:
+            return self._emb[:n].copy()
+        emb = np.empty((n, self.embed_dim), dtype=np.float32)
+        emb[order] = self._emb[:n]
         return emb
 
-    def _step_view(self, span: tuple[int, int], p: int, frames: np.ndarray,
-                   emb: np.ndarray) -> None:
-        """Zero-copy: read copy ``p`` of the range, write copy ``1-p``, flip parity."""
-        a, b = span
-        q = 1 - p
-        self._run(frames, (self._k[p, a:b], self._v[p, a:b], self._valid[p, a:b]),
-                  (emb, self._k[q, a:b], self._v[q, a:b], self._valid[q, a:b]))
-        self._parity[a:b] = q
+    def _write(self, ss: np.ndarray, ptr: np.ndarray, n: int) -> None:
+        """The new keys/values into each stream's ring at its pointer, which advances."""
+        S = self._valid.shape[1]
+        if S == 0:
+            return
+        if n == 1:  # plain strided views: no index arrays to build
+            s0, p0 = int(ss[0]), int(ptr[0])
+            self._k[:, s0, :, p0] = self._new_k[0]
+            self._v[:, s0, :, p0] = self._new_v[0]
+        else:  # rows of dh floats: ring row ((layer * capacity + slot) * H + head) * S + ptr
+            H, dh = self._k.shape[2], self._k.shape[-1]
+            rows = (self._ring_row[None] + (ss * (H * S) + ptr)[:, None, None]).reshape(-1)
+            self._k.reshape(-1, dh)[rows] = self._new_k[:n].reshape(-1, dh)
+            self._v.reshape(-1, dh)[rows] = self._new_v[:n].reshape(-1, dh)
+        self._valid[ss, ptr] = True
+        self._ptr[ss] = (ptr + 1) % S
 
-    def _step_gathered(self, s: np.ndarray, frames: np.ndarray, emb: np.ndarray) -> None:
-        """Gather the rows into scratch, run, scatter the new state back in place."""
-        n = len(s)
-        k_in, v_in, ok_in = self._buffer("k_in", n), self._buffer("v_in", n), self._buffer(
-            "ok_in", n)
-        k_out, v_out, ok_out = self._buffer("k_out", n), self._buffer("v_out", n), self._buffer(
-            "ok_out", n)
-        par = self._parity[s]
-        for p in (0, 1):
-            rows = par == p
-            k_in[rows], v_in[rows], ok_in[rows] = (
-                self._k[p, s[rows]], self._v[p, s[rows]], self._valid[p, s[rows]])
-        self._run(frames, (k_in, v_in, ok_in), (emb, k_out, v_out, ok_out))
-        for p in (0, 1):
-            rows = par == p
-            self._k[p, s[rows]], self._v[p, s[rows]] = k_out[rows], v_out[rows]
-            self._valid[p, s[rows]] = ok_out[rows]
+    def _gather(self, ss: np.ndarray) -> None:
+        """Copies of the rows' caches and valid masks into the scratch the binding reads."""
+        n = len(ss)
+        kg, vg, okg = self._gather_scratch()
+        for layer in range(self._k.shape[0]):
+            np.take(self._k[layer], ss, axis=0, out=kg[layer, :n])
+            np.take(self._v[layer], ss, axis=0, out=vg[layer, :n])
+        np.take(self._valid, ss, axis=0, out=okg[:n])
         self.rows_copied += n
 
-    def _buffer(self, key: str, n: int) -> np.ndarray:
-        """The first ``n`` rows of a scratch array, grown by doubling (never per call)."""
-        arr = self._scratch.get(key)
-        if arr is None or arr.shape[0] < n:
-            rows = max(n, 2 * (arr.shape[0] if arr is not None else 8))
-            rows = min(rows, self.capacity)
-            if key.startswith("ok"):
-                arr = np.zeros((rows, self.info.window - 1), dtype=bool)
-            else:
-                arr = np.zeros((rows, *self.info.cache_shape), dtype=np.float32)
-            self._scratch[key] = arr
-        return arr[:n]
+    def _gather_scratch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._gathered is None:  # as large as the state: only made if ever needed
+            self._gathered = (np.zeros_like(self._k), np.zeros_like(self._v),
+                              np.zeros_like(self._valid))
+        return self._gathered
 
-    def _run(self, frames: np.ndarray, state_in: tuple[np.ndarray, ...],
-             outputs: tuple[np.ndarray, ...]) -> None:
-        """Bind our arrays' memory as the graph's inputs and outputs and run it."""
-        io = self._io
-        for name, arr in zip(("frame", "k_cache", "v_cache", "valid"), (frames, *state_in),
-                             strict=True):
-            _bind(io.bind_input, name, arr)
-        for name, arr in zip(("embedding", "k_cache_out", "v_cache_out", "valid_out"), outputs,
-                             strict=True):
-            _bind(io.bind_output, name, arr)
-        self._session.run_with_iobinding(io)
+    def _binding(self, key: tuple) -> ort.IOBinding:
+        """The I/O binding for a batch shape: ``("view", a, b)`` binds the state rows
+        ``[a, b)``, ``("gather", n)`` the first n rows of the gather scratch. Every buffer
+        address is fixed per key, so a binding is made once and reused."""
+        io = self._bindings.get(key)
+        if io is not None:
+            self._bindings.move_to_end(key)
+            return io
+        if key[0] == "view":
+            a, b = key[1], key[2]
+            k, v, ok = self._k[:, a:b], self._v[:, a:b], self._valid[a:b]
+        else:
+            a, b = 0, key[1]
+            kg, vg, okg = self._gather_scratch()
+            k, v, ok = kg[:, :b], vg[:, :b], okg[:b]
+        n = b - a
+        io = self._session.io_binding()
+        _bind(io.bind_input, "frame", self._frames[:n])
+        for layer in range(k.shape[0]):
+            _bind(io.bind_input, f"k_cache_{layer}", k[layer])
+            _bind(io.bind_input, f"v_cache_{layer}", v[layer])
+        _bind(io.bind_input, "age", self._age[:n])
+        _bind(io.bind_input, "valid", ok)
+        _bind(io.bind_output, "embedding", self._emb[:n])
+        _bind(io.bind_output, "new_k", self._new_k[:n])
+        _bind(io.bind_output, "new_v", self._new_v[:n])
+        self._bindings[key] = io
+        if len(self._bindings) > _MAX_BINDINGS:
+            self._bindings.popitem(last=False)
+        return io
 
 
 def _bind(bind, name: str, arr: np.ndarray) -> None:

@@ -1,22 +1,32 @@
 """TensorRT backend (TensorRT 10 Python API + cuda-python), for NVIDIA GPUs.
 
-- **Engine**: built from the exported ONNX with the FP16 flag and one optimisation profile
-  over the batch axis (min 1, opt ``min(64, capacity)``, max ``capacity``). Building takes
-  minutes, so serialized engines are cached in ``~/.cache/masa-rt/trt/`` under
-  sha256(ONNX bytes, GPU name, compute capability, TensorRT version, precision, profile):
-  any change to one of them builds a new engine, never loads a stale one.
-- **State on the device**, slot-major like the ONNX I/O: keys/values/valid for ``capacity``
-  streams (``cudaMalloc``) plus an equally sized output area. A step over the slot span
-  ``[a, b)`` reads the state rows in place (their addresses go straight to
-  ``set_tensor_address``), writes the new state into the output area, and copies back only
-  the rows of streams that really stepped (one device-to-device copy per run of
-  consecutive slots; rows in the span that did not step keep their state). Frames and
-  embeddings go through pinned host buffers (``cudaMallocHost``) on one CUDA stream.
+- **Engine**: built from the exported ONNX (step ABI 2, see ``engine/export.py``) with the
+  FP16 flag and one optimisation profile over the batch axis (min 1, opt
+  ``min(64, capacity)``, max ``capacity``). Building takes minutes, so serialized engines
+  are cached in ``~/.cache/masa-rt/trt/`` under sha256(ONNX bytes, GPU name, compute
+  capability, TensorRT version, precision, profile): any change to one of them builds a
+  new engine, never loads a stale one.
+- **Rings on the device**, layer-major like the ONNX Runtime backend's:
+  ``k, v (L, capacity, H, W-1, dh)`` float32 (``cudaMalloc``), so every layer's cache of a
+  slot span ``[a, b)`` is one contiguous block whose address goes straight to
+  ``set_tensor_address`` (no gather; rows of the span that do not step are computed and
+  ignored). The write pointers and valid masks live on the **host** (numpy): each step
+  stages ``age`` (from the pointers) and ``valid`` of the span with the frames into pinned
+  buffers (``cudaMallocHost``) and copies them up; the engine returns only the new
+  keys/values ``(B, L, H, dh)``.
+- **Ring write**: a tiny CUDA kernel, compiled once with NVRTC (cuda-python), copies row
+  ``i`` of ``new_k``/``new_v`` into slot ``ptr`` of stream ``slot`` for every
+  ``(i, slot, ptr)`` of a small index table, ``B*L*H*dh`` floats per tensor in one launch.
+  Every address it touches is fixed at start-up (compiled in as constants) and the table
+  and its length are read from device memory, so the launch takes no arguments and can sit
+  in a CUDA graph while the batch changes. (Per-stream ``cudaMemcpy2DAsync`` calls would
+  be ``2 * L * B`` calls per step and could not be captured.)
 - **CUDA graphs**: when the stepping streams are exactly slots ``0..n-1`` and no other slot
   is live (all streams step together, the common case in a server), the whole step (H2D
-  frames, ``execute_async_v3``, state copy-back, D2H embeddings) is captured once per
-  batch-size bucket (n padded up to a power of two; padded rows are free slots, whose state
-  is rebuilt on ``allocate``) after a warm-up, and replayed with one ``cudaGraphLaunch``.
+  frames/age/valid/index table, ``execute_async_v3``, ring write, D2H embeddings) is
+  captured once per batch-size bucket (n padded up to a power of two; padded rows are free
+  slots, never written: the index table lists the n real rows) after a warm-up enqueue,
+  and replayed with one ``cudaGraphLaunch``.
 
 GPU libraries are imported lazily; without them :class:`BackendUnavailable` says what to
 install. Not exercised in CI (no GPU there): ``tests/test_tensorrt.py`` runs where one is.
@@ -39,6 +49,7 @@ from engine.backends.base import (
     SlotPool,
     check_frames,
     read_model_info,
+    ring_ages,
 )
 
 __all__ = ["TensorRTBackend", "engine_cache_dir"]
@@ -46,8 +57,30 @@ __all__ = ["TensorRTBackend", "engine_cache_dir"]
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = ("pip install -e .[gpu] (TensorRT from NVIDIA's index) and an NVIDIA GPU")
-_STATE = ("k_cache", "v_cache", "valid")
-_STATE_OUT = {"k_cache": "k_cache_out", "v_cache": "v_cache_out", "valid": "valid_out"}
+_RING_WRITE = r"""
+extern "C" __global__ void ring_write() {
+    float* k = (float*)%(k)dULL;
+    float* v = (float*)%(v)dULL;
+    const float* nk = (const float*)%(nk)dULL;
+    const float* nv = (const float*)%(nv)dULL;
+    const long long* table = (const long long*)%(table)dULL;  // (n, 3): row, slot, ptr
+    const int n = *(const int*)%(count)dULL;
+    const long long per = %(L)dLL * %(H)dLL * %(dh)dLL;  // floats of one row of new_k
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long i = t / per;
+    if (i >= n) return;
+    const long long r = t - i * per;  // (layer, head, channel) inside the row
+    const long long layer = r / (%(H)dLL * %(dh)dLL);
+    const long long head = (r / %(dh)dLL) %% %(H)dLL;
+    const long long e = r %% %(dh)dLL;
+    const long long row = table[3 * i], slot = table[3 * i + 1], ptr = table[3 * i + 2];
+    const long long dst = (((layer * %(cap)dLL + slot) * %(H)dLL + head) * %(S)dLL + ptr)
+                          * %(dh)dLL + e;
+    k[dst] = nk[row * per + r];
+    v[dst] = nv[row * per + r];
+}
+"""
+_THREADS = 256
 
 
 def engine_cache_dir() -> Path:
@@ -72,6 +105,63 @@ def _import_gpu() -> tuple[Any, Any]:
     if err != cudart.cudaError_t.cudaSuccess or count == 0:
         raise BackendUnavailable(f"no NVIDIA GPU is visible ({err}): {INSTALL_HINT}")
     return trt, cudart
+
+
+def _import_driver() -> tuple[Any, Any]:
+    """(cuda driver API, nvrtc) from cuda-python, for the ring-write kernel."""
+    try:
+        from cuda.bindings import driver, nvrtc
+    except ImportError:
+        try:
+            from cuda import cuda as driver  # cuda-python < 12.6
+            from cuda import nvrtc
+        except ImportError as exc:
+            raise BackendUnavailable(f"cuda-python (driver, nvrtc) is missing: {INSTALL_HINT}"
+                                     ) from exc
+    return driver, nvrtc
+
+
+def _check(result: Any, what: str) -> Any:
+    """Driver/NVRTC calls return ``(error, *values)``: raise on an error."""
+    err, *values = result
+    if int(err) != 0:
+        raise BackendError(f"{what} failed: {err}")
+    return values[0] if len(values) == 1 else (values or None)
+
+
+class _RingWriter:
+    """The ring-write kernel (see module doc), compiled for this state's addresses."""
+
+    def __init__(self, cuda: _Cuda, addresses: dict[str, int], dims: dict[str, int]):
+        driver, nvrtc = _import_driver()
+        self.driver = driver
+        _check(driver.cuInit(0), "cuInit")
+        props = cuda("cudaGetDeviceProperties", cuda("cudaGetDevice"))
+        source = (_RING_WRITE % {**addresses, **dims}).encode()
+        prog = _check(nvrtc.nvrtcCreateProgram(source, b"ring_write.cu", 0, [], []),
+                      "nvrtcCreateProgram")
+        opts = [f"--gpu-architecture=compute_{props.major}{props.minor}".encode()]
+        err, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        if int(err) != 0:
+            size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+            log_text = b" " * size
+            nvrtc.nvrtcGetProgramLog(prog, log_text)
+            raise BackendError(f"NVRTC could not compile the ring write: {log_text.decode()}")
+        size = _check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
+        ptx = b" " * size
+        _check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+        self._ptx = np.char.array(ptx)  # keep the image alive while the module loads
+        self.module = _check(driver.cuModuleLoadData(self._ptx.ctypes.data), "cuModuleLoadData")
+        self.kernel = _check(driver.cuModuleGetFunction(self.module, b"ring_write"),
+                             "cuModuleGetFunction")
+        per = dims["L"] * dims["H"] * dims["dh"]
+        self.blocks = (dims["cap"] * per + _THREADS - 1) // _THREADS
+
+    def launch(self, stream: Any) -> None:
+        """One launch over capacity rows; rows past the table's length return at once."""
+        _check(self.driver.cuLaunchKernel(self.kernel, self.blocks, 1, 1, _THREADS, 1, 1, 0,
+                                          self.driver.CUstream(int(stream)), None, 0),
+               "cuLaunchKernel(ring_write)")
 
 
 class _Cuda:
@@ -159,7 +249,7 @@ class _Pinned:
 
 
 class TensorRTBackend:
-    """``Backend`` over a TensorRT engine with device-resident state (see module doc)."""
+    """``Backend`` over a TensorRT engine with device-resident rings (see module doc)."""
 
     name = "tensorrt"
 
@@ -180,31 +270,45 @@ class TensorRTBackend:
             raise BackendError("TensorRT could not deserialize the cached engine")
         self._context = self._engine.create_execution_context()
         self._stream = self.cuda("cudaStreamCreateWithFlags", cudart.cudaStreamNonBlocking)
+        L, H, S, dh = self.info.cache_shape
+        self._ptr = np.zeros(capacity, dtype=np.int64)  # host: write pointers
+        self._valid = np.zeros((capacity, S), dtype=bool)  # host: the valid masks
+        self._age_table = ring_ages(S)
         self._alloc_buffers()
+        self._writer = _RingWriter(
+            self.cuda,
+            {"k": self._k, "v": self._v, "nk": self._dev["new_k"], "nv": self._dev["new_v"],
+             "table": self._dev["table"], "count": self._dev["count"]},
+            {"L": L, "H": H, "S": max(S, 1), "dh": dh, "cap": capacity})
         self._graphs: dict[int, Any] = {}
         self.cuda_graphs = cuda_graphs
 
     # -- memory ---------------------------------------------------------------------------
 
-    def _row_nbytes(self, name: str) -> int:
-        shape = self._engine.get_tensor_shape(name)  # -1 on the batch axis
-        itemsize = np.dtype(self.trt.nptype(self._engine.get_tensor_dtype(name))).itemsize
-        return int(np.prod(tuple(shape)[1:])) * itemsize
-
     def _alloc_buffers(self) -> None:
-        cap, malloc = self.capacity, (lambda n: int(self.cuda("cudaMalloc", n)))
-        self._row = {n: self._row_nbytes(n) for n in (*_STATE, "frame", "embedding")}
-        self._state = {n: malloc(cap * self._row[n]) for n in _STATE}
-        self._out = {n: malloc(cap * self._row[n]) for n in _STATE}
-        self._frames_dev = malloc(cap * self._row["frame"])
-        self._emb_dev = malloc(cap * self._row["embedding"])
-        self._frames_host = _Pinned(self.cuda, (cap, self.input_dim), np.float32)
-        self._emb_host = _Pinned(self.cuda, (cap, self.embed_dim), np.float32)
-        for n in _STATE:
-            self.cuda("cudaMemset", self._state[n], 0, cap * self._row[n])
+        cap, malloc = self.capacity, (lambda n: int(self.cuda("cudaMalloc", max(n, 1))))
+        L, H, S, dh = self.info.cache_shape
+        self._layer_row = H * S * dh * 4  # bytes of one slot's cache in one layer
+        ring = L * cap * self._layer_row
+        self._k, self._v = malloc(ring), malloc(ring)
+        for ptr in (self._k, self._v):
+            self.cuda("cudaMemset", ptr, 0, max(ring, 1))
+        self._host = {  # pinned staging, one row per slot
+            "frame": _Pinned(self.cuda, (cap, self.input_dim), np.float32),
+            "age": _Pinned(self.cuda, (cap, max(S, 1)), np.int64),
+            "valid": _Pinned(self.cuda, (cap, max(S, 1)), np.bool_),
+            "table": _Pinned(self.cuda, (cap, 3), np.int64),
+            "count": _Pinned(self.cuda, (1,), np.int32),
+            "embedding": _Pinned(self.cuda, (cap, self.embed_dim), np.float32),
+        }
+        self._row = {n: h.nbytes // h.array.shape[0] for n, h in self._host.items()}
+        self._dev = {n: malloc(h.nbytes) for n, h in self._host.items()}
+        new = cap * L * H * dh * 4
+        self._dev["new_k"], self._dev["new_v"] = malloc(new), malloc(new)
 
     def state_nbytes(self) -> int:
-        return 2 * self.capacity * sum(self._row[n] for n in _STATE)
+        L = self.info.num_layers
+        return 2 * L * self.capacity * self._layer_row + self._valid.nbytes + self._ptr.nbytes
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -217,10 +321,14 @@ class TensorRTBackend:
         self._pool.give_back(slot)
 
     def reset(self, slots: np.ndarray) -> None:
-        for s in np.asarray(slots, dtype=np.int64):
-            for n in _STATE:
-                self.cuda("cudaMemsetAsync", self._state[n] + int(s) * self._row[n], 0,
-                          self._row[n], self._stream)
+        s = np.asarray(slots, dtype=np.int64)
+        self._valid[s] = False
+        self._ptr[s] = 0
+        for slot in s:  # zeros keep the masked slots finite
+            for layer in range(self.info.num_layers):
+                off = (layer * self.capacity + int(slot)) * self._layer_row
+                for base in (self._k, self._v):
+                    self.cuda("cudaMemsetAsync", base + off, 0, self._layer_row, self._stream)
         self.cuda("cudaStreamSynchronize", self._stream)
 
     # -- stepping -------------------------------------------------------------------------
@@ -233,77 +341,80 @@ class TensorRTBackend:
         dense = int(s.max()) + 1 == len(s) == self._pool.in_use
         if self.cuda_graphs and dense:
             bucket = min(1 << (len(s) - 1).bit_length(), self.capacity)
-            return self._step_graph(s, f, bucket)
-        return self._step_span(s, f)
+            self._stage(0, bucket, s, f)
+            graph = self._graphs.get(bucket)
+            if graph is None:
+                graph = self._graphs[bucket] = self._capture(bucket)
+            self.cuda("cudaGraphLaunch", graph, self._stream)
+            a = 0
+        else:
+            a, b = int(s.min()), int(s.max()) + 1
+            self._stage(a, b - a, s, f)
+            self._enqueue(a, b - a, write=True)
+        self.cuda("cudaStreamSynchronize", self._stream)
+        self._advance(s)
+        return self._host["embedding"].array[s - a].copy()
 
-    def _stage(self, a: int, b: int, slots: np.ndarray, frames: np.ndarray) -> None:
-        """Frames of the span [a, b) into pinned memory; rows that do not step get zeros."""
-        host = self._frames_host.array
-        host[a:b] = 0.0
-        host[slots] = frames
+    def _stage(self, a: int, n: int, slots: np.ndarray, frames: np.ndarray) -> None:
+        """Host side of a step over rows [a, a+n): frames (zeros for rows that do not step),
+        ages and valid masks of the span, and the ring-write table of the stepping rows."""
+        h = {k: p.array for k, p in self._host.items()}
+        rows = slots - a
+        h["frame"][:n] = 0.0
+        h["frame"][rows] = frames
+        if self._valid.shape[1]:
+            np.take(self._age_table, self._ptr[a:a + n], axis=0, out=h["age"][:n])
+            h["valid"][:n] = self._valid[a:a + n]
+        m = len(slots)
+        h["table"][:m, 0], h["table"][:m, 1], h["table"][:m, 2] = rows, slots, self._ptr[slots]
+        h["count"][0] = m if self._valid.shape[1] else 0
 
-    def _enqueue(self, a: int, b: int, runs: list[tuple[int, int]]) -> None:
-        """H2D frames, the engine over rows [a, b), copy-back of ``runs``, D2H embeddings."""
-        cuda, st, n = self.cuda, self._stream, b - a
-        rf, re = self._row["frame"], self._row["embedding"]
-        cuda.memcpy(self._frames_dev + a * rf, self._frames_host.ptr + a * rf, n * rf, "h2d", st)
-        ctx = self._context
-        ctx.set_input_shape("frame", (n, self.input_dim))
-        ctx.set_tensor_address("frame", self._frames_dev + a * rf)
-        for name in _STATE:
-            ctx.set_input_shape(name, (n, *tuple(self._engine.get_tensor_shape(name))[1:]))
-            ctx.set_tensor_address(name, self._state[name] + a * self._row[name])
-            ctx.set_tensor_address(_STATE_OUT[name], self._out[name])
-        ctx.set_tensor_address("embedding", self._emb_dev + a * re)
+    def _advance(self, slots: np.ndarray) -> None:
+        S = self._valid.shape[1]
+        if S:
+            p = self._ptr[slots]
+            self._valid[slots, p] = True
+            self._ptr[slots] = (p + 1) % S
+
+    def _enqueue(self, a: int, n: int, write: bool) -> None:
+        """H2D staging, the engine over rows [a, a+n), the ring write, D2H embeddings."""
+        cuda, st, ctx = self.cuda, self._stream, self._context
+        for name in ("frame", "age", "valid", "table"):
+            cuda.memcpy(self._dev[name], self._host[name].ptr, n * self._row[name], "h2d", st)
+        cuda.memcpy(self._dev["count"], self._host["count"].ptr, 4, "h2d", st)
+        L, H, S, dh = self.info.cache_shape
+        shapes = {"frame": (n, self.input_dim), "age": (n, S), "valid": (n, S)}
+        for name, shape in shapes.items():
+            ctx.set_input_shape(name, shape)
+            ctx.set_tensor_address(name, self._dev[name])
+        for layer in range(L):
+            off = (layer * self.capacity + a) * self._layer_row
+            for kind, base in (("k", self._k), ("v", self._v)):
+                ctx.set_input_shape(f"{kind}_cache_{layer}", (n, H, S, dh))
+                ctx.set_tensor_address(f"{kind}_cache_{layer}", base + off)
+        for name in ("embedding", "new_k", "new_v"):
+            ctx.set_tensor_address(name, self._dev[name])
         if not ctx.execute_async_v3(st):
             raise BackendError("TensorRT execute_async_v3 failed")
-        for r0, r1 in runs:
-            for name in _STATE:
-                row = self._row[name]
-                cuda.memcpy(self._state[name] + r0 * row, self._out[name] + (r0 - a) * row,
-                            (r1 - r0) * row, "d2d", st)
-        cuda.memcpy(self._emb_host.ptr + a * re, self._emb_dev + a * re, n * re, "d2h", st)
-
-    def _step_span(self, slots: np.ndarray, frames: np.ndarray) -> np.ndarray:
-        a, b = int(slots.min()), int(slots.max()) + 1
-        self._stage(a, b, slots, frames)
-        self._enqueue(a, b, _runs(np.sort(slots)))
-        self.cuda("cudaStreamSynchronize", self._stream)
-        return self._emb_host.array[slots].copy()
-
-    def _step_graph(self, slots: np.ndarray, frames: np.ndarray, bucket: int) -> np.ndarray:
-        """Slots are 0..n-1 (any order) and nothing else is live: replay the bucket's graph."""
-        self._stage(0, bucket, slots, frames)
-        graph = self._graphs.get(bucket)
-        if graph is None:
-            graph = self._graphs[bucket] = self._capture(bucket)
-        self.cuda("cudaGraphLaunch", graph, self._stream)
-        self.cuda("cudaStreamSynchronize", self._stream)
-        return self._emb_host.array[slots].copy()
+        if write:
+            self._writer.launch(st)
+        cuda.memcpy(self._host["embedding"].ptr, self._dev["embedding"],
+                    n * self._row["embedding"], "d2h", st)
 
     def _capture(self, bucket: int) -> Any:
         """Warm up (TensorRT finishes deferred setup on the first enqueue), then capture.
 
-        The warm-up runs the bucket's rows without copying state back, so it changes
-        nothing; the captured graph copies back all ``bucket`` rows (the padded ones are
-        free slots).
+        The warm-up runs the bucket's rows without the ring write, so it changes no state;
+        the captured graph writes the rows the index table lists (its length is read on
+        the device at every replay).
         """
         rt = self.cuda.rt
-        self._enqueue(0, bucket, runs=[])
+        self._enqueue(0, bucket, write=False)
         self.cuda("cudaStreamSynchronize", self._stream)
         self.cuda("cudaStreamBeginCapture", self._stream,
                   rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
-        self._enqueue(0, bucket, runs=[(0, bucket)])
+        self._enqueue(0, bucket, write=True)
         graph = self.cuda("cudaStreamEndCapture", self._stream)
         exe = self.cuda("cudaGraphInstantiate", graph, 0)
         self.cuda("cudaGraphDestroy", graph)  # the executable graph keeps what it needs
         return exe
-
-
-def _runs(sorted_slots: np.ndarray) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive slots as half-open ranges: [0,1,2,5] -> [(0,3), (5,6)]."""
-    breaks = np.flatnonzero(np.diff(sorted_slots) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [len(sorted_slots)]])
-    return [(int(sorted_slots[i]), int(sorted_slots[j - 1]) + 1)
-            for i, j in zip(starts, ends, strict=True)]

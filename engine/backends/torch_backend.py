@@ -1,14 +1,19 @@
 """torch backend: the reference implementation of the step, on CPU or CUDA.
 
-It runs the same ``SlotMajorStep`` that ``engine.export`` exports, from the checkpoint
-whose fingerprint the ONNX file names (so "same model" is checked, not assumed). State is
-``(capacity + 1, L, H, W-1, dh)`` tensors on the device; row ``capacity`` is a dump row
-that padded batch rows read and write, so a fixed-size CUDA graph can serve any batch.
+It runs the same ``StreamingEncoder`` step that ``engine.export`` exports (step ABI 2,
+ring-buffer caches), from the checkpoint whose fingerprint the ONNX file names (so "same
+model" is checked, not assumed). State on the device, like the ONNX Runtime backend's:
+rings ``k, v (L, capacity + 1, H, W-1, dh)``, ``valid (capacity + 1, W-1)`` and write
+pointers ``ptr (capacity + 1,)``; row ``capacity`` is a dump row that padded batch rows
+read and write, so a fixed-size CUDA graph can serve any batch.
 
-On CUDA with ``cuda_graphs=True`` each batch-size bucket (powers of two up to capacity) is
-captured once after a warm-up: gather of the active rows, the step, the scatter back and
-the embedding copy replay as one graph launch, with slot indices and frames written into
-the graph's static input tensors. Without graphs (or on CPU) the same body runs eagerly.
+A step gathers the active rows' caches (``index_select``), runs the step, and writes the
+new keys/values into ring slot ``ptr`` of each row (``index_put_`` of ``B*L*H*dh``
+floats), marks it valid and advances ``ptr``: all on the device, no host sync. On CUDA
+with ``cuda_graphs=True`` each batch-size bucket (powers of two up to capacity) is
+captured once after a warm-up and replayed as one graph launch, with slot indices and
+frames written into the graph's static input tensors. Without graphs (or on CPU) the same
+body runs eagerly.
 """
 
 from __future__ import annotations
@@ -41,8 +46,8 @@ class TorchBackend:
     def __init__(self, onnx_path: str | Path, capacity: int = 256, *,
                  checkpoint: str | Path | None = None, device: str = "cpu",
                  cuda_graphs: bool = False):
-        from engine.export import SlotMajorStep
         from masa_rt.checkpoint import load_model
+        from masa_rt.model import StreamingEncoder
 
         self.info = read_model_info(onnx_path)
         model, _cfg, _spec, meta = load_model(checkpoint, map_location=device)
@@ -53,15 +58,16 @@ class TorchBackend:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable("torch backend: CUDA requested but not available")
         self.device = torch.device(device)
-        self.step_module = SlotMajorStep(model).eval().to(self.device)
+        self.encoder = StreamingEncoder(model).eval().to(self.device)
         self.input_dim, self.embed_dim = self.info.input_dim, self.info.embed_dim
         self.capacity = capacity
         self._pool = SlotPool(capacity)
-        rows = (capacity + 1, *self.info.cache_shape)  # + dump row for padding
-        self._k = torch.zeros(rows, device=self.device)
-        self._v = torch.zeros(rows, device=self.device)
-        self._valid = torch.zeros(capacity + 1, self.info.window - 1, dtype=torch.bool,
-                                  device=self.device)
+        L, H, S, dh = self.info.cache_shape
+        rows = capacity + 1  # + dump row for padding
+        self._k = torch.zeros(L, rows, H, S, dh, device=self.device)
+        self._v = torch.zeros_like(self._k)
+        self._valid = torch.zeros(rows, S, dtype=torch.bool, device=self.device)
+        self._ptr = torch.zeros(rows, dtype=torch.long, device=self.device)
         self._graphs: dict[int, _Graph] = {}
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
 
@@ -76,22 +82,27 @@ class TorchBackend:
     def reset(self, slots: np.ndarray) -> None:
         idx = torch.as_tensor(np.asarray(slots, dtype=np.int64), device=self.device)
         self._valid[idx] = False
-        self._k[idx] = 0.0
-        self._v[idx] = 0.0
+        self._ptr[idx] = 0
+        self._k[:, idx] = 0.0
+        self._v[:, idx] = 0.0
 
     def state_nbytes(self) -> int:
-        rows = self.capacity
-        return rows * (2 * self._k[0].numel() * 4 + self._valid.shape[1])
+        return self.capacity * self.info.slot_nbytes
 
     @torch.no_grad()
     def _body(self, idx: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        """Gather rows ``idx``, step, scatter back; returns the embeddings."""
-        u, k, v, ok = self.step_module(frames, self._k.index_select(0, idx),
-                                       self._v.index_select(0, idx),
-                                       self._valid.index_select(0, idx))
-        self._k.index_copy_(0, idx, k)
-        self._v.index_copy_(0, idx, v)
-        self._valid.index_copy_(0, idx, ok)
+        """Gather rows ``idx``, step, write the new keys/values into the rings; returns the
+        embeddings."""
+        ptr = self._ptr.index_select(0, idx)
+        u, k_new, v_new = self.encoder(
+            frames, [k.index_select(0, idx) for k in self._k],
+            [v.index_select(0, idx) for v in self._v], self.encoder.ages(ptr),
+            self._valid.index_select(0, idx))
+        if self.encoder.slots:
+            self._k[:, idx, :, ptr] = k_new  # advanced indices first: (B, L, H, dh)
+            self._v[:, idx, :, ptr] = v_new
+            self._valid[idx, ptr] = True
+            self._ptr[idx] = (ptr + 1) % self.encoder.slots
         return u
 
     def step(self, slots: np.ndarray, frames: np.ndarray) -> np.ndarray:
