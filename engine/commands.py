@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine import security_commands, serve_commands
+from engine import harness_commands, security_commands, serve_commands
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -60,3 +60,4 @@ def register(subparsers) -> None:
     _add_reference(subparsers)
     serve_commands.register(subparsers)
     security_commands.register(subparsers)
+    harness_commands.register(subparsers)

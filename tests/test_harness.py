@@ -1,0 +1,126 @@
+"""Streaming accuracy harness: complete report, values in range, a known answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from engine import harness_commands  # noqa: E402
+from engine.harness import (  # noqa: E402
+    METHODS,
+    SCENARIOS,
+    Scenario,
+    markdown_table,
+    run_harness,
+    write_outputs,
+)
+from masa_rt.checkpoint import save_checkpoint  # noqa: E402
+from masa_rt.model import MasaConfig, MasaModel  # noqa: E402
+from masa_rt.preprocess import InputSpec  # noqa: E402
+
+ACTIVITY = "screw_lid"  # the shortest hand activity
+SPEC = InputSpec(layout="h2o_hands", fps=30.0)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    cfg = MasaConfig(num_joints=42, joint_dims=3, d_model=16, n_heads=2, ffn_dim=32,
+                     n_layers=2, window=8, proj_dim=16, proj_layers=1)
+    return MasaModel(cfg).eval(), cfg
+
+
+@pytest.fixture(scope="module")
+def report():
+    model, _ = _tiny()
+    return run_harness(model, SPEC, activities=[ACTIVITY], per_activity=2, seed=3,
+                       keep_streams=True)
+
+
+def test_report_has_every_scenario_and_method_in_range(report):
+    res = report["results"]
+    assert set(res) == set(SCENARIOS)
+    for scen, by_method in res.items():
+        assert set(by_method) == set(METHODS), scen
+        for method, r in by_method.items():
+            assert r["streams"] == 2
+            assert 0.0 <= r["phase_acc_pct"] <= 100.0
+            assert 0.0 <= r["progress_mae_pct"] <= 100.0
+            assert math.isnan(r["delay_frames"]) or r["delay_frames"] >= 0.0
+            assert 0.0 <= r["missed_changes_pct"] <= 100.0
+            # one reference loaded: activity identification is trivially right
+            assert r["activity_frame_acc_pct"] == 100.0, (scen, method)
+            assert r["activity_final_acc_pct"] == 100.0
+    # the reference is the clean demo: canonical time == frame / (T - 1)
+    assert max(report["reference_canonical_time_vs_frame_max_abs"].values()) < 1e-6
+
+
+def test_scenarios_do_what_they_say(report):
+    streams = {s.scenario: [] for s in report["_streams"]}
+    for s in report["_streams"]:
+        streams[s.scenario].append(s)
+    for s in streams["nan_joints"]:
+        assert s.lost.sum() >= 29  # the 1 s burst (30 frames, minus what the edge clips)
+        assert np.isnan(s.joints[~s.lost]).mean() > 0.05
+    clean_len = np.mean([len(s) for s in streams["clean"]])
+    for s in streams["dropped"]:
+        gaps = np.diff(s.times) * SPEC.fps
+        assert gaps.max() > 1.5  # frames are missing, times are the true ones
+        assert len(s) < 0.9 * (s.times[-1] * SPEC.fps + 1)
+    for s in streams["restart"]:
+        assert (np.diff(s.phases) < 0).any() and len(s) > 0.8 * clean_len
+    for s in streams["skip"]:
+        assert (np.diff(s.phases) > 1).any()
+    for s in streams["repeat"]:
+        assert (np.diff(s.progress) < 0).any()
+    for s in report["_streams"]:
+        assert 0.0 <= s.progress.min() and s.progress.max() <= 1.0
+
+
+def test_known_answer_identical_stream_with_raw_keypoints():
+    """A clean stream is the reference itself: streaming is near perfect, DTW exact."""
+    identical = Scenario("identical", "the clean demo itself", clean=True)
+    rep = run_harness(None, SPEC, activities=[ACTIVITY], per_activity=2,
+                      scenarios=[identical])
+    raw, dtw = rep["results"]["identical"]["raw"], rep["results"]["identical"]["offline_dtw"]
+    assert raw["phase_acc_pct"] >= 95.0
+    assert raw["progress_mae_pct"] <= 1.0
+    assert raw["missed_changes_pct"] == 0.0
+    assert dtw["phase_acc_pct"] >= 99.0
+    assert dtw["progress_mae_pct"] <= 0.1
+    assert set(rep["results"]["identical"]) == {"raw", "offline_dtw"}  # no model, no learned
+
+
+def test_outputs_are_strict_json_and_a_table(report, tmp_path):
+    json_path, md_path = write_outputs(report, tmp_path, "masa-rt harness", "tiny")
+    data = json.loads(json_path.read_text())  # allow_nan=False on write: strict JSON
+    assert "_streams" not in data and set(data["results"]) == set(SCENARIOS)
+    table = markdown_table(report)
+    assert len(table.splitlines()) == 2 + len(SCENARIOS) * len(METHODS)
+    text = md_path.read_text()
+    assert table in text and "phase acc %" in text
+
+
+def test_cli(tmp_path, capsys):
+    model, cfg = _tiny()
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, model, cfg, SPEC)
+    parser = argparse.ArgumentParser(prog="masa-rt")
+    harness_commands.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["harness", "--checkpoint", str(ckpt), "--per-activity", "1",
+                              "--activities", ACTIVITY, "--scenarios", "clean", "skip",
+                              "--out", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "| clean | learned |" in out and "| skip | offline_dtw |" in out
+    data = json.loads((tmp_path / "out" / "streaming_results.json").read_text())
+    assert set(data["results"]) == {"clean", "skip"}
+    assert data["model"]["fingerprint"]
+    bad = parser.parse_args(["harness", "--checkpoint", str(ckpt), "--scenarios", "nope"])
+    with pytest.raises(ValueError, match="unknown"):
+        bad.func(bad)
