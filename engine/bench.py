@@ -51,8 +51,8 @@ class BenchConfig:
     iters: int = 300  # timed engine steps per stream count
     warmup: int = 20  # untimed steps first (allocation, ORT arena, caches)
     model: str | None = None  # ONNX or checkpoint; None: the shipped model
-    recording: str = str(EXAMPLES / "pour_milk.npz")  # what the headsets stream
-    reference: str | None = None  # what they align to; None: the recording, embedded
+    recording: str = str(EXAMPLES / "demos" / "pour_milk.npz")  # what the headsets stream
+    reference: str | None = str(EXAMPLES / "pour_milk.npz")  # None: the recording, embedded
     e2e_clients: int = 8
     rate_hz: float = 90.0
     seconds: float = 10.0

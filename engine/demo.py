@@ -36,8 +36,9 @@ class DemoConfig:
     """What the demo runs; defaults are the README's ``masa-rt demo``."""
 
     activity: str = "pour_milk"
-    recording: Path = EXAMPLES / "pour_milk.npz"  # the demonstration ...
-    reference: Path | None = None  # ... or a reference already built for ``model``
+    # The shipped reference, built from examples/demos/pour_milk.npz by the shipped model; a
+    # recording (joints) works too and is embedded once for ``model``.
+    reference: Path = EXAMPLES / "pour_milk.npz"
     seed: int = 7  # of the held-out pour: not a seed the training or examples use
     pause_phase: int = 3  # hold still halfway through this phase ...
     pause_seconds: float = 1.5
@@ -96,16 +97,16 @@ def build_pipeline(cfg: DemoConfig):
     from engine.pipeline import Pipeline
     from engine.serve_commands import prepare
 
-    model, refs = prepare(cfg.model, [str(cfg.reference or cfg.recording)])
+    model, refs = prepare(cfg.model, [str(cfg.reference)])
     return Pipeline.from_files(model, refs, backend=cfg.backend)
 
 
 def run_demo(cfg: DemoConfig, pipeline=None) -> int:
     """Run server, headset and dashboard; print the score. ``pipeline`` overrides the
     shipped engine (tests). Returns the exit status (0)."""
-    if not cfg.recording.is_file():
-        raise FileNotFoundError(f"demonstration {cfg.recording} not found (run `masa-rt "
-                                "synth --examples` to write the examples)")
+    if not cfg.reference.is_file():
+        raise FileNotFoundError(f"reference {cfg.reference} not found (see examples/README.md"
+                                " to rebuild the examples)")
     pipeline = pipeline if pipeline is not None else build_pipeline(cfg)
     truth = held_out_pour(cfg)
     server = Server(pipeline, ServerConfig(bind="tcp://127.0.0.1:0",

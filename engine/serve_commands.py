@@ -29,6 +29,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MASA_RT_CACHE", Path.home() / ".cache" / "masa-rt"))
 
 
+def shipped_onnx_path() -> Path:
+    """The shipped model's ONNX export, beside its checkpoint in masa_rt/assets."""
+    return Path(__file__).resolve().parents[1] / "masa_rt" / "assets" / "masa_hands_causal.onnx"
+
+
 def is_reference_file(path: str | Path) -> bool:
     """A built reference (embeddings) rather than a recording (joints)?"""
     import numpy as np
@@ -51,6 +56,8 @@ def prepare(model: str | None, references: list[str]) -> tuple[Path, list[Path]]
         if not Path(path).is_file():
             raise FileNotFoundError(f"reference {path} not found")
     demos = [r for r in references if not is_reference_file(r)]
+    if model is None and not demos and shipped_onnx_path().is_file():
+        model = str(shipped_onnx_path())  # shipped export: no child process, no torch
     if model is not None and model.endswith(".onnx"):
         if not Path(model).is_file():
             raise FileNotFoundError(f"model {model} not found")
@@ -122,7 +129,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     return run_demo(DemoConfig(duration=args.duration, watch=not args.no_watch,
                                seed=args.seed, model=args.model, backend=args.backend,
-                               reference=args.reference))
+                               **({"reference": args.reference} if args.reference else {})))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -130,7 +137,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(streams=tuple(args.streams), backends=tuple(args.backend or
                       ("onnxruntime",)), iters=args.iters, model=args.model,
-                      reference=args.reference,
+                      **({"reference": args.reference} if args.reference else {}),
                       e2e_clients=args.e2e_clients, rate_hz=args.rate, seconds=args.seconds,
                       casa=not args.no_casa, out=args.out, plot=args.plot)
     return run_bench(cfg)
@@ -166,7 +173,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model)")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--reference", type=Path, metavar="NPZ",
-                   help="reference built for --model (default: embed examples/pour_milk.npz)")
+                   help="reference or recording (default: the shipped examples/pour_milk.npz)")
     p.set_defaults(func=_demo)
 
     p = subparsers.add_parser("bench", help="engine, end-to-end and floor latency benchmark")
@@ -178,7 +185,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, default=300, help="engine steps per stream count")
     p.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model)")
     p.add_argument("--reference", metavar="NPZ",
-                   help="reference built for --model (default: embed examples/pour_milk.npz)")
+                   help="reference or recording (default: the shipped examples/pour_milk.npz)")
     p.add_argument("--e2e-clients", type=int, default=8, metavar="N")
     p.add_argument("--rate", type=float, default=90.0, metavar="HZ")
     p.add_argument("--seconds", type=float, default=10.0, metavar="T")

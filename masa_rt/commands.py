@@ -40,8 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--features", type=int, default=0, metavar="F",
                    help="also emit an F-dim per-frame feature vector (stands in for RGB features)")
-    p.add_argument("--examples", default="examples",
-                   help="folder for the clean reference demonstrations (pour_milk.npz); '' to skip")
+    p.add_argument("--examples", default="examples/demos",
+                   help="folder for the clean demonstrations (pour_milk.npz, ...); '' to skip")
     p.set_defaults(func=_synth)
 
     p = subparsers.add_parser("import-penn", help="convert Penn Action .mat labels to a dataset")

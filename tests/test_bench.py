@@ -9,7 +9,7 @@ from fake_pipeline import FakePipeline
 
 from engine.bench import BenchConfig, percentiles_us, run_bench
 
-EXAMPLE = "examples/pour_milk.npz"
+EXAMPLE = "examples/demos/pour_milk.npz"
 
 
 def test_percentiles_in_microseconds():

@@ -24,7 +24,7 @@ from engine.server import Server, ServerConfig
 from masa_rt.align import STATES
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "pour_milk.npz"
+EXAMPLE = ROOT / "examples" / "demos" / "pour_milk.npz"
 pytestmark = pytest.mark.slow
 
 

@@ -1,6 +1,6 @@
 // Stream a recorded pose file to a masa-rt server in real time and print the estimates.
 //
-//   masa-rt export-raw examples/pour_milk.npz pour.masaraw
+//   masa-rt export-raw examples/demos/pour_milk.npz pour.masaraw
 //   masa_stream_file pour.masaraw --address tcp://127.0.0.1:5555 --rate 30
 //
 // The .masaraw format (clients/export_raw.py): one ASCII header line

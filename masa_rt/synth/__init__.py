@@ -7,7 +7,7 @@ tracking noise, missing joints. Every frame carries its phase and canonical time
 
 - :func:`generate` -- one :class:`~masa_rt.sequence.Sequence` from a ``Generator``.
 - :func:`write_dataset` / :func:`write_datasets` -- dataset folders with a manifest.
-- :func:`write_examples` -- clean demonstrations (``examples/pour_milk.npz``).
+- :func:`write_examples` -- clean demonstrations (``examples/demos/pour_milk.npz``).
 - :func:`run_cli` -- ``masa-rt synth``.
 """
 

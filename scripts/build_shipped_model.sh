@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Rebuilds everything masa-rt ships, from nothing, on a CPU machine:
+#   masa_rt/assets/masa_hands_causal.pt    the default model (weights + config, no optimizer)
+#   masa_rt/assets/masa_hands_causal.onnx  its streaming step, so serving needs no torch
+#   examples/demos/<activity>.npz          clean synthetic demonstrations (joints + phases)
+#   examples/<activity>.npz                references built from them by the shipped model
+# Training takes ~20-35 min on 2 CPU cores (configs/hands_causal.yaml says why each value).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${RUN:-runs/hands_causal}
+
+masa-rt synth --out data/synth --per-activity 40 --examples examples/demos
+if [ ! -f "$RUN/last.pt" ]; then
+  masa-rt train --data data/synth/hands --out "$RUN" --config configs/hands_causal.yaml
+fi
+python -c "from masa_rt.checkpoint import strip_checkpoint as s; \
+s('$RUN/last.pt', 'masa_rt/assets/masa_hands_causal.pt')"
+masa-rt export --checkpoint masa_rt/assets/masa_hands_causal.pt \
+  --out masa_rt/assets/masa_hands_causal.onnx
+for a in pour_milk open_bottle stir_cup pick_and_place screw_lid wipe_table; do
+  masa-rt reference build "examples/demos/$a.npz" \
+    --checkpoint masa_rt/assets/masa_hands_causal.pt -o "examples/$a.npz"
+done
