@@ -345,6 +345,8 @@ def make_pictures(clips: list[Clip], out_dir: Path, *, tsne: bool, seed: int,
         skipped["tsne"] = "disabled (--no-tsne)"
     elif sum(len(c.emb) for c in val) < 5:
         skipped["tsne"] = "fewer than 5 val frames"
+    elif val[0].emb.shape[1] < 2:
+        skipped["tsne"] = "a 1-dimensional embedding (e.g. the clock) needs no t-SNE"
     else:
         with _timer(timings, "tsne"):
             plot_tsne([c.emb for c in val], [c.activity for c in val], out_dir / "tsne.png",
