@@ -3,8 +3,9 @@
 ``submit`` only queues a capture frame. ``step`` drains the queues in *rounds*: each round
 takes the oldest pending capture frame of every session, turns it into model frames
 (``engine.streams``), encodes every session's next model frame in ONE backend call, and
-steps each session's ``Aligner``. Frames of one session are therefore always processed in
-order, and a server that fell behind catches up with batched calls, not one per frame.
+steps the sessions' aligner banks (one vectorised call per bank). Frames of one session are
+therefore always processed in order, and a server that fell behind catches up with batched
+calls, not one per frame.
 
 Every submitted capture frame gets exactly one answer: the estimate after its model frames
 (a 90 Hz headset on a 30 Hz model gets the current estimate repeated for the two frames
@@ -29,7 +30,7 @@ import numpy as np
 
 from engine.backends import Backend, CapacityError, get_backend, read_model_info
 from engine.streams import ModelFrame, StreamBank
-from masa_rt.align import Aligner, AlignerConfig, Estimate, Reference
+from masa_rt.align import AlignerBank, AlignerConfig, Estimate, Reference
 from masa_rt.preprocess import InputSpec
 from masa_rt.protocol import ProtocolError
 from masa_rt.skeleton import get_layout
@@ -47,7 +48,8 @@ class ReferenceMismatchError(ValueError):
 
 @dataclass
 class _Session:
-    aligner: Aligner
+    bank: AlignerBank  # the aligner bank of its reference choice (one batched step for all)
+    last: Estimate  # its latest estimate, answered for capture frames off the model grid
     queue: deque[tuple[int, float, np.ndarray]] = field(default_factory=deque)
     frames: deque[ModelFrame] = field(default_factory=deque)  # model frames of the current one
     current: tuple[int, float] | None = None  # (seq, t) of the capture frame being processed
@@ -67,9 +69,11 @@ class Pipeline:
         if len(self.references) != len(references):
             raise ValueError("Pipeline: two references for the same activity")
         config = aligner_config or AlignerConfig()
-        # Templates share the read-only reference arrays; each session gets a fresh() copy.
-        self._templates = {name: Aligner([r], config) for name, r in self.references.items()}
-        self._template_all = Aligner(list(references), config)
+        # One bank per reference choice: sessions that named an activity align to it alone,
+        # the others to all references (activity identification). Each bank steps all of
+        # its sessions in one vectorised call.
+        self._banks = {name: AlignerBank([r], config) for name, r in self.references.items()}
+        self._bank_all = AlignerBank(list(references), config)
         self.model_name, self.window = model_name, window
         self._sessions: dict[str, _Session] = {}
 
@@ -112,15 +116,18 @@ class Pipeline:
             self.bank.open(session_id)
         except CapacityError as exc:
             raise ProtocolError("overloaded", str(exc)) from None
-        template = self._templates[reference] if reference else self._template_all
-        self._sessions[session_id] = _Session(template.fresh())
+        bank = self._banks[reference] if reference else self._bank_all
+        bank.add(session_id)
+        self._sessions[session_id] = _Session(bank, bank.last(session_id))
         lay = get_layout(layout)
         return {"shape": (lay.num_joints, lay.dims), "model": self.model_name,
                 "references": [reference] if reference else sorted(self.references),
                 "window": self.window, "model_fps": self.spec.fps}
 
     def close_session(self, session_id: str) -> None:
-        if self._sessions.pop(session_id, None) is not None:
+        s = self._sessions.pop(session_id, None)
+        if s is not None:
+            s.bank.remove(session_id)
             self.bank.close(session_id)
 
     def reset_session(self, session_id: str) -> None:
@@ -129,7 +136,8 @@ class Pipeline:
         s.queue.clear()
         s.frames.clear()
         s.current = None
-        s.aligner.reset()
+        s.bank.reset(session_id)
+        s.last = s.bank.last(session_id)
         self.bank.reset(session_id)
 
     def _session(self, session_id: str) -> _Session:
@@ -151,16 +159,29 @@ class Pipeline:
     def pending(self) -> int:
         return sum(len(s.queue) + (s.current is not None) for s in self._sessions.values())
 
-    def step(self) -> list[Result]:
-        """Process every queued frame, in rounds of one batched encoder call each."""
+    def step(self, max_rounds: int | None = None) -> list[Result]:
+        """Process queued frames, in rounds of one batched encoder call each.
+
+        ``max_rounds=None`` processes every queued frame. With ``max_rounds=k`` the call
+        returns after k rounds (or, if nothing was answered yet, after the first round
+        that answers something); the rest stays queued for the next call. The server steps
+        one round per loop: a session with a backlog (a burst, a flood within its rate
+        budget) is then worked off one frame per loop, between socket drains, instead of
+        holding every other session's answer until its whole backlog is encoded
+        (benchmarks/fuzz_server.py measured 40+ ms stalls from that).
+        """
         results: list[Result] = []
+        rounds = 0
         while True:
             results.extend(self._admit_next_frames())
+            if max_rounds is not None and rounds >= max_rounds and results:
+                return results
             batch = [sid for sid, s in self._sessions.items() if s.frames]
             if not batch:
                 return results
             self._encode_and_align(batch)
             results.extend(self._finish_frames())
+            rounds += 1
 
     def _admit_next_frames(self) -> list[Result]:
         """Sessions with no model frame in hand resample their next capture frames; one that
@@ -173,7 +194,7 @@ class Pipeline:
                 if s.frames:
                     s.current = (seq, t)
                 else:
-                    answered.append((sid, seq, t, dataclasses.replace(s.aligner.last, t=t)))
+                    answered.append((sid, seq, t, dataclasses.replace(s.last, t=t)))
         return answered
 
     def _encode_and_align(self, sids: list[str]) -> None:
@@ -183,9 +204,22 @@ class Pipeline:
         x = self.bank.features([frames[sid] for sid in live])
         embeddings = self.bank.step(list(zip(live, x, strict=True)))
         rows = dict(zip(live, embeddings, strict=True))
+        groups: dict[int, list[str]] = {}  # bank id -> its sessions in this round
         for sid in sids:
-            mf = frames[sid]
-            self._sessions[sid].aligner.step(rows.get(sid), mf.t, valid=not mf.lost)
+            groups.setdefault(id(self._sessions[sid].bank), []).append(sid)
+        for group in groups.values():
+            self._align(group, frames, rows)
+
+    def _align(self, group: list[str], frames: dict, rows: dict[str, np.ndarray]) -> None:
+        """One vectorised aligner step for sessions sharing a bank; lost frames hold."""
+        bank = self._sessions[group[0]].bank
+        dim = next(iter(rows.values())).shape[-1] if rows else bank.references[0].dim
+        zero = np.zeros(dim, np.float32)
+        emb = np.stack([rows.get(sid, zero) for sid in group])  # (B, d)
+        times = np.array([frames[sid].t for sid in group])
+        valid = np.array([not frames[sid].lost for sid in group])
+        for sid, est in zip(group, bank.step_many(group, emb, times, valid), strict=True):
+            self._sessions[sid].last = est
 
     def _finish_frames(self) -> list[Result]:
         """Answer every capture frame whose model frames are all processed."""
@@ -194,5 +228,5 @@ class Pipeline:
             if s.current is not None and not s.frames:
                 seq, t = s.current
                 s.current = None
-                done.append((sid, seq, t, dataclasses.replace(s.aligner.last, t=t)))
+                done.append((sid, seq, t, dataclasses.replace(s.last, t=t)))
         return done
