@@ -15,6 +15,7 @@ expiry) follow ``docs/protocol.md``. This module never imports torch.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import signal
 import threading
@@ -52,11 +53,19 @@ class ServerConfig:
     rate_burst_s: float = 1.0  # ... with bursts of this many seconds' worth of frames
     idle_timeout_s: float = 10.0  # a session silent this long (no frame/ping) expires
     in_flight_timeout_s: float = 2.0  # an accepted frame unanswered this long is dropped
+    # Frames one session may have in the engine at once; more are shed ('overloaded', with
+    # seq). Bounds the engine backlog a burst or a flood within the rate limit can build
+    # (each capture frame can make several model frames), so it cannot grow without end.
+    max_in_flight: int = 32
     poll_ms: int = 5  # idle poll timeout; also bounds shutdown and expiry latency
     max_batch: int = 4096  # messages drained per loop before the engine steps
     router_hwm: int = 10_000  # queued messages per peer, both directions
     pub_hwm: int = 1_000  # per subscriber: a slow dashboard loses estimates, never blocks us
     sweep_s: float = 0.25  # how often idle sessions and stale frames are swept
+    # Encoder rounds per loop, for pipelines whose step() takes ``max_rounds``: one round
+    # answers every session's oldest frame; a backlogged session gets its next frame in the
+    # next loop, so its backlog never holds the other sessions' answers. None: all rounds.
+    step_rounds: int | None = 1
     keydir: str | None = None  # --secure KEYDIR: CURVE + ZAP allow-list; None = plain
 
 
@@ -136,6 +145,10 @@ class Server:
         self._in_flight = 0
         self._engine_busy = True
         self._next_sweep = 0.0
+        # Pipelines that can stop after a few rounds (engine.pipeline.Pipeline) are asked
+        # to; a pipeline whose step() takes no argument (a test fake) is called as is.
+        accepts = "max_rounds" in inspect.signature(pipeline.step).parameters
+        self._step_kwargs = {"max_rounds": self.config.step_rounds} if accepts else {}
         self._handlers = {"hello": self._on_hello, "frame": self._on_frame, "bye": self._on_bye,
                           "ping": self._on_ping, "stats": self._on_stats}
 
@@ -280,19 +293,29 @@ class Server:
                 raise P.ProtocolError("unknown_type", f"{msg['type']!r} is a server message")
             handler(ident, msg, t_recv)
         except P.ProtocolError as exc:
-            self._reject(ident, exc.reason, exc.detail)
+            # A frame refused while decoding (inf joints, a NaN stamp, a bad dtype, ...) still
+            # names its seq and session when those fields are valid (``decode`` fills them):
+            # the reply must carry them, or the client takes an error without seq for the end
+            # of its session (docs/protocol.md, "Error reasons") instead of one bad frame.
+            session = self.sessions.get(exc.session) if exc.session is not None else None
+            self._reject(ident, exc.reason, exc.detail, seq=exc.seq, session=session,
+                         session_id=exc.session)
         except Exception as exc:  # noqa: BLE001 - a server bug must not take everyone down
             log.exception("event=internal_error")
             self._reject(ident, "internal", type(exc).__name__)
 
     def _reject(self, ident: bytes, reason: str, detail: str = "", *, seq: int | None = None,
-                session: Session | None = None) -> None:
-        """Count a rejection and tell the peer why (best effort: it may be gone)."""
+                session: Session | None = None, session_id: str | None = None) -> None:
+        """Count a rejection and tell the peer why (best effort: it may be gone).
+
+        ``session_id`` names a session the server may not hold (a frame refused while
+        decoding); ``session``, when held, also counts the rejection against it."""
         self.counters.rejected[reason] += 1
         if session is not None:
             session.counters.rejected[reason] += 1
+            session_id = session.id
         log.debug("event=rejected reason=%s detail=%r seq=%s", reason, detail, seq)
-        reply = P.error(reason, detail, seq=seq, session=session.id if session else None)
+        reply = P.error(reason, detail, seq=seq, session=session_id)
         self._send(ident, P.encode(reply))
 
     def _send(self, ident: bytes, data: bytes) -> str | None:
@@ -374,14 +397,18 @@ class Server:
 
     def _on_frame(self, ident: bytes, msg: dict, t_recv: float) -> None:
         s = self._session_of(msg["session"])
-        # Answers go to the connection the frame came from: after a TCP reconnect (new
-        # routing id) the headset gets estimates again with its very next frame.
-        s.identity, s.last_seen = ident, t_recv
+        s.last_seen = t_recv
         seq, joints = msg["seq"], msg["joints"]
-        reason = self._frame_problem(s, seq, joints, t_recv)
+        reason = self._frame_problem(s, seq, joints, t_recv, self.config.max_in_flight)
         if reason is not None:
             self._reject(ident, reason[0], reason[1], seq=seq, session=s)
             return
+        # Answers go to the connection the frame came from: after a TCP reconnect (new
+        # routing id) the headset gets estimates again with its very next frame. Only an
+        # *accepted* frame moves the return path: a refused one (a stale duplicate, or
+        # another peer replaying the session's seq) must not divert the session's
+        # estimates away from its headset (tests/test_hostile.py).
+        s.identity = ident
         if s.last_seq >= 0 and seq > s.last_seq + 1:  # gaps: frames lost on the way
             self.counters.frames_lost += seq - s.last_seq - 1
             s.counters.frames_lost += seq - s.last_seq - 1
@@ -393,8 +420,8 @@ class Server:
         s.counters.frames_in += 1
 
     @staticmethod
-    def _frame_problem(s: Session, seq: int, joints: np.ndarray,
-                       now: float) -> tuple[str, str] | None:
+    def _frame_problem(s: Session, seq: int, joints: np.ndarray, now: float,
+                       max_in_flight: int) -> tuple[str, str] | None:
         """Why this frame cannot be accepted, as (reason, detail), or None."""
         if seq == s.last_seq:
             return "duplicate", f"seq {seq} already accepted"
@@ -404,6 +431,8 @@ class Server:
             return "bad_shape", f"joints {list(joints.shape)} != {list(s.shape)} for {s.layout}"
         if not s.bucket.take(now):
             return "rate_limited", f"over {s.bucket.rate:g} frames/s"
+        if len(s.in_flight) >= max_in_flight:
+            return "overloaded", f"{len(s.in_flight)} frames of this session in the engine"
         return None
 
     def _on_bye(self, ident: bytes, msg: dict, t_recv: float) -> None:
@@ -435,7 +464,7 @@ class Server:
     def _step(self) -> None:
         """One batched engine step for every session with a new frame; send the answers."""
         try:
-            results = self.pipeline.step()
+            results = self.pipeline.step(**self._step_kwargs)
         except Exception:  # noqa: BLE001 - the engine failing drops frames, not the server
             log.exception("event=engine_error in_flight=%d", self._in_flight)
             for s in self.sessions.values():

@@ -94,8 +94,13 @@ class Resampler:
         if self._prev is None or t - self._prev[0] > self.max_gap_s:
             self._t0, self._k = t, 0
         out = []
-        while self._next_time() <= t + _TIME_EPS:
-            tk = self._next_time()
+        while (tk := self._next_time()) <= t + _TIME_EPS:
+            if out and not tk > out[-1][0]:
+                # Float precision exhausted: from |t| ~ 1e17 s on, t0 + k / fps no longer
+                # moves with k, and a hostile stamp (t = 1e300) looped here for ever, growing
+                # ``out`` until the server ran out of memory (tests/test_hostile.py). Such a
+                # stream gets one model frame per capture frame; a real clock never gets here.
+                break
             if self._prev is None or tk >= t - _TIME_EPS:
                 out.append((tk, x.copy()))
             else:
