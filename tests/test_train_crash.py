@@ -192,3 +192,4 @@ def test_kill_during_checkpoint_writes_then_resume(tmp_path):
     assert final["step"] == EPOCHS * STEPS_PER_EPOCH and final["epoch"] == EPOCHS
     assert logged_steps(out) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
     assert json.loads((out / "summary.json").read_text())["steps"] == final["step"]
+    assert not list(out.glob(".*.tmp")), "a resumed run removes the torn writes' litter"

@@ -381,6 +381,14 @@ def train(rc: RunConfig, data_dir: str | os.PathLike[str], out_dir: str | os.Pat
             tdist.destroy_process_group()
 
 
+def _remove_torn_writes(out: Path) -> None:
+    """Delete temporary files of writes killed mid-way (masa_rt.atomic names them
+    ``.<target>.<random>.tmp``); the targets themselves are always whole."""
+    for tmp in out.glob(".*.tmp"):
+        logger.warning("removing %s, left by a write that was killed", tmp.name)
+        tmp.unlink(missing_ok=True)
+
+
 def _train(rc: RunConfig, data_dir: Path, out: Path, resume: bool, dist: Dist) -> Path:
     if not resume and (out / CKPT_NAME).exists():
         raise ConfigError(f"{out} already holds a run ({CKPT_NAME}); pass --resume to continue "
@@ -389,6 +397,7 @@ def _train(rc: RunConfig, data_dir: Path, out: Path, resume: bool, dist: Dist) -
     pos = _restore(run) if resume else Position()
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        _remove_torn_writes(out)
         save_run_config(run.rc, out / CONFIG_NAME)
     _barrier(dist)
     log = _Log(out / LOG_NAME, dist.is_main, pos.step if resume else None)
