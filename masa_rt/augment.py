@@ -35,6 +35,11 @@ class AugmentConfig:
     joint_noise_std: float = 0.01
     feature_noise_std: float = 0.0
     min_frames: int = 8  # each view keeps at least min(min_frames, T) frames
+    # Missing joints (not in the paper: 0 = off). Per view, each (frame, joint) is set to
+    # NaN with this probability, and with the same probability per frame one whole side
+    # (a hand: the joints the mirror map sends to a higher index, or those it sends to a
+    # lower one) is NaN, so the model learns to read through tracking dropouts.
+    joint_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
@@ -45,6 +50,8 @@ class AugmentConfig:
             raise ValueError(f"keep_ratio={self.keep_ratio} must satisfy 0 < lo <= hi <= 1")
         if not 0 < self.crop_min_ratio <= 1:
             raise ValueError(f"crop_min_ratio={self.crop_min_ratio} must be in (0, 1]")
+        if not 0 <= self.joint_dropout < 1:
+            raise ValueError(f"joint_dropout={self.joint_dropout} must be in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,6 +185,25 @@ def _spatial(
     return y, params
 
 
+def _drop_joints(
+    rng: np.random.Generator, joints: np.ndarray, mask: np.ndarray, p: float,
+    mirror_index: np.ndarray | None,
+) -> np.ndarray:  # fmt: skip
+    """Set random joints (B, M, J, C) of real frames to NaN: each with probability ``p``,
+    and per frame, with probability ``p``, one whole side of the mirror map (a hand)."""
+    B, M, J, _ = joints.shape
+    drop = rng.random((B, M, J)) < p
+    if mirror_index is not None:
+        sides = [mirror_index > np.arange(J), mirror_index < np.arange(J)]
+        if sides[0].any():
+            hit = rng.random((B, M)) < p
+            pick = rng.random((B, M)) < 0.5
+            side = np.where(pick[..., None], sides[0], sides[1])  # (B, M, J)
+            drop |= hit[..., None] & side
+    drop &= mask[..., None]  # padding stays exactly 0
+    return np.where(drop[..., None], np.float32(np.nan), joints).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- API
 
 
@@ -217,6 +243,8 @@ def dual_augment(
     for maps, crops in ((maps1, crops1), (maps2, crops2)):
         g, mask = _pad_maps(maps)
         joints, params = _spatial(rng, _gather(x, g, mask), mask, cfg, mi, up_axis)
+        if cfg.joint_dropout > 0:
+            joints = _drop_joints(rng, joints, mask, cfg.joint_dropout, mi)
         f = None
         if feats is not None:
             f = _gather(feats, g, mask)

@@ -139,3 +139,33 @@ def test_bad_inputs_raise():
         AugmentConfig.from_dict({"crop": "off", "vposer": True})
     cfg = AugmentConfig(crop="independent")
     assert AugmentConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), p=st.floats(0.05, 0.5))
+def test_joint_dropout_only_blanks_real_joints(seed, p):
+    x = np.random.default_rng(seed).normal(size=(3, 40, J, 3)).astype(np.float32)
+    lengths = [40, 25, 9]
+    cfg = AugmentConfig(joint_dropout=p)
+    for v in dual_augment(x, lengths, np.random.default_rng(seed), cfg, MIRROR):
+        nan = np.isnan(v["joints"])
+        assert (nan.all(-1) == nan.any(-1)).all()  # a whole joint, never one coordinate
+        assert not nan[~v["mask"]].any()  # padding stays exactly 0
+        assert (v["joints"][~v["mask"]] == 0).all()
+        assert (~nan[v["mask"]]).any()  # not everything is dropped
+    # Off by default, and off draws nothing: the default pipeline is unchanged.
+    a, _ = dual_augment(x, lengths, np.random.default_rng(seed), AugmentConfig(), MIRROR)
+    assert not np.isnan(a["joints"]).any()
+
+
+def test_joint_dropout_rate_and_whole_hands():
+    x = np.ones((8, 200, J, 3), np.float32)
+    cfg = AugmentConfig(joint_dropout=0.1, keep_ratio=(1, 1))
+    v, _ = dual_augment(x, [200] * 8, np.random.default_rng(0), cfg, MIRROR)
+    dropped = np.isnan(v["joints"]).any(-1)  # (B, M, J)
+    assert 0.1 < dropped.mean() < 0.3  # single joints plus, per frame, sometimes one side
+    side = MIRROR > np.arange(J)
+    whole = dropped[..., side].all(-1) | dropped[..., MIRROR < np.arange(J)].all(-1)
+    assert whole.mean() > 0.05
+    with pytest.raises(ValueError, match="joint_dropout"):
+        AugmentConfig(joint_dropout=1.0)
