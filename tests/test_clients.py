@@ -49,19 +49,20 @@ def _wait(cond, deadline_s: float = 5.0, outlet: PoseOutlet | None = None) -> No
 
 
 def test_open_push_pull_round_trip():
-    with FakeServer() as server, PoseOutlet(server.address, fps=60.0) as outlet:
-        assert outlet.welcome["shape"] == list(SHAPE)
-        assert [h["resume"] for h in server.hellos] == [False]
-        stamp = local_clock()
-        assert outlet.push(_pose(0.25), stamp=stamp) == 0
-        est = _pull_until(outlet)
-        assert (est.seq, est.session, est.t_capture) == (0, outlet.session, stamp)
-        assert est.progress == pytest.approx(0.25)
-        assert 0.0 <= est.latency < 5.0
-        frame = server.frames[0]
-        assert frame["joints"].shape == SHAPE and frame["joints"].dtype == np.float32
-        np.testing.assert_array_equal(frame["joints"], _pose(0.25))
-    assert server.byes == [outlet.session]
+    with FakeServer() as server:
+        with PoseOutlet(server.address, fps=60.0) as outlet:
+            assert outlet.welcome["shape"] == list(SHAPE)
+            assert [h["resume"] for h in server.hellos] == [False]
+            stamp = local_clock()
+            assert outlet.push(_pose(0.25), stamp=stamp) == 0
+            est = _pull_until(outlet)
+            assert (est.seq, est.session, est.t_capture) == (0, outlet.session, stamp)
+            assert est.progress == pytest.approx(0.25)
+            assert 0.0 <= est.latency < 5.0
+            frame = server.frames[0]
+            assert frame["joints"].shape == SHAPE and frame["joints"].dtype == np.float32
+            np.testing.assert_array_equal(frame["joints"], _pose(0.25))
+        _wait(lambda: server.byes == [outlet.session])  # the bye is on its way: wait for it
 
 
 def test_pull_timeout_returns_none_and_seq_increments():

@@ -88,6 +88,11 @@ def test_replay_three_clients(server):
                     reference="pour_milk", session_prefix="r")
     assert report.sent >= 3 * 80 and report.unanswered == 0
     assert report.answered == report.sent and not report.rejected and not report.dropped
+    # The server counts an estimate just after sending it: poll until the last one is in.
+    deadline = time.monotonic() + 5.0
+    while server.stats()["counters"]["estimates_out"] < report.sent:
+        assert time.monotonic() < deadline, "estimates_out never reached frames sent"
+        time.sleep(0.01)
     counters = server.stats()["counters"]
     assert counters["frames_in"] == counters["estimates_out"] == report.sent
     assert counters["sessions_opened"] == 3
