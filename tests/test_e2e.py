@@ -28,33 +28,11 @@ EXAMPLE = ROOT / "examples" / "demos" / "pour_milk.npz"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def model_files(request) -> tuple[Path, Path]:
-    """(onnx, reference) of a tiny random model; built once, cached across runs."""
-    torch = pytest.importorskip("torch")
-    from engine.export import export_cached
-    from engine.reference import build_reference
-    from masa_rt.checkpoint import save_checkpoint
-    from masa_rt.model import MasaConfig, MasaModel
-    from masa_rt.preprocess import InputSpec
-
-    cache = Path(request.config.cache.mkdir("masa-rt-e2e"))
-    ckpt, ref = cache / "tiny.pt", cache / "pour_milk_ref.npz"
-    if not ckpt.is_file():
-        torch.manual_seed(0)
-        cfg = MasaConfig(d_model=32, n_heads=2, ffn_dim=64, window=8)
-        save_checkpoint(ckpt, MasaModel(cfg).eval(), cfg, InputSpec("h2o_hands", 30.0))
-    onnx = export_cached(ckpt, cache)
-    if not ref.is_file():
-        build_reference([EXAMPLE], ckpt, ref)
-    return onnx, ref
-
-
 @pytest.fixture
-def server(model_files):
+def server(tiny_model):
     from engine.pipeline import Pipeline
 
-    pipeline = Pipeline.from_files(model_files[0], [model_files[1]], capacity=8)
+    pipeline = Pipeline.from_files(tiny_model[0], [tiny_model[1]], capacity=8)
     with Server(pipeline, ServerConfig(bind="tcp://127.0.0.1:0",
                                        pub_bind="tcp://127.0.0.1:0")) as srv:
         yield srv
@@ -98,9 +76,9 @@ def test_replay_three_clients(server):
     assert counters["sessions_opened"] == 3
 
 
-def test_serve_command_runs_and_stops_on_sigterm(model_files):
+def test_serve_command_runs_and_stops_on_sigterm(tiny_model):
     """`masa-rt serve` in its own process: binds, answers, prints counters on SIGTERM."""
-    onnx, ref = model_files
+    onnx, ref = tiny_model
     cmd = [sys.executable, "-m", "masa_rt.cli", "serve", "--model", str(onnx),
            "--reference", str(ref), "--bind", "tcp://127.0.0.1:0", "--pub", "tcp://127.0.0.1:0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -141,11 +119,11 @@ def test_serving_modules_do_not_import_torch():
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_demo_scores_a_held_out_pour(model_files, capsys):
+def test_demo_scores_a_held_out_pour(tiny_model, capsys):
     from engine.demo import DemoConfig, run_demo
     from engine.pipeline import Pipeline
 
-    pipeline = Pipeline.from_files(model_files[0], [model_files[1]], capacity=4)
+    pipeline = Pipeline.from_files(tiny_model[0], [tiny_model[1]], capacity=4)
     assert run_demo(DemoConfig(duration=1.5, watch=True), pipeline=pipeline) == 0
     out = capsys.readouterr().out
     assert "pour_milk" in out and "phase accuracy" in out and "progress MAE" in out

@@ -335,25 +335,3 @@ def test_tracking_lost_for_two_seconds_then_recovered(tiny_model):
     finally:
         srv.stop()
         ctx.destroy(linger=0)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(request) -> tuple[Path, Path]:
-    """(onnx, reference) of a tiny random model, cached like tests/test_e2e.py's."""
-    torch = pytest.importorskip("torch")
-    from engine.export import export_cached
-    from engine.reference import build_reference
-    from masa_rt.checkpoint import save_checkpoint
-    from masa_rt.model import MasaConfig, MasaModel
-    from masa_rt.preprocess import InputSpec
-
-    cache = Path(request.config.cache.mkdir("masa-rt-e2e"))
-    ckpt, ref = cache / "tiny.pt", cache / "pour_milk_ref.npz"
-    if not ckpt.is_file():
-        torch.manual_seed(0)
-        cfg = MasaConfig(d_model=32, n_heads=2, ffn_dim=64, window=8)
-        save_checkpoint(ckpt, MasaModel(cfg).eval(), cfg, InputSpec("h2o_hands", 30.0))
-    onnx = export_cached(ckpt, cache)
-    if not ref.is_file():
-        build_reference([ROOT / "examples" / "demos" / "pour_milk.npz"], ckpt, ref)
-    return onnx, ref

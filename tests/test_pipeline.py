@@ -12,35 +12,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from engine.backends import get_backend  # noqa: E402
-from engine.export import export_cached  # noqa: E402
 from engine.pipeline import Pipeline, ReferenceMismatchError  # noqa: E402
 from masa_rt.align import Aligner, Reference  # noqa: E402
-from masa_rt.checkpoint import load_model, save_checkpoint  # noqa: E402
-from masa_rt.model import MasaConfig, MasaModel  # noqa: E402
-from masa_rt.preprocess import InputSpec, frame_features  # noqa: E402
+from masa_rt.preprocess import frame_features  # noqa: E402
 from masa_rt.protocol import ProtocolError  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 W = 8
 FPS = 30.0
-
-
-@pytest.fixture(scope="module")
-def engine_model(request, tmp_path_factory):
-    """A small random causal model, its checkpoint and its checked ONNX export (cached:
-    the dynamo export is the slow part, and every engine test file uses the same model)."""
-    base = tmp_path_factory.getbasetemp()
-    ckpt = base / "engine_tiny.pt"
-    if not ckpt.exists():
-        torch.manual_seed(0)
-        cfg = MasaConfig(num_joints=21, joint_dims=3, d_model=32, n_heads=4, ffn_dim=64,
-                         n_layers=4, window=W, proj_dim=32, proj_layers=2)
-        save_checkpoint(ckpt, MasaModel(cfg).eval(), cfg,
-                        InputSpec(layout="mediapipe_hand21", fps=FPS))
-    cache = request.config.cache.mkdir("masa-rt-onnx") if request.config.cache else base
-    onnx_path = export_cached(ckpt, cache)
-    model, _cfg, spec, _meta = load_model(ckpt)
-    return model, spec, onnx_path, ckpt
 
 
 def _walk(rng, n: int) -> np.ndarray:
