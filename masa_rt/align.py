@@ -251,8 +251,10 @@ class AlignerConfig:
     band: int = 12  # look-ahead of the tracker window, reference frames
     back: int = 2  # tolerated backward motion (jitter, overshoot), reference frames
     max_step: int = 4  # most reference frames advanced per query frame (user up to 4x faster)
-    stay_penalty: float = 0.005  # cost of not advancing: a tie should move forward
-    skip_penalty: float = 0.005  # per extra frame skipped beyond the first
+    # Move penalties: 0 since learned embeddings (the stream's speed varies 0.5-2x per phase;
+    # any bias toward moving or staying costs accuracy; harness, docs/aligner.md).
+    stay_penalty: float = 0.0  # cost of not advancing
+    skip_penalty: float = 0.0  # per extra frame skipped beyond the first
     back_penalty: float = 0.02  # per frame moved backwards
     smoothing: float = 0.3  # EMA factor of the reported index (0 = raw argmin)
     # Pause: the stream's embedding speed (mean of the last `pause_lag` frames against the
@@ -267,8 +269,8 @@ class AlignerConfig:
     # Relocaliser (global streaming subsequence DTW with forgetting).
     relocalise_memory: float = 8.0  # time constant of forgetting, frames
     relocalise_margin: int = 8  # a jump must move at least this far, reference frames
-    relocalise_cost_margin: float = 0.04  # ... and be this much cheaper (mean cost) ...
-    relocalise_patience: int = 3  # ... for this many consecutive frames
+    relocalise_cost_margin: float = 0.08  # ... and be this much cheaper (mean cost) ...
+    relocalise_patience: int = 4  # ... for this many consecutive frames
     finish_tolerance: int = 2  # "finished" within this many frames of the end
     # Activity choice among several references: EMA of each one's best recent cost.
     activity_memory: float = 10.0  # frames
