@@ -211,6 +211,24 @@ class SlotPool:
         return int(self._used.sum())
 
 
+class PooledSlots:
+    """``allocate``/``release`` for a backend that keeps a :class:`SlotPool` in ``_pool``
+    and defines ``reset(slots)`` (a fresh slot starts from an empty window)."""
+
+    _pool: SlotPool
+
+    def allocate(self) -> int:
+        slot = self._pool.take()
+        self.reset(np.array([slot]))
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._pool.give_back(slot)
+
+    def reset(self, slots: np.ndarray) -> None:
+        raise NotImplementedError
+
+
 def check_frames(frames: np.ndarray, n: int, input_dim: int) -> np.ndarray:
     """Frames as a C-contiguous (n, D_in) float32 array (copied only if it is not one)."""
     f = np.ascontiguousarray(frames, dtype=np.float32)

@@ -34,6 +34,7 @@ import onnxruntime as ort
 from engine.backends.base import (
     BackendError,
     ModelInfo,
+    PooledSlots,
     SlotPool,
     check_frames,
     read_model_info,
@@ -68,7 +69,7 @@ def session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(PooledSlots):
     """``Backend`` over an ONNX Runtime session with state kept in place (see module doc)."""
 
     name = "onnxruntime"
@@ -103,14 +104,6 @@ class OnnxRuntimeBackend:
         self.rows_copied = 0  # rows gathered so far (the slow path), for stats
 
     # -- slots ----------------------------------------------------------------------------
-
-    def allocate(self) -> int:
-        slot = self._pool.take()
-        self.reset(np.array([slot]))
-        return slot
-
-    def release(self, slot: int) -> None:
-        self._pool.give_back(slot)
 
     def reset(self, slots: np.ndarray) -> None:
         s = np.asarray(slots, dtype=np.int64)

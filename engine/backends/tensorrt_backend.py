@@ -46,6 +46,7 @@ import numpy as np
 from engine.backends.base import (
     BackendError,
     BackendUnavailable,
+    PooledSlots,
     SlotPool,
     check_frames,
     read_model_info,
@@ -248,7 +249,7 @@ class _Pinned:
         self.array = np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-class TensorRTBackend:
+class TensorRTBackend(PooledSlots):
     """``Backend`` over a TensorRT engine with device-resident rings (see module doc)."""
 
     name = "tensorrt"
@@ -311,14 +312,6 @@ class TensorRTBackend:
         return 2 * L * self.capacity * self._layer_row + self._valid.nbytes + self._ptr.nbytes
 
     # -- slots ----------------------------------------------------------------------------
-
-    def allocate(self) -> int:
-        slot = self._pool.take()
-        self.reset(np.array([slot]))
-        return slot
-
-    def release(self, slot: int) -> None:
-        self._pool.give_back(slot)
 
     def reset(self, slots: np.ndarray) -> None:
         s = np.asarray(slots, dtype=np.int64)

@@ -25,6 +25,7 @@ import numpy as np
 from engine.backends.base import (
     BackendError,
     BackendUnavailable,
+    PooledSlots,
     SlotPool,
     check_frames,
     read_model_info,
@@ -38,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - torch is a dependency, but be c
 __all__ = ["TorchBackend"]
 
 
-class TorchBackend:
+class TorchBackend(PooledSlots):
     """``Backend`` over ``SlotMajorStep`` in torch (see module docstring)."""
 
     name = "torch"
@@ -70,14 +71,6 @@ class TorchBackend:
         self._ptr = torch.zeros(rows, dtype=torch.long, device=self.device)
         self._graphs: dict[int, _Graph] = {}
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-
-    def allocate(self) -> int:
-        slot = self._pool.take()
-        self.reset(np.array([slot]))
-        return slot
-
-    def release(self, slot: int) -> None:
-        self._pool.give_back(slot)
 
     def reset(self, slots: np.ndarray) -> None:
         idx = torch.as_tensor(np.asarray(slots, dtype=np.int64), device=self.device)
