@@ -18,7 +18,6 @@ No torch here: this module is on the serving path.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -39,7 +38,10 @@ __all__ = ["Pipeline", "ReferenceMismatchError", "Result"]
 
 log = logging.getLogger(__name__)
 
-Result = tuple[str, int, float, Estimate]  # (session, seq, capture t, estimate)
+# (session, seq, capture t, estimate). The capture t travels in the tuple, not in a copy of
+# the estimate: a 90 Hz stream on a 30 Hz model is answered with the same estimate object
+# for the frames that complete no model frame (its own ``t`` is the model frame's).
+Result = tuple[str, int, float, Estimate]
 
 
 class ReferenceMismatchError(ValueError):
@@ -75,6 +77,7 @@ class Pipeline:
         self._banks = {name: AlignerBank([r], config) for name, r in self.references.items()}
         self._bank_all = AlignerBank(list(references), config)
         self.model_name, self.window = model_name, window
+        self._no_embedding = np.zeros(references[0].dim, np.float32)  # lost frames (held)
         self._sessions: dict[str, _Session] = {}
 
     # -- construction from files ----------------------------------------------------------
@@ -194,7 +197,7 @@ class Pipeline:
                 if s.frames:
                     s.current = (seq, t)
                 else:
-                    answered.append((sid, seq, t, dataclasses.replace(s.last, t=t)))
+                    answered.append((sid, seq, t, s.last))
         return answered
 
     def _encode_and_align(self, sids: list[str]) -> None:
@@ -213,9 +216,7 @@ class Pipeline:
     def _align(self, group: list[str], frames: dict, rows: dict[str, np.ndarray]) -> None:
         """One vectorised aligner step for sessions sharing a bank; lost frames hold."""
         bank = self._sessions[group[0]].bank
-        dim = next(iter(rows.values())).shape[-1] if rows else bank.references[0].dim
-        zero = np.zeros(dim, np.float32)
-        emb = np.stack([rows.get(sid, zero) for sid in group])  # (B, d)
+        emb = np.stack([rows.get(sid, self._no_embedding) for sid in group])  # (B, d)
         times = np.array([frames[sid].t for sid in group])
         valid = np.array([not frames[sid].lost for sid in group])
         for sid, est in zip(group, bank.step_many(group, emb, times, valid), strict=True):
@@ -228,5 +229,5 @@ class Pipeline:
             if s.current is not None and not s.frames:
                 seq, t = s.current
                 s.current = None
-                done.append((sid, seq, t, dataclasses.replace(s.last, t=t)))
+                done.append((sid, seq, t, s.last))
         return done

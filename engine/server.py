@@ -473,10 +473,10 @@ class Server:
         # Nothing back although frames are in flight: do not spin on poll(0); the sweep
         # drops frames the engine never answers (in_flight_timeout_s).
         self._engine_busy = bool(results)
-        for sid, seq, _t, est in results:
-            self._emit(sid, seq, est)
+        for sid, seq, t_capture, est in results:
+            self._emit(sid, seq, t_capture, est)
 
-    def _emit(self, sid: str, seq: int, est: Any) -> None:
+    def _emit(self, sid: str, seq: int, t_capture: float, est: Any) -> None:
         s = self.sessions.get(sid)
         t_recv = s.in_flight.pop(seq, None) if s is not None else None
         if t_recv is None:
@@ -485,7 +485,7 @@ class Server:
         self._drop_older(s, seq)
         t_send = self.clock()
         try:
-            data = P.encode(_estimate_msg(s.id, seq, est, t_recv, t_send))
+            data = P.encode(_estimate_msg(s.id, seq, t_capture, est, t_recv, t_send))
         except P.ProtocolError as exc:  # e.g. a NaN progress from the engine: a bug, counted
             log.warning("event=bad_estimate session=%s seq=%d detail=%r", sid, seq, str(exc))
             self._count_drop(s, "bad_estimate")
@@ -562,10 +562,11 @@ class Server:
 # ---------------------------------------------------------------------- helpers
 
 
-def _estimate_msg(sid: str, seq: int, est: Any, t_recv: float, t_send: float) -> dict:
+def _estimate_msg(sid: str, seq: int, t_capture: float, est: Any, t_recv: float,
+                  t_send: float) -> dict:
     """Wire ``estimate`` from an :class:`masa_rt.align.Estimate` (duck-typed)."""
     return P.estimate(
-        sid, seq, est.t, t_recv, t_send, phase_id=est.phase_id,
+        sid, seq, t_capture, t_recv, t_send, phase_id=est.phase_id,
         phase_name=est.phase_name or None, phase_progress=est.phase_progress,
         progress=est.progress, confidence=est.confidence, state=est.state,
         activity=est.activity or None)
