@@ -41,13 +41,21 @@ def _random_checkpoint(path: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def _pipeline(onnx_path: Path, capacity: int, threads: int):
+def _backend(args: argparse.Namespace, onnx_path: Path, ckpt: Path, capacity: int):
+    """ONNX Runtime (CPU, ``--threads``) or torch on ``--device`` (CUDA: CUDA graphs)."""
     from engine.backends import get_backend
+
+    if args.backend == "torch":
+        return get_backend("torch", onnx_path, capacity, checkpoint=ckpt, device=args.device,
+                           cuda_graphs=args.device.startswith("cuda"))
+    return get_backend("onnxruntime", onnx_path, capacity, intra_op_threads=args.threads)
+
+
+def _pipeline(backend):
     from engine.pipeline import Pipeline
     from masa_rt.align import Reference
     from masa_rt.preprocess import InputSpec
 
-    backend = get_backend("onnxruntime", onnx_path, capacity, intra_op_threads=threads)
     spec = InputSpec.from_dict(backend.info.input_spec)
     rng = np.random.default_rng(0)
     ref = Reference(name="bench", activity="bench",
@@ -71,8 +79,8 @@ class _Timed:
         return out
 
 
-def bench_streams(onnx_path: Path, streams: int, iters: int, threads: int) -> dict:
-    pipe, spec = _pipeline(onnx_path, streams, threads)
+def bench_streams(backend, streams: int, iters: int) -> dict:
+    pipe, spec = _pipeline(backend)
     timed = _Timed(pipe.backend)
     pipe.backend.step = timed
     from masa_rt.skeleton import get_layout
@@ -103,12 +111,9 @@ def bench_streams(onnx_path: Path, streams: int, iters: int, threads: int) -> di
             "state_bytes_per_stream": pipe.backend.info.slot_nbytes}
 
 
-def bench_encoder(onnx_path: Path, streams: int, iters: int, threads: int,
+def bench_encoder(backend, streams: int, iters: int, threads: int,
                   shuffle: bool = False) -> dict:
     """The backend's batched step alone: every stream steps once per iteration."""
-    from engine.backends import get_backend
-
-    backend = get_backend("onnxruntime", onnx_path, streams, intra_op_threads=threads)
     slots = np.array([backend.allocate() for _ in range(streams)])
     rng = np.random.default_rng(1)
     frames = rng.standard_normal((streams, backend.input_dim)).astype(np.float32)
@@ -136,6 +141,15 @@ def _pct(x: np.ndarray) -> dict:
             "p99.9": float(np.percentile(x, 99.9)), "mean": float(x.mean())}
 
 
+def _gpu() -> dict:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return {}
+    return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
@@ -158,23 +172,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="time the backend step alone (no featurisation, no aligner)")
     p.add_argument("--shuffle", action="store_true",
                    help="with --encoder-only: slots in a random order every iteration")
+    p.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    p.add_argument("--device", default="cpu", help="torch backend: cpu or cuda")
     p.add_argument("--out", type=Path, default=Path("bench_engine.json"))
     args = p.parse_args(argv)
 
     from engine.export import export_cached
 
     cache = Path(os.environ.get("MASA_RT_CACHE", Path.home() / ".cache" / "masa-rt"))
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.checkpoint or _random_checkpoint(Path(tmp) / "random.pt", args)
-        onnx_path = export_cached(ckpt, cache)
     import onnxruntime
 
-    if args.encoder_only:
-        runs = [bench_encoder(onnx_path, n, args.iters, args.threads, args.shuffle)
-                for n in args.streams]
-    else:
-        runs = [bench_streams(onnx_path, n, args.iters, args.threads) for n in args.streams]
-    results = {"machine": machine(), "backend": "onnxruntime",
+    with tempfile.TemporaryDirectory() as tmp:  # the torch backend reads the checkpoint
+        ckpt = args.checkpoint or _random_checkpoint(Path(tmp) / "random.pt", args)
+        onnx_path = export_cached(ckpt, cache)
+        if args.encoder_only:
+            runs = [bench_encoder(_backend(args, onnx_path, ckpt, n), n, args.iters,
+                                  args.threads, args.shuffle) for n in args.streams]
+        else:
+            runs = [bench_streams(_backend(args, onnx_path, ckpt, n), n, args.iters)
+                    for n in args.streams]
+    results = {"machine": machine() | _gpu(), "backend": args.backend,
                "onnxruntime": onnxruntime.__version__, "model": str(onnx_path),
                "config": vars(args) | {"checkpoint": str(args.checkpoint),
                                        "out": str(args.out)},

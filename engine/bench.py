@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ class BenchConfig:
 
     streams: tuple[int, ...] = (1, 8, 64, 256)
     backends: tuple[str, ...] = ("onnxruntime",)
+    device: str = "cpu"  # the torch backend's device (cuda: CUDA graphs); others ignore it
     iters: int = 300  # timed engine steps per stream count
     warmup: int = 20  # untimed steps first (allocation, ORT arena, caches)
     model: str | None = None  # ONNX or checkpoint; None: the shipped model
@@ -95,6 +97,15 @@ def machine_info() -> dict[str, Any]:
             "libzmq": zmq.zmq_version(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
+def gpu_info() -> dict[str, Any]:
+    """The GPU the torch backend ran on, if it did (torch is imported only by then)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return {}
+    return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+            "cuda": torch.version.cuda}
+
+
 def load_frames(path: str) -> tuple[np.ndarray, str, float]:
     """Joints (T, J, C), layout and fps of the recording the bench streams."""
     with np.load(path, allow_pickle=False) as f:
@@ -106,12 +117,13 @@ def default_factory(cfg: BenchConfig) -> tuple[PipelineFactory, dict[str, Any]]:
     model's config (so the CASA baseline runs the same network size)."""
     from engine.backends import read_model_info
     from engine.pipeline import Pipeline
-    from engine.serve_commands import prepare
+    from engine.serve_commands import backend_options, prepare
 
     model, refs = prepare(cfg.model, [cfg.reference or cfg.recording])
 
     def factory(backend: str, capacity: int) -> Any:
-        return Pipeline.from_files(model, refs, backend=backend, capacity=capacity)
+        opts = backend_options(backend, cfg.device) if backend == "torch" else {}
+        return Pipeline.from_files(model, refs, backend=backend, capacity=capacity, **opts)
 
     return factory, read_model_info(model).masa_config
 
@@ -274,6 +286,7 @@ def run_bench(cfg: BenchConfig, factory: PipelineFactory | None = None,
             engine_bench(pipeline, n, frames, layout, fps, cfg.iters, cfg.warmup)
             for n in cfg.streams]
         log.info("event=engine_done backend=%s", backend)
+    results["machine"].update(gpu_info())
     if cfg.e2e_clients > 0 and cfg.seconds > 0:
         results["e2e"] = e2e_bench(factory(cfg.backends[0], capacity), cfg)
     request, reply = protocol_payloads(frames.shape[1:])

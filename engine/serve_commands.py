@@ -22,6 +22,22 @@ log = logging.getLogger("masa_rt.serve")
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_PUB = "tcp://127.0.0.1:5556"
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
+DEVICES = ("cpu", "cuda")
+
+
+def backend_options(backend: str, device: str) -> dict[str, object]:
+    """What ``get_backend`` needs beyond the model for ``--device``: only the torch backend
+    has a choice (CUDA runs with CUDA graphs); ONNX Runtime here is the CPU build and
+    TensorRT is the GPU by definition, so asking them for another device is an error."""
+    if backend == "torch":
+        return {"device": device, "cuda_graphs": device.startswith("cuda")}
+    wanted = {"onnxruntime": "cpu", "tensorrt": "cuda"}[backend]
+    if device != wanted:
+        raise ValueError(f"--device {device} does not apply to --backend {backend} (it runs "
+                         f"on {wanted}); use --backend torch --device cuda for torch on a GPU")
+    return {}
+
+
 
 
 def cache_dir() -> Path:
@@ -106,7 +122,8 @@ def _serve(args: argparse.Namespace) -> int:
     from engine.server import Server, ServerConfig, install_signal_handlers
 
     model, references = prepare(args.model, args.reference)
-    pipeline = Pipeline.from_files(model, references, backend=args.backend)
+    pipeline = Pipeline.from_files(model, references, backend=args.backend,
+                                   **backend_options(args.backend, args.device))
     config = ServerConfig(bind=args.bind, pub_bind=args.pub, max_sessions=args.max_sessions,
                           idle_timeout_s=args.idle_timeout, keydir=args.secure)
     server = Server(pipeline, config)
@@ -136,7 +153,7 @@ def _bench(args: argparse.Namespace) -> int:
     from engine.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(streams=tuple(args.streams), backends=tuple(args.backend or
-                      ("onnxruntime",)), iters=args.iters, model=args.model,
+                      ("onnxruntime",)), iters=args.iters, model=args.model, device=args.device,
                       **({"reference": args.reference} if args.reference else {}),
                       e2e_clients=args.e2e_clients, rate_hz=args.rate, seconds=args.seconds,
                       casa=not args.no_casa, out=args.out, plot=args.plot)
@@ -150,6 +167,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="reference recording (repeat for several activities)")
     p.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model)")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the torch backend runs (cuda: with CUDA graphs)")
     p.add_argument("--bind", default=DEFAULT_BIND, help="ROUTER endpoint for headsets")
     p.add_argument("--pub", default=DEFAULT_PUB, help="PUB endpoint for dashboards")
     p.add_argument("--max-sessions", type=int, default=256)
@@ -182,6 +201,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--backend", action="append", choices=BACKENDS,
                    help="backend(s) to bench (repeat; default onnxruntime)")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the torch backend runs (cuda: with CUDA graphs)")
     p.add_argument("--iters", type=int, default=300, help="engine steps per stream count")
     p.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model)")
     p.add_argument("--reference", metavar="NPZ",

@@ -17,7 +17,8 @@ ENGINE_FPS = 30.0
 
 
 def _cache(request, name: str, fallback: Path) -> Path:
-    return Path(request.config.cache.mkdir(name)) if request.config.cache else fallback
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    return Path(cache.mkdir(name)) if cache else fallback
 
 
 @pytest.fixture(scope="session")

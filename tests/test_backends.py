@@ -136,3 +136,19 @@ def test_contiguous_range():
     assert contiguous_range(np.array([3, 5])) is None
     assert contiguous_range(np.array([5, 4])) is None
     assert contiguous_range(np.array([], dtype=np.int64)) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA GPU here (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_torch_cuda_backend_matches_streams_run_alone(engine_model, graphs):
+    """The GPU path of the torch backend, eager and replayed as CUDA graphs (padded
+    buckets, resets, a release), against the CPU step run one stream at a time."""
+    model, _spec, onnx_path, ckpt = engine_model
+    backend = get_backend("torch", onnx_path, capacity=5, checkpoint=ckpt, device="cuda",
+                          cuda_graphs=graphs)
+    assert [backend.allocate() for _ in range(5)] == [0, 1, 2, 3, 4]
+    worst = _drive(backend, OneByOne(model, 5), np.random.default_rng(0), 3 * W, 5)
+    assert worst < 1e-3  # float32 on both; cuBLAS and MKL sum in other orders
+    assert backend.cuda_graphs is graphs

@@ -35,7 +35,8 @@ def exported(request, tmp_path_factory):
     ckpt = tmp_path_factory.getbasetemp() / "engine_tiny.pt"
     if not ckpt.exists():
         _ckpt(ckpt)
-    cache = request.config.cache.mkdir("masa-rt-onnx") if request.config.cache else ckpt.parent
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    cache = cache.mkdir("masa-rt-onnx") if cache else ckpt.parent
     return ckpt, export.export_cached(ckpt, cache)
 
 

@@ -151,7 +151,8 @@ class _RingWriter:
         size = _check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
         ptx = b" " * size
         _check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
-        self._ptx = np.char.array(ptx)  # keep the image alive while the module loads
+        # NUL-terminated PTX image (nvrtcGetPTXSize counts the NUL), kept alive while loading
+        self._ptx = np.frombuffer(ptx.rstrip(b"\0") + b"\0", dtype=np.uint8)
         self.module = _check(driver.cuModuleLoadData(self._ptx.ctypes.data), "cuModuleLoadData")
         self.kernel = _check(driver.cuModuleGetFunction(self.module, b"ring_write"),
                              "cuModuleGetFunction")

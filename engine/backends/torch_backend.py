@@ -69,6 +69,7 @@ class TorchBackend(PooledSlots):
         self._v = torch.zeros_like(self._k)
         self._valid = torch.zeros(rows, S, dtype=torch.bool, device=self.device)
         self._ptr = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._true = torch.ones((), dtype=torch.bool, device=self.device)
         self._graphs: dict[int, _Graph] = {}
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
 
@@ -94,7 +95,7 @@ class TorchBackend(PooledSlots):
         if self.encoder.slots:
             self._k[:, idx, :, ptr] = k_new  # advanced indices first: (B, L, H, dh)
             self._v[:, idx, :, ptr] = v_new
-            self._valid[idx, ptr] = True
+            self._valid[idx, ptr] = self._true  # a device scalar: no host copy in a graph
             self._ptr[idx] = (ptr + 1) % self.encoder.slots
         return u
 
