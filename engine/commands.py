@@ -25,9 +25,12 @@ def _export(args: argparse.Namespace) -> int:
 def _reference_build(args: argparse.Namespace) -> int:
     from engine.reference import build_reference
 
-    ref = build_reference(args.demos, args.checkpoint, args.out, name=args.name)
+    ref = build_reference(args.demos, args.checkpoint, args.out, name=args.name,
+                          policy=args.policy, refine=args.refine)
+    how = (f", {ref.meta['policy']} of {len(args.demos)} demos (timeline: "
+           f"{ref.meta['demo']})" if len(args.demos) > 1 else "")
     print(f"wrote {args.out}: {ref.activity}, {len(ref)} frames, "
-          f"{len(ref.phase_names)} phases, model {ref.model_fingerprint}")
+          f"{len(ref.phase_names)} phases, model {ref.model_fingerprint}{how}")
     return 0
 
 
@@ -47,10 +50,17 @@ def _add_reference(subparsers) -> None:
     sub = p.add_subparsers(dest="reference_command", metavar="ACTION", required=True)
     b = sub.add_parser("build", help="embed demo recordings into a reference .npz")
     b.add_argument("demos", nargs="+", metavar="DEMO.npz",
-                   help="demo sequences of one activity; the first is the reference")
+                   help="demo sequences of one activity")
     b.add_argument("--checkpoint", default=None, help="checkpoint .pt (default: shipped)")
     b.add_argument("-o", "--out", required=True, help="output reference .npz")
     b.add_argument("--name", default=None, help="reference name (default: file stem)")
+    b.add_argument("--policy", choices=("medoid", "first"), default="medoid",
+                   help="medoid (default): DTW-average all demos on the timeline of the "
+                        "medoid demo; first: the first demo as it is, the others only "
+                        "compared")
+    b.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="medoid policy: re-align to the average and re-average N more "
+                        "times (default 0)")
     b.set_defaults(func=_reference_build)
 
 

@@ -85,6 +85,12 @@ log = logging.getLogger(__name__)
 
 VAL_SEED_BASE = 10_000  # val streams: sequence_rng(VAL_SEED_BASE + seed, ...), not training's
 REFERENCE_SEED = 0  # the clean demo's generator (as ``synth.write_examples``)
+# Multi-demo references (``reference_demos > 1``) draw demos ``0 .. K-1`` of the training
+# data (``masa-rt synth`` seed 0, ``sequence_rng(TRAIN_SEED, activity, i)``; with the
+# shipped 40 per activity and val fraction 0.25, indices < 30 are its train split), never
+# from the val namespace the harness scores.
+TRAIN_SEED = 0
+MAX_REFERENCE_DEMOS = 30
 ACTIVITY_WARMUP_S = 1.0  # activity id is scored after the first second
 METHODS = ("learned", "raw", "offline_dtw")
 STREAMING_METHODS = ("learned", "raw")
@@ -194,13 +200,27 @@ def embed_learned(model: Any) -> Embedder:
 
 
 def make_references(activities: Sequence[str], spec: InputSpec,
-                    embedders: dict[str, Embedder], fingerprint: str = ""
+                    embedders: dict[str, Embedder], fingerprint: str = "",
+                    reference_demos: int = 1, refine: int = 0,
                     ) -> tuple[dict[str, dict[str, Reference]], dict[str, np.ndarray]]:
-    """``refs[method][activity]`` from each activity's clean demo, and each demo's
-    canonical time ``(T,)`` (used to map a stream's canonical time onto the reference)."""
+    """``refs[method][activity]`` and each reference's canonical time ``(T,)`` (used to
+    map a stream's canonical time onto the reference).
+
+    ``reference_demos = 1``: the activity's clean demo. ``K > 1``: the medoid average
+    (``engine.reference.reference_from_demos``, the ``masa-rt reference build`` path) of
+    K training demos; the medoid is chosen on the first embedder's embeddings and used
+    for every method, so all methods share one timeline and one ground truth.
+    """
+    if not 1 <= reference_demos <= MAX_REFERENCE_DEMOS:
+        raise ValueError(f"reference_demos: expected 1 .. {MAX_REFERENCE_DEMOS} (the train "
+                         f"split), found {reference_demos}")
     refs: dict[str, dict[str, Reference]] = {m: {} for m in embedders}
     canon: dict[str, np.ndarray] = {}
     for act in activities:
+        if reference_demos > 1:
+            canon[act] = _multi_demo_references(act, spec, embedders, fingerprint,
+                                                reference_demos, refine, refs)
+            continue
         demo = generate(act, np.random.default_rng(REFERENCE_SEED), clean=True, fps=spec.fps)
         x = frame_features(demo.joints, spec)
         canon[act] = np.asarray(demo.canonical_time, dtype=np.float64)
@@ -211,6 +231,34 @@ def make_references(activities: Sequence[str], spec: InputSpec,
                 fps=spec.fps, model_fingerprint=fingerprint if method == "learned" else "",
                 meta={"source": "synth clean demo", "embedding": method})
     return refs, canon
+
+
+def _multi_demo_references(act: str, spec: InputSpec, embedders: dict[str, Embedder],
+                           fingerprint: str, k: int, refine: int,
+                           refs: dict[str, dict[str, Reference]]) -> np.ndarray:
+    """Fill ``refs[method][act]`` from K training demos; return the medoid's canonical
+    time on the reference's frames."""
+    from engine.reference import embed_demo, reference_from_demos
+
+    seqs = [generate(act, sequence_rng(TRAIN_SEED, act, i), subject=f"synth{TRAIN_SEED}_{i:03d}")
+            for i in range(k)]  # exactly the training data's sequences (write_dataset)
+    labels = [f"train seed {TRAIN_SEED} {act} #{i}" for i in range(k)]
+    medoid = None
+    for method, embed in embedders.items():
+        demos = [embed_demo(None, spec, s, lab, embed=embed)
+                 for s, lab in zip(seqs, labels, strict=True)]
+        ref = reference_from_demos(
+            demos, list(seqs[0].phase_names), activity=act, name=act, fps=spec.fps,
+            labels=labels, policy="medoid", refine=refine, medoid=medoid,
+            model_fingerprint=fingerprint if method == "learned" else "",
+            meta={"source": f"synth train demos 0..{k - 1}", "embedding": method})
+        medoid = ref.meta["medoid_index"]
+        refs[method][act] = ref
+    seq = seqs[medoid]
+    seq_t = (np.asarray(seq.timestamps, dtype=np.float64) if seq.timestamps is not None
+             else np.arange(seq.num_frames) / seq.fps)
+    return np.interp(refs[next(iter(embedders))][act].times, seq_t,
+                     np.asarray(seq.canonical_time, dtype=np.float64))
 
 
 def _true_progress(canonical_time: np.ndarray, ref_canon: np.ndarray) -> np.ndarray:
@@ -375,12 +423,14 @@ def score(streams: Sequence[Stream], preds: Sequence[Predictions],
 def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND_ACTIVITIES,
                 scenarios: Sequence[Scenario] | None = None, per_activity: int = 3,
                 seed: int = 0, config: AlignerConfig | None = None, fingerprint: str = "",
-                keep_streams: bool = False) -> dict[str, Any]:
+                keep_streams: bool = False, reference_demos: int = 1,
+                refine: int = 0) -> dict[str, Any]:
     """The whole harness: references, streams, aligners, scores; returns the JSON dict.
 
     ``model=None`` skips the learned embedding (raw keypoints only; methods that need it
     are left out). ``keep_streams`` adds the streams and predictions (not JSON) under
-    ``"_streams"`` / ``"_preds"`` for tests and the engine check.
+    ``"_streams"`` / ``"_preds"`` for tests and the engine check. ``reference_demos``
+    and ``refine``: see :func:`make_references`.
     """
     start = time.perf_counter()
     activities = list(activities)
@@ -388,7 +438,8 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
     embedders: dict[str, Embedder] = {"raw": embed_raw}
     if model is not None:
         embedders = {"learned": embed_learned(model), **embedders}
-    refs, canon = make_references(activities, spec, embedders, fingerprint)
+    refs, canon = make_references(activities, spec, embedders, fingerprint, reference_demos,
+                                  refine)
     streams = make_streams(activities, scenarios, per_activity, seed, spec, canon, embedders)
     t_embed = time.perf_counter() - start
     methods = [m for m in STREAMING_METHODS if m in embedders]
@@ -438,7 +489,13 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
                                    "embeddings), the upper bound"},
         "scenarios": {s.name: s.description for s in scenarios},
         "aligner_config": asdict(config or AlignerConfig()),
+        "reference_demos": reference_demos,
+        "reference": ("the generator's clean demonstration" if reference_demos == 1 else
+                      f"medoid average of {reference_demos} training demos (seed "
+                      f"{TRAIN_SEED}, indices 0..{reference_demos - 1}; DBA, {refine} "
+                      "refinement rounds)"),
         "reference_frames": {a: len(refs[methods[0]][a]) for a in activities},
+        "reference_medoid": {a: refs[methods[0]][a].meta.get("demo") for a in activities},
         "reference_canonical_time_vs_frame_max_abs": ref_check,
         "results": results,
         "per_activity_results": per_activity_res,
@@ -533,6 +590,7 @@ def markdown_report(report: dict[str, Any], command: str = "", model: str = "") 
     n_streams = next(iter(next(iter(report["results"].values())).values()))["streams"]
     scen_lines = "\n".join(f"- `{k}`: {v}" for k, v in report["scenarios"].items())
     method_lines = "\n".join(f"- `{k}`: {v}" for k, v in report["methods"].items())
+    reference = report.get("reference", "the generator's clean demonstration")
     parts = [
         "# Streaming alignment results",
         "",
@@ -546,7 +604,8 @@ def markdown_report(report: dict[str, Any], command: str = "", model: str = "") 
         f"{report['seed']} (val seed namespace {report['val_seed']}, disjoint from training)",
         f"- run time: {report['timing_s']['total']:.0f} s",
         "",
-        "Reference per activity: the generator's clean demonstration. Each val stream runs "
+        f"Reference per activity: {reference}. "
+        "Each val stream runs "
         "through the online aligner frame by frame. Phase accuracy is per frame (a frame "
         "without a report counts as wrong). Progress MAE is against the generator's "
         "canonical time, mapped onto the reference. Delay is the mean number of frames "

@@ -29,6 +29,9 @@ def _harness(args: argparse.Namespace) -> int:
     bad = [a for a in args.activities or [] if a not in HAND_ACTIVITIES]
     if bad:
         raise ValueError(f"--activities: unknown {bad}; known: {', '.join(HAND_ACTIVITIES)}")
+    if not 1 <= args.reference_demos <= 30:
+        raise ValueError(f"--reference-demos: expected 1 .. 30 (the training split), found "
+                         f"{args.reference_demos}")
     if args.per_activity < 1:
         raise ValueError(f"--per-activity: expected >= 1, found {args.per_activity}")
     ckpt = resolve_checkpoint(args.checkpoint)
@@ -37,7 +40,8 @@ def _harness(args: argparse.Namespace) -> int:
     scenarios = [SCENARIOS[s] for s in args.scenarios] if args.scenarios else None
     report = run_harness(model, spec, activities=args.activities or HAND_ACTIVITIES,
                          scenarios=scenarios, per_activity=args.per_activity, seed=args.seed,
-                         fingerprint=fingerprint, keep_streams=args.engine > 0)
+                         fingerprint=fingerprint, keep_streams=args.engine > 0,
+                         reference_demos=args.reference_demos, refine=args.refine)
     if args.engine > 0:
         streams, preds = report["_streams"], report["_preds"]["learned"]
         picked = [i for i, s in enumerate(streams) if s.scenario in ("clean", "nan_joints")]
@@ -84,4 +88,10 @@ def register(subparsers) -> None:
     p.add_argument("--engine", type=int, default=0, metavar="K",
                    help="also run K clean / NaN-joint streams through the ONNX serving "
                         "pipeline and compare with the harness frame by frame")
+    p.add_argument("--reference-demos", type=int, default=1, metavar="K",
+                   help="1 (default): each activity's reference is the generator's clean "
+                        "demo; K > 1: the medoid average (as `masa-rt reference build`) of "
+                        "K training demos (synth seed 0, indices 0..K-1; never val streams)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="with --reference-demos K > 1: DBA refinement rounds (default 0)")
     p.set_defaults(func=_harness)

@@ -8,10 +8,16 @@ streamed step equals the offline causal encoder (the exactness test), a user per
 the demo live produces the very embeddings stored here. Frames whose joints are all
 missing are left out, as the live engine does not encode them either.
 
-Several demos of one activity: the **first** is the reference; each further demo is
-aligned to it with offline DTW and its mean cosine cost along the path is stored in
-``meta["other_demos"]``, a check that the demos agree (averaging embeddings would blur
-phase boundaries and give a "demo" nobody performed).
+Several demos of one activity (policy ``"medoid average"``, the default): every demo is
+aligned with offline DTW to every other; the **medoid** (least summed mean-path cost to
+the others) gives the timeline, phases and times. Then, DBA-style (Petitjean et al. 2011),
+each demo is aligned to the current average, the unit-length embeddings of its frames
+mapped onto each timeline frame are averaged (one mean per demo, so a slow demo does not
+outweigh a fast one), the demos' means are averaged and renormalised; ``refine`` more
+rounds re-align to the new average (default 0: on the synthetic harness one round lost
+about a point of phase accuracy). ``meta["demos"]`` has each demo's cost to the medoid
+and to the final average. Policy ``"first"`` keeps the first demo as it is and only
+compares the others (``meta["other_demos"]``), as before.
 
 torch is imported here (it runs the model); the serving path never imports this module.
 """
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +43,12 @@ from masa_rt.preprocess import InputSpec, frame_features
 from masa_rt.sequence import Sequence as PoseSequence
 from masa_rt.sequence import load_sequence
 
-__all__ = ["ReferenceBuildError", "build_reference", "embed_demo"]
+__all__ = ["POLICIES", "ReferenceBuildError", "average_demos", "build_reference",
+           "embed_demo", "reference_from_demos"]
 
 log = logging.getLogger(__name__)
+
+POLICIES = ("medoid", "first")  # medoid average of all demos; the first demo as it is
 
 
 class ReferenceBuildError(ValueError):
@@ -83,9 +92,14 @@ def _nearest(t: np.ndarray, query: np.ndarray) -> np.ndarray:
     return np.where(left_closer, right - 1, right)
 
 
-def embed_demo(model: MasaModel, spec: InputSpec, seq: PoseSequence,
-               name: str = "demo") -> dict[str, Any]:
-    """Embeddings (T, d), phases, times of one demo on the model's frame grid."""
+def embed_demo(model: MasaModel | None, spec: InputSpec, seq: PoseSequence,
+               name: str = "demo",
+               embed: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
+    """Embeddings (T, d), phases, times of one demo on the model's frame grid.
+
+    ``embed`` (model input (T, D) -> (T, d)) replaces the model's causal encoder, e.g. the
+    harness's raw-keypoint baseline; ``model`` is then unused.
+    """
     if seq.layout != spec.layout:
         raise ReferenceBuildError(f"{name}: layout {seq.layout!r}, the model reads "
                                   f"{spec.layout!r}")
@@ -97,51 +111,167 @@ def embed_demo(model: MasaModel, spec: InputSpec, seq: PoseSequence,
     x = frame_features(joints[keep], spec, feats[keep] if feats is not None else None)
     if len(x) < 2:
         raise ReferenceBuildError(f"{name}: fewer than 2 frames with joints")
-    with torch.no_grad():
-        emb = model.encode(torch.from_numpy(x)[None])[0].numpy()  # (T, d), causal offline
+    if embed is not None:
+        emb = np.asarray(embed(x), dtype=np.float32)
+    else:
+        if model is None:
+            raise ValueError("embed_demo: needs a model or an embed function")
+        with torch.no_grad():
+            emb = model.encode(torch.from_numpy(x)[None])[0].numpy()  # (T, d), causal offline
     return {"embeddings": emb, "phases": phases[keep], "times": times[keep]}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _path_cost(query: np.ndarray, reference: np.ndarray,
+               path: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """(mean cosine cost along the offline DTW path, the path (L, 2) query -> reference)."""
+    if path is None:
+        path = offline_dtw(query, reference)
+    a, b = _unit(query), _unit(reference)
+    return float(np.mean(1.0 - np.sum(a[path[:, 0]] * b[path[:, 1]], axis=1))), path
+
+
+def _average_onto(timeline: np.ndarray, demos: Sequence[np.ndarray]
+                  ) -> tuple[np.ndarray, list[float]]:
+    """One DBA round: align each demo to ``timeline`` (T, d); per timeline frame, the mean
+    of each demo's unit frames mapped there, averaged over demos and renormalised."""
+    total = np.zeros((len(timeline), timeline.shape[1]))
+    costs = []
+    for emb in demos:
+        cost, path = _path_cost(emb, timeline)
+        costs.append(cost)
+        u = _unit(emb)
+        sums = np.zeros_like(total)
+        np.add.at(sums, path[:, 1], u[path[:, 0]])
+        counts = np.bincount(path[:, 1], minlength=len(timeline))  # >= 1: a full DTW path
+        total += sums / counts[:, None]
+    return _unit(total / len(demos)), costs
+
+
+def average_demos(demos: Sequence[np.ndarray], refine: int = 0,
+                  medoid: int | None = None) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """DTW average of several demos' embeddings on the medoid's timeline.
+
+    Returns ``(embeddings (T_medoid, d) unit rows, medoid index, info)``; ``info`` has the
+    pairwise mean path costs, each demo's cost to the medoid and to the final average.
+    ``refine`` extra rounds re-align every demo to the average and average again.
+    ``medoid`` forces the timeline demo (e.g. the one chosen on another embedding).
+    """
+    if not demos:
+        raise ReferenceBuildError("no demo given")
+    n = len(demos)
+    pair = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            c = _path_cost(demos[i], demos[j])[0]
+            pair[i, j] = pair[j, i] = c
+    if medoid is None:
+        medoid = int(np.argmin(pair.sum(axis=1)))
+    avg, to_medoid = _average_onto(np.asarray(demos[medoid]), demos)
+    for _ in range(max(refine, 0)):
+        avg, _costs = _average_onto(avg, demos)
+    to_avg = [_path_cost(d, avg)[0] for d in demos]
+    info = {"pairwise_cost": pair.round(6).tolist(), "cost_to_medoid": to_medoid,
+            "cost_to_average": to_avg, "refine": int(max(refine, 0))}
+    return avg.astype(np.float32), medoid, info
 
 
 def _compare(first: np.ndarray, other: np.ndarray) -> float:
     """Mean cosine cost along the offline DTW path between two demos' embeddings."""
-    path = offline_dtw(other, first)
-    a = other / np.linalg.norm(other, axis=1, keepdims=True)
-    b = first / np.linalg.norm(first, axis=1, keepdims=True)
-    return float(np.mean(1.0 - np.sum(a[path[:, 0]] * b[path[:, 1]], axis=1)))
+    return _path_cost(other, first)[0]
+
+
+def reference_from_demos(demos: Sequence[dict[str, Any]], phase_names: Sequence[str], *,
+                         activity: str, name: str, fps: float, labels: Sequence[str],
+                         policy: str = "medoid", refine: int = 0, model_fingerprint: str = "",
+                         meta: dict[str, Any] | None = None,
+                         medoid: int | None = None) -> Reference:
+    """A :class:`Reference` from embedded demos (``embed_demo`` dicts) of one activity.
+
+    ``labels`` names each demo in the meta (file paths, seeds). ``policy`` is one of
+    :data:`POLICIES`; one demo is used as it is, whatever the policy. ``medoid`` forces
+    the timeline demo of the medoid policy; ``meta["medoid_index"]`` says which it was.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, found {policy!r}")
+    if not demos:
+        raise ReferenceBuildError("no demo given")
+    meta = dict(meta or {})
+    if policy == "first" or len(demos) == 1:
+        base = demos[0]
+        embeddings = base["embeddings"]
+        meta.update(demo=str(labels[0]), policy="first demo" if len(demos) > 1 else
+                    "single demo",
+                    other_demos=[{"file": str(lab), "frames": len(d["embeddings"]),
+                                  "dtw_cost_to_first": _compare(base["embeddings"],
+                                                                d["embeddings"])}
+                                 for lab, d in zip(labels[1:], demos[1:], strict=True)])
+    else:
+        embeddings, medoid, info = average_demos([d["embeddings"] for d in demos], refine,
+                                                 medoid)
+        base = demos[medoid]
+        meta.update(
+            demo=str(labels[medoid]), medoid_index=medoid, policy="medoid average",
+            policy_detail=(f"DTW average (DBA, {info['refine']} refinement rounds) of "
+                           f"{len(demos)} demos on the medoid's timeline"),
+            demos=[{"file": str(lab), "frames": len(d["embeddings"]),
+                    "medoid": k == medoid,
+                    "dtw_cost_to_medoid": info["cost_to_medoid"][k],
+                    "dtw_cost_to_average": info["cost_to_average"][k]}
+                   for k, (lab, d) in enumerate(zip(labels, demos, strict=True))],
+            pairwise_dtw_cost=info["pairwise_cost"])
+    return Reference(name=name, activity=activity, embeddings=embeddings,
+                     phases=base["phases"], phase_names=list(phase_names), times=base["times"],
+                     fps=fps, model_fingerprint=model_fingerprint, meta=meta)
+
+
+def check_same_activity(seqs: Sequence[PoseSequence], labels: Sequence[str],
+                        default: str) -> str:
+    """The demos' one activity (``default`` where unnamed); refuses a mix."""
+    activity = seqs[0].activity or default
+    for lab, s in zip(labels[1:], seqs[1:], strict=True):
+        if (s.activity or activity) != activity:
+            raise ReferenceBuildError(f"{lab}: activity {s.activity!r}, the first demo is "
+                                      f"{activity!r}; one reference per activity")
+        if None not in (s.phase_names, seqs[0].phase_names) and (
+                list(s.phase_names) != list(seqs[0].phase_names)):  # missing: embed_demo says
+            raise ReferenceBuildError(f"{lab}: phases {list(s.phase_names or [])}, the "
+                                      f"first demo has {list(seqs[0].phase_names or [])}")
+    return activity
 
 
 def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
                     checkpoint_path: str | os.PathLike[str] | None,
-                    out_path: str | os.PathLike[str], *, name: str | None = None) -> Reference:
+                    out_path: str | os.PathLike[str], *, name: str | None = None,
+                    policy: str = "medoid", refine: int = 0) -> Reference:
     """Embed the demos with the checkpoint's model and save the reference to ``out_path``.
 
     ``checkpoint_path``: a ``.pt`` file or a run folder; None uses the shipped model.
+    ``policy``: ``"medoid"`` (average of all demos on the medoid's timeline) or
+    ``"first"`` (the first demo; the others are only compared).
     """
     if not demo_paths:
         raise ReferenceBuildError("no demo given")
+    if policy not in POLICIES:
+        raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, found {policy!r}")
     model, _cfg, spec, meta = load_model(resolve_checkpoint(checkpoint_path))
     fingerprint = meta.get("model_fingerprint") or model_fingerprint(meta["path"])
     seqs = [load_sequence(p) for p in demo_paths]
-    demos = [embed_demo(model, spec, s, str(p)) for s, p in zip(seqs, demo_paths, strict=True)]
-    first, seq0 = demos[0], seqs[0]
-    activity = seq0.activity or Path(demo_paths[0]).stem
-    others = []
-    for p, s, d in zip(demo_paths[1:], seqs[1:], demos[1:], strict=True):
-        if (s.activity or activity) != activity:
-            raise ReferenceBuildError(f"{p}: activity {s.activity!r}, the first demo is "
-                                      f"{activity!r}; one reference per activity")
-        others.append({"file": str(p), "frames": len(d["embeddings"]),
-                       "dtw_cost_to_first": _compare(first["embeddings"], d["embeddings"])})
-    ref = Reference(
-        name=name or Path(out_path).stem, activity=activity,
-        embeddings=first["embeddings"], phases=first["phases"],
-        phase_names=list(seq0.phase_names), times=first["times"], fps=spec.fps,
+    labels = [str(p) for p in demo_paths]
+    activity = check_same_activity(seqs, labels, Path(demo_paths[0]).stem)
+    demos = [embed_demo(model, spec, s, lab) for s, lab in zip(seqs, labels, strict=True)]
+    ref = reference_from_demos(
+        demos, list(seqs[0].phase_names), activity=activity, name=name or Path(out_path).stem,
+        fps=spec.fps, labels=labels, policy=policy, refine=refine,
         model_fingerprint=fingerprint,
-        meta={"demo": str(demo_paths[0]), "other_demos": others,
-              "checkpoint": str(meta["path"]), "input_spec": spec.to_dict(),
-              "masa_rt_version": masa_rt.__version__, "policy": "first demo"},
-    )
+        meta={"checkpoint": str(meta["path"]), "input_spec": spec.to_dict(),
+              "masa_rt_version": masa_rt.__version__})
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     ref.save(out_path)
-    log.info("reference %s: %s, %d frames, model %s", out_path, activity, len(ref), fingerprint)
+    log.info("reference %s: %s, %d frames, %s of %d demos, model %s", out_path, activity,
+             len(ref), ref.meta["policy"], len(demos), fingerprint)
     return ref

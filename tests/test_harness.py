@@ -124,3 +124,26 @@ def test_cli(tmp_path, capsys):
     bad = parser.parse_args(["harness", "--checkpoint", str(ckpt), "--scenarios", "nope"])
     with pytest.raises(ValueError, match="unknown"):
         bad.func(bad)
+
+
+def test_multi_demo_reference_from_training_demos(tmp_path):
+    """--reference-demos K: the medoid average of K train-split demos, the CLI's build path,
+    one timeline (and one ground truth) for every method."""
+    model, cfg = _tiny()
+    rep = run_harness(model, SPEC, activities=[ACTIVITY], per_activity=1, seed=3,
+                      scenarios=[SCENARIOS["clean"]], reference_demos=3, keep_streams=True)
+    assert rep["reference_demos"] == 3 and "medoid average of 3" in rep["reference"]
+    learned, raw = rep["_refs"]["learned"][ACTIVITY], rep["_refs"]["raw"][ACTIVITY]
+    assert learned.meta["policy"] == raw.meta["policy"] == "medoid average"
+    assert learned.meta["demo"] == raw.meta["demo"] == rep["reference_medoid"][ACTIVITY]
+    assert learned.meta["demo"].startswith("train seed 0 ")  # never the val namespace
+    assert len(learned.meta["demos"]) == 3 and len(learned) == len(raw)
+    for r in rep["results"]["clean"].values():
+        assert 0.0 <= r["phase_acc_pct"] <= 100.0 and 0.0 <= r["progress_mae_pct"] <= 100.0
+    s = rep["_streams"][0]
+    assert 0.0 <= s.progress.min() and s.progress.max() <= 1.0
+    write_outputs(rep, tmp_path, "masa-rt harness --reference-demos 3", "tiny")
+    assert "medoid average of 3 training demos" in (tmp_path / "streaming_results.md").read_text()
+    with pytest.raises(ValueError, match="reference_demos"):
+        run_harness(None, SPEC, activities=[ACTIVITY], per_activity=1,
+                    scenarios=[SCENARIOS["clean"]], reference_demos=31)

@@ -7,7 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from engine.reference import ReferenceBuildError, build_reference  # noqa: E402
+from engine.reference import (  # noqa: E402
+    ReferenceBuildError,
+    average_demos,
+    build_reference,
+    reference_from_demos,
+)
 from masa_rt.align import Reference  # noqa: E402
 from masa_rt.checkpoint import load_model, save_checkpoint  # noqa: E402
 from masa_rt.cli import main  # noqa: E402
@@ -27,13 +32,14 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def _demo(path, n: int, fps: float, seed: int, phases: bool = True):
+def _demo(path, n: int, fps: float, seed: int, phases: bool = True,
+          activity: str = "pour_milk"):
     rng = np.random.default_rng(seed)
     joints = np.cumsum(rng.normal(0, 0.05, (n, 21, 3)), axis=0).astype(np.float32)
     extra = dict(phases=(np.arange(n) * 3 // n).astype(np.int32),
                  phase_names=("reach", "pour", "place")) if phases else {}
     save_sequence(path, Sequence(joints=joints, layout="mediapipe_hand21", fps=fps,
-                                 activity="pour_milk", **extra))
+                                 activity=activity, **extra))
     return joints
 
 
@@ -41,7 +47,7 @@ def test_reference_holds_the_offline_causal_embeddings(ckpt, tmp_path):
     joints = _demo(tmp_path / "d1.npz", 45, 30.0, 1)
     _demo(tmp_path / "d2.npz", 100, 60.0, 2)  # another rate: resampled to the model's 30 Hz
     ref = build_reference([tmp_path / "d1.npz", tmp_path / "d2.npz"], ckpt,
-                          tmp_path / "pour.npz")
+                          tmp_path / "pour.npz", policy="first")
     loaded = Reference.load(tmp_path / "pour.npz")
     model, _cfg, spec, meta = load_model(ckpt)
     with torch.no_grad():
@@ -55,6 +61,83 @@ def test_reference_holds_the_offline_causal_embeddings(ckpt, tmp_path):
     np.testing.assert_allclose(loaded.times, np.arange(45) / 30.0)
     (other,) = loaded.meta["other_demos"]
     assert other["frames"] == 50 and other["dtw_cost_to_first"] >= 0.0
+    assert loaded.meta["policy"] == "first demo"
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_medoid_average_of_identical_demos_is_the_demo(ckpt, tmp_path):
+    joints = _demo(tmp_path / "a.npz", 40, 30.0, 5)
+    _demo(tmp_path / "b.npz", 40, 30.0, 5)  # the same recording twice
+    ref = build_reference([tmp_path / "a.npz", tmp_path / "b.npz"], ckpt, tmp_path / "r.npz")
+    loaded = Reference.load(tmp_path / "r.npz")
+    model, _cfg, spec, _meta = load_model(ckpt)
+    with torch.no_grad():
+        want = model.encode(torch.from_numpy(frame_features(joints, spec))[None])[0].numpy()
+    np.testing.assert_allclose(loaded.embeddings, _unit(want), atol=1e-5)
+    np.testing.assert_array_equal(loaded.phases, np.arange(40) * 3 // 40)
+    np.testing.assert_allclose(loaded.times, np.arange(40) / 30.0)
+    meta = loaded.meta
+    assert meta["policy"] == ref.meta["policy"] == "medoid average"
+    assert [d["medoid"] for d in meta["demos"]] == [True, False]
+    for d in meta["demos"]:
+        assert abs(d["dtw_cost_to_medoid"]) < 1e-6 and abs(d["dtw_cost_to_average"]) < 1e-6
+
+
+def _warp(x, n, power):
+    """``x`` resampled to ``n`` frames along the monotonic warp ``u ** power``."""
+    u = (np.linspace(0, 1, n) ** power) * (len(x) - 1)
+    lo = np.floor(u).astype(int)
+    hi = np.minimum(lo + 1, len(x) - 1)
+    f = (u - lo)[:, None]
+    return _unit((1 - f) * x[lo] + f * x[hi])
+
+
+@pytest.mark.parametrize("refine", [0, 1, 2])
+def test_time_warped_copies_average_onto_the_medoid_timeline(refine):
+    rng = np.random.default_rng(0)
+    base = np.cumsum(rng.normal(size=(80, 16)), axis=0) + 5 * rng.normal(size=(1, 16))
+    base = _unit(base)
+    slow, fast = _warp(base, 110, 1.4), _warp(base, 60, 0.7)  # 1.4x longer, 0.75x shorter
+    avg, medoid, info = average_demos([slow, base, fast], refine=refine)
+    assert medoid == 1 and avg.shape == base.shape  # the unwarped one is in the middle
+    np.testing.assert_allclose(np.linalg.norm(avg, axis=1), 1.0, atol=1e-5)
+    assert np.sum(avg * base, axis=1).min() > 0.99
+    assert info["refine"] == refine and len(info["cost_to_average"]) == 3
+    # forcing the timeline: the average lives on the slow copy's 110 frames
+    avg_slow, medoid, _ = average_demos([slow, base, fast], refine=refine, medoid=0)
+    assert medoid == 0 and avg_slow.shape == slow.shape
+    assert np.sum(avg_slow * slow, axis=1).min() > 0.99
+
+
+def test_reference_from_demos_keeps_the_medoid_labels():
+    rng = np.random.default_rng(1)
+    base = _unit(np.cumsum(rng.normal(size=(50, 8)), axis=0) + 4 * rng.normal(size=(1, 8)))
+    demos = []
+    for n, power in ((70, 1.3), (50, 1.0), (40, 0.8)):
+        demos.append({"embeddings": _warp(base, n, power),
+                      "phases": (np.arange(n) * 2 // n).astype(np.int32),
+                      "times": np.arange(n) / 30.0})
+    ref = reference_from_demos(demos, ["a", "b"], activity="act", name="act", fps=30.0,
+                               labels=["slow", "mid", "fast"])
+    assert ref.meta["demo"] == "mid" and ref.meta["medoid_index"] == 1 and len(ref) == 50
+    np.testing.assert_array_equal(ref.phases, demos[1]["phases"])
+    np.testing.assert_allclose(ref.times, demos[1]["times"])
+    with pytest.raises(ValueError, match="policy"):
+        reference_from_demos(demos, ["a", "b"], activity="act", name="act", fps=30.0,
+                             labels=["slow", "mid", "fast"], policy="mean")
+
+
+def test_demos_of_different_activities_are_refused(ckpt, tmp_path):
+    _demo(tmp_path / "a.npz", 30, 30.0, 6)
+    _demo(tmp_path / "b.npz", 30, 30.0, 7, activity="stir_cup")
+    for policy in ("medoid", "first"):
+        with pytest.raises(ReferenceBuildError, match="one reference per activity"):
+            build_reference([tmp_path / "a.npz", tmp_path / "b.npz"], ckpt,
+                            tmp_path / "r.npz", policy=policy)
+    assert not (tmp_path / "r.npz").exists()
 
 
 def test_demo_without_phases_is_refused(ckpt, tmp_path):
@@ -70,3 +153,18 @@ def test_cli_reference_build(ckpt, tmp_path, capsys):
                  "-o", str(tmp_path / "r.npz")]) == 0
     assert "pour_milk, 20 frames, 3 phases" in capsys.readouterr().out
     assert len(Reference.load(tmp_path / "r.npz")) == 20
+
+
+def test_cli_reference_build_several_demos(ckpt, tmp_path, capsys):
+    _demo(tmp_path / "a.npz", 30, 30.0, 8)
+    _demo(tmp_path / "b.npz", 36, 30.0, 9)
+    _demo(tmp_path / "c.npz", 24, 30.0, 10)
+    assert main(["reference", "build", *(str(tmp_path / f"{k}.npz") for k in "abc"),
+                 "--checkpoint", str(ckpt), "-o", str(tmp_path / "r.npz"),
+                 "--refine", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "medoid average of 3 demos" in out
+    ref = Reference.load(tmp_path / "r.npz")
+    assert len(ref) in (30, 36, 24) and ref.meta["demo"] in out
+    assert "2 refinement rounds" in ref.meta["policy_detail"]
+    assert len(ref.meta["demos"]) == 3 and sum(d["medoid"] for d in ref.meta["demos"]) == 1
