@@ -38,8 +38,6 @@ def backend_options(backend: str, device: str) -> dict[str, object]:
     return {}
 
 
-
-
 def cache_dir() -> Path:
     """Where exported models are kept (``$MASA_RT_CACHE``, default ``~/.cache/masa-rt``)."""
     return Path(os.environ.get("MASA_RT_CACHE", Path.home() / ".cache" / "masa-rt"))
@@ -125,6 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
     pipeline = Pipeline.from_files(model, references, backend=args.backend,
                                    **backend_options(args.backend, args.device))
     config = ServerConfig(bind=args.bind, pub_bind=args.pub, max_sessions=args.max_sessions,
+                          max_sessions_per_client=args.max_sessions_per_client,
                           idle_timeout_s=args.idle_timeout, keydir=args.secure)
     server = Server(pipeline, config)
     install_signal_handlers(server)
@@ -172,6 +171,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bind", default=DEFAULT_BIND, help="ROUTER endpoint for headsets")
     p.add_argument("--pub", default=DEFAULT_PUB, help="PUB endpoint for dashboards")
     p.add_argument("--max-sessions", type=int, default=256)
+    p.add_argument("--max-sessions-per-client", type=int, default=16, metavar="N",
+                   help="sessions one client may hold (its CURVE key with --secure, "
+                        "else its connection)")
     p.add_argument("--idle-timeout", type=float, default=10.0, metavar="S")
     p.add_argument("--secure", metavar="KEYDIR",
                    help="CURVE encryption + client allow-list (docs/security.md)")

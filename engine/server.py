@@ -20,6 +20,7 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -44,6 +45,10 @@ class ServerConfig:
     bind: str = "tcp://127.0.0.1:5555"  # ROUTER: hello/frame/bye/ping/stats in, replies out
     pub_bind: str = "tcp://127.0.0.1:5556"  # PUB: every estimate, topic = session id
     max_sessions: int = 256
+    # Sessions one client may hold at once ('too_many_sessions' beyond): with --secure the
+    # client is its CURVE key, in plain mode its connection (routing id). ``max_sessions``
+    # bounds the server; this keeps one client from taking every slot.
+    max_sessions_per_client: int = 16
     # Protocol cap. libzmq's ZMQ_MAXMSGSIZE is set to ``zmq_size_factor`` times this, so a
     # moderately oversized message still arrives and gets a counted 'too_large' answer;
     # anything beyond that is cut by libzmq (the peer is disconnected) before buffering.
@@ -52,11 +57,18 @@ class ServerConfig:
     rate_factor: float = 2.0  # frames/s a session may sustain, times its declared fps
     rate_burst_s: float = 1.0  # ... with bursts of this many seconds' worth of frames
     idle_timeout_s: float = 10.0  # a session silent this long (no frame/ping) expires
-    in_flight_timeout_s: float = 2.0  # an accepted frame unanswered this long is dropped
+    # An accepted frame unanswered this long is dropped: 'engine_timeout' once in the
+    # engine, 'stale' if it is still waiting for it (then it is never computed at all).
+    in_flight_timeout_s: float = 2.0
     # Frames one session may have in the engine at once; more are shed ('overloaded', with
     # seq). Bounds the engine backlog a burst or a flood within the rate limit can build
     # (each capture frame can make several model frames), so it cannot grow without end.
     max_in_flight: int = 32
+    # Frames of one session handed to the engine ahead of their answers; the others wait
+    # in the server, where a stale one can still be dropped before the engine spends work
+    # on an answer that would come too late. 4: a 120 Hz headset on a 30 Hz model still
+    # completes one model frame per loop.
+    engine_depth: int = 4
     poll_ms: int = 5  # idle poll timeout; also bounds shutdown and expiry latency
     max_batch: int = 4096  # messages drained per loop before the engine steps
     router_hwm: int = 10_000  # queued messages per peer, both directions
@@ -102,12 +114,23 @@ class TokenBucket:
         return True
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Who sent a message: where to answer (``ident``) and who it is (``key``)."""
+
+    ident: bytes  # routing id of the connection
+    # The client a session belongs to: its CURVE public key (ZAP User-Id) with --secure,
+    # else the connection's routing id (plain mode authenticates nobody).
+    key: bytes
+
+
 @dataclass
 class Session:
     """One headset stream: where to answer it, what it promised, what it is owed."""
 
     id: str
     identity: bytes  # routing id of the connection its last frame came from
+    owner: bytes  # Peer.key of the client that opened (or, in plain mode, resumed) it
     layout: str
     fps: float
     shape: tuple[int, int]
@@ -117,6 +140,12 @@ class Session:
     last_seq: int = -1
     counters: Counters = field(default_factory=Counters)
     in_flight: dict[int, float] = field(default_factory=dict)  # seq -> t_server_recv
+    # Accepted frames not yet handed to the engine (a subset of in_flight), oldest first.
+    pending: deque[tuple[int, float, np.ndarray]] = field(default_factory=deque)
+
+    @property
+    def in_engine(self) -> int:
+        return len(self.in_flight) - len(self.pending)
 
 
 class Server:
@@ -131,6 +160,8 @@ class Server:
         self.counters = Counters()
         self.latency = LatencyHistogram()
         self.sessions: dict[str, Session] = {}
+        self._owned: Counter[bytes] = Counter()  # Peer.key -> sessions it holds
+        self._bound = self.config.keydir is not None  # sessions bound to their CURVE key
         self.address: str | None = None  # actual endpoints once bound (port 0 / '*' resolved)
         self.pub_address: str | None = None
         self._stop = threading.Event()
@@ -263,6 +294,7 @@ class Server:
         if self._router.poll(timeout):
             self._drain()
         if self._in_flight:
+            self._feed(self.clock())
             self._step()
         now = self.clock()
         if now >= self._next_sweep:
@@ -273,15 +305,24 @@ class Server:
         """Handle every queued message (up to ``max_batch``) without blocking."""
         for _ in range(self.config.max_batch):
             try:
-                parts = self._router.recv_multipart(zmq.NOBLOCK)
+                # --secure needs the frames (not bytes) for their ZAP User-Id property.
+                parts = self._router.recv_multipart(zmq.NOBLOCK, copy=not self._bound)
             except zmq.Again:
                 return
-            self._handle(parts, self.clock())
+            user = None
+            if self._bound:
+                user = parts[-1].get("User-Id")
+                parts = [p.bytes for p in parts]
+            self._handle(parts, self.clock(), user)
 
-    def _handle(self, parts: list[bytes], t_recv: float) -> None:
-        """Validate and dispatch one message; nothing raised here escapes the loop."""
+    def _handle(self, parts: list[bytes], t_recv: float, user: str | None = None) -> None:
+        """Validate and dispatch one message; nothing raised here escapes the loop.
+
+        ``user``: the ZAP User-Id of the connection (the client's Z85 public key) with
+        --secure; sessions are then bound to it, else to the connection's routing id."""
         self.counters.messages_in += 1
         ident = parts[0]
+        peer = Peer(ident, user.encode() if user else ident)
         try:
             if len(parts) != 2:
                 raise P.ProtocolError("malformed", f"expected 1 frame, got {len(parts) - 1}")
@@ -291,7 +332,7 @@ class Server:
             handler = self._handlers.get(msg["type"])
             if handler is None:
                 raise P.ProtocolError("unknown_type", f"{msg['type']!r} is a server message")
-            handler(ident, msg, t_recv)
+            handler(peer, msg, t_recv)
         except P.ProtocolError as exc:
             # A frame refused while decoding (inf joints, a NaN stamp, a bad dtype, ...) still
             # names its seq and session when those fields are valid (``decode`` fills them):
@@ -330,40 +371,77 @@ class Server:
 
     # ------------------------------------------------------------------ messages
 
-    def _on_hello(self, ident: bytes, msg: dict, t_recv: float) -> None:
+    def _on_hello(self, peer: Peer, msg: dict, t_recv: float) -> None:
         """Open, resume or restart a session (rules: docs/protocol.md, "Sessions")."""
         sid = msg["session"]
         old = self.sessions.get(sid)
+        if old is not None:
+            self._check_owner(old, peer, "hello")  # resume and restart alike
         resumed = old is not None and msg["resume"]
         if resumed:
             if old.layout != msg["layout"]:
                 raise P.ProtocolError("wrong_layout", f"session {sid} has layout {old.layout}")
-            self._resume(old, ident, msg["fps"], t_recv)
+            self._resume(old, peer, msg["fps"], t_recv)
             session = old
         else:
+            if old is None or old.owner != peer.key:  # restarting one's own takes no new slot
+                self._check_quota(peer.key)
             if old is not None:
                 self._close(old, "restarted")
             elif len(self.sessions) >= self.config.max_sessions:
                 raise P.ProtocolError("overloaded", f"max_sessions={self.config.max_sessions}")
-            session = self._open(ident, msg, t_recv)
+            session = self._open(peer, msg, t_recv)
         log.info("event=session_%s session=%s layout=%s fps=%g last_seq=%d",
                  "resume" if resumed else "open", sid, session.layout, session.fps,
                  session.last_seq)
-        self._send(ident, P.encode(self._welcome(session, resumed)))
+        self._send(peer.ident, P.encode(self._welcome(session, resumed)))
 
-    def _resume(self, s: Session, ident: bytes, fps: float, t_recv: float) -> None:
+    def _check_owner(self, s: Session, peer: Peer, what: str, seq: int | None = None) -> None:
+        """With --secure, only the key that opened a session may use it ('session_owner').
+
+        Plain mode authenticates nobody, so any connection may feed, resume or close any
+        session (a headset that reconnected has a new routing id and must get it back)."""
+        if not self._bound or peer.key == s.owner:
+            return
+        log.warning("event=session_owner session=%s message=%s client_key=%s", s.id, what,
+                    peer.key.decode("ascii", "replace"))
+        exc = P.ProtocolError("session_owner", f"session {s.id} belongs to another client")
+        exc.seq, exc.session = seq, s.id  # a frame's refusal names its seq (client streams on)
+        raise exc
+
+    def _check_quota(self, key: bytes) -> None:
+        """One client holds at most ``max_sessions_per_client`` sessions at once."""
+        limit = self.config.max_sessions_per_client
+        if self._owned[key] >= limit:
+            log.warning("event=too_many_sessions client=%s held=%d",
+                        key.decode("ascii", "replace"), self._owned[key])
+            raise P.ProtocolError("too_many_sessions", f"max_sessions_per_client={limit}")
+
+    def _resume(self, s: Session, peer: Peer, fps: float, t_recv: float) -> None:
         """Keep the alignment state; take the (maybe new) connection and declared rate."""
-        s.identity, s.last_seen = ident, t_recv
+        if peer.key != s.owner:  # plain mode: a reconnected headset takes its session along
+            self._check_quota(peer.key)
+            self._set_owner(s, peer.key)
+        s.identity, s.last_seen = peer.ident, t_recv
         if fps != s.fps:
             s.fps = fps
             s.bucket = self._bucket(fps, t_recv)
         self.counters.sessions_resumed += 1
 
+    def _set_owner(self, s: Session, key: bytes | None) -> None:
+        """Move ``s`` to ``key``'s quota (None: the session is gone)."""
+        self._owned[s.owner] -= 1
+        if self._owned[s.owner] <= 0:
+            del self._owned[s.owner]  # connections come and go: keep the map small
+        if key is not None:
+            s.owner = key
+            self._owned[key] += 1
+
     def _bucket(self, fps: float, now: float) -> TokenBucket:
         rate = self.config.rate_factor * fps
         return TokenBucket(rate, max(8.0, rate * self.config.rate_burst_s), now)
 
-    def _open(self, ident: bytes, msg: dict, t_recv: float) -> Session:
+    def _open(self, peer: Peer, msg: dict, t_recv: float) -> Session:
         try:
             info = self.pipeline.open_session(msg["session"], msg["layout"], msg["fps"],
                                               msg["reference"])
@@ -372,10 +450,11 @@ class Server:
         except (KeyError, ValueError) as exc:
             raise P.ProtocolError(_open_reason(exc), str(exc)) from None
         session = Session(
-            id=msg["session"], identity=ident, layout=msg["layout"], fps=msg["fps"],
-            shape=tuple(info["shape"]), info=info, last_seen=t_recv,
+            id=msg["session"], identity=peer.ident, owner=peer.key, layout=msg["layout"],
+            fps=msg["fps"], shape=tuple(info["shape"]), info=info, last_seen=t_recv,
             bucket=self._bucket(msg["fps"], t_recv))
         self.sessions[session.id] = session
+        self._owned[peer.key] += 1
         self.counters.sessions_opened += 1
         return session
 
@@ -395,25 +474,30 @@ class Server:
             raise P.ProtocolError("unknown_session", f"{sid}: send hello first")
         return s
 
-    def _on_frame(self, ident: bytes, msg: dict, t_recv: float) -> None:
+    def _on_frame(self, peer: Peer, msg: dict, t_recv: float) -> None:
         s = self._session_of(msg["session"])
-        s.last_seen = t_recv
         seq, joints = msg["seq"], msg["joints"]
+        # Before anything else: another key's frame must neither keep the session alive
+        # nor learn its last seq from a 'duplicate' / 'out_of_order' answer.
+        self._check_owner(s, peer, "frame", seq)
+        s.last_seen = t_recv
         reason = self._frame_problem(s, seq, joints, t_recv, self.config.max_in_flight)
         if reason is not None:
-            self._reject(ident, reason[0], reason[1], seq=seq, session=s)
+            self._reject(peer.ident, reason[0], reason[1], seq=seq, session=s)
             return
         # Answers go to the connection the frame came from: after a TCP reconnect (new
         # routing id) the headset gets estimates again with its very next frame. Only an
         # *accepted* frame moves the return path: a refused one (a stale duplicate, or
         # another peer replaying the session's seq) must not divert the session's
         # estimates away from its headset (tests/test_hostile.py).
-        s.identity = ident
+        s.identity = peer.ident
         if s.last_seq >= 0 and seq > s.last_seq + 1:  # gaps: frames lost on the way
             self.counters.frames_lost += seq - s.last_seq - 1
             s.counters.frames_lost += seq - s.last_seq - 1
         s.last_seq = seq
-        self.pipeline.submit(s.id, seq, msg["t"], joints)
+        # Queued here, not in the engine: _feed hands it over when the session's earlier
+        # frames are answered, unless it has gone stale by then.
+        s.pending.append((seq, msg["t"], joints))
         s.in_flight[seq] = t_recv
         self._in_flight += 1
         self.counters.frames_in += 1
@@ -435,31 +519,60 @@ class Server:
             return "overloaded", f"{len(s.in_flight)} frames of this session in the engine"
         return None
 
-    def _on_bye(self, ident: bytes, msg: dict, t_recv: float) -> None:
-        self._close(self._session_of(msg["session"]), "bye")
+    def _on_bye(self, peer: Peer, msg: dict, t_recv: float) -> None:
+        s = self._session_of(msg["session"])
+        self._check_owner(s, peer, "bye")
+        self._close(s, "bye")
 
-    def _on_ping(self, ident: bytes, msg: dict, t_recv: float) -> None:
+    def _on_ping(self, peer: Peer, msg: dict, t_recv: float) -> None:
         s = self.sessions.get(msg["session"]) if msg["session"] else None
-        if s is not None:
+        if s is not None and (not self._bound or peer.key == s.owner):
             s.last_seen = t_recv  # a heartbeat keeps a paused headset's session alive
-        self._send(ident, P.encode(P.pong(msg["client_time"], self.clock())))
+        self._send(peer.ident, P.encode(P.pong(msg["client_time"], self.clock())))
 
-    def _on_stats(self, ident: bytes, msg: dict, t_recv: float) -> None:
+    def _on_stats(self, peer: Peer, msg: dict, t_recv: float) -> None:
         if msg["session"] is None:
             reply = self.stats()
         else:
             s = self._session_of(msg["session"])
+            self._check_owner(s, peer, "stats")
             reply = {"counters": {**s.counters.flat(), "last_seq": s.last_seq},
                      "latency": None}
-        self._send(ident, P.encode(P.stats_reply(self.clock(), reply["counters"],
-                                                 reply["latency"], msg["session"])))
+        self._send(peer.ident, P.encode(P.stats_reply(self.clock(), reply["counters"],
+                                                      reply["latency"], msg["session"])))
 
     def stats(self) -> dict:
         """Whole-server counters (flat) and latency histogram, as sent in ``stats_reply``."""
         counters = {**self.counters.flat(), "sessions_active": len(self.sessions)}
+        # The resampler's discontinuities (engine.streams.StreamBank.counters), when the
+        # pipeline has a stream bank (engine.pipeline.Pipeline does; test fakes do not).
+        bank_counters = getattr(getattr(self.pipeline, "bank", None), "counters", None)
+        if isinstance(bank_counters, dict):
+            counters.update({f"streams.{k}": int(v) for k, v in sorted(bank_counters.items())})
         return {"counters": counters, "latency": self.latency.to_wire()}
 
     # ------------------------------------------------------------------ engine
+
+    def _feed(self, now: float) -> None:
+        """Hand each session's waiting frames to the engine, up to ``engine_depth`` at once.
+
+        A frame that already waited ``in_flight_timeout_s`` is dropped ('stale') instead:
+        its answer would come too late to use, and computing it would delay the fresh
+        frames behind it further (a backlog would feed itself)."""
+        depth, deadline = self.config.engine_depth, now - self.config.in_flight_timeout_s
+        for s in self.sessions.values():
+            self._drop_stale(s, deadline)
+            while s.pending and s.in_engine < depth:
+                seq, t, joints = s.pending.popleft()
+                self.pipeline.submit(s.id, seq, t, joints)
+
+    def _drop_stale(self, s: Session, deadline: float) -> None:
+        """Drop waiting frames received before ``deadline`` (oldest first: stop at a fresh one)."""
+        while s.pending and s.in_flight[s.pending[0][0]] < deadline:
+            seq = s.pending.popleft()[0]
+            del s.in_flight[seq]
+            self._in_flight -= 1
+            self._count_drop(s, "stale")
 
     def _step(self) -> None:
         """One batched engine step for every session with a new frame; send the answers."""
@@ -519,6 +632,7 @@ class Server:
             self._count_drop(s, reason)
         self._in_flight -= len(s.in_flight)
         s.in_flight.clear()
+        s.pending.clear()  # waiting frames are in in_flight too: counted above
 
     def _count_drop(self, s: Session, reason: str) -> None:
         self.counters.dropped[reason] += 1
@@ -529,6 +643,7 @@ class Server:
     def _close(self, s: Session, why: str) -> None:
         self._drop_in_flight(s, "session_closed")
         del self.sessions[s.id]
+        self._set_owner(s, None)  # frees a slot of its client's max_sessions_per_client
         try:
             self.pipeline.close_session(s.id)
         except Exception:  # noqa: BLE001 - a failed cleanup must not keep the session
@@ -541,14 +656,18 @@ class Server:
                  s.id, why, s.counters.frames_in, s.counters.estimates_out)
 
     def _sweep(self, now: float) -> None:
-        """Expire silent sessions; drop frames the engine has held too long."""
+        """Expire silent sessions; drop frames waited on too long (a stalled engine feeds
+        nothing, so waiting frames are dropped here too, not only in _feed)."""
         for s in list(self.sessions.values()):
             if now - s.last_seen > self.config.idle_timeout_s:
                 self._close(s, "expired")
                 continue
-            stale = [q for q, t in s.in_flight.items()
-                     if now - t > self.config.in_flight_timeout_s]
-            for q in stale:
+            deadline = now - self.config.in_flight_timeout_s
+            self._drop_stale(s, deadline)
+            # What is left before the deadline is in the engine (same test as _drop_stale,
+            # so no waiting frame is taken for one).
+            late = [q for q, t in s.in_flight.items() if t < deadline]
+            for q in late:
                 del s.in_flight[q]
                 self._in_flight -= 1
                 self._count_drop(s, "engine_timeout")

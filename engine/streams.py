@@ -4,8 +4,12 @@ A headset sends joints at its own rate (30-120 Hz) with capture timestamps; the 
 trained at ``InputSpec.fps`` (METHOD.md §3, "Frame rate"). Each stream is resampled onto
 its own model-rate grid ``t0 + k / fps``, anchored at its first frame: whenever a capture
 frame reaches or passes the next grid time, one model frame is made by linear interpolation
-between the two capture frames around it. A joint missing (NaN) in one neighbour is taken
-from the other; missing in both stays NaN, and ``frame_features`` turns it into 0.
+between the two capture frames around it; after a silence over ``max_gap_s``, or a capture
+frame that would make more than ``max_frames_per_push`` model frames, the grid re-anchors
+at the new frame instead (one model frame, nothing invented across the gap), so one
+capture frame never costs more than a few encoder steps. A joint missing (NaN) in one
+neighbour is taken from the other; missing in both stays NaN, and ``frame_features`` turns
+it into 0.
 
 The encoder state of a stream (its key/value window) lives in the backend, in a slot the
 bank allocates on ``open``. A stream therefore costs the same per frame at minute 60 as at
@@ -17,6 +21,7 @@ No torch here: this module is on the serving path.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,7 +30,8 @@ import numpy as np
 from engine.backends.base import Backend, BackendError
 from masa_rt.preprocess import InputSpec, frame_features
 
-__all__ = ["ModelFrame", "Resampler", "StreamBank", "StreamError", "StreamState"]
+__all__ = ["ModelFrame", "Resampler", "StreamBank", "StreamConfig", "StreamError",
+           "StreamState"]
 
 _TIME_EPS = 1e-6  # seconds; a capture stamp this close to a grid time *is* that grid time
 
@@ -60,20 +66,43 @@ def interpolate(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class StreamConfig:
+    """How live streams are resampled onto the model's grid (the serving path's limits)."""
+
+    # After a longer silence (tracking lost, network stall) the grid is re-anchored at the
+    # next frame instead of inventing interpolated frames across the gap.
+    max_gap_s: float = 0.5
+    # Model frames one capture frame may make. Each costs an encoder step, so without a cap
+    # a client spacing its stamps just under max_gap_s apart made ~15 per frame (at 30 fps)
+    # within its rate limit. A capture frame that would make more re-anchors the grid, as
+    # after a gap. 6: a 5 Hz stream on a 30 Hz model still interpolates.
+    max_frames_per_push: int | None = 6
+
+
 class Resampler:
     """Capture-rate samples (any shape) -> samples on a model-rate grid, in order.
 
     ``max_gap_s``: after a longer silence (tracking lost, network stall) the grid is
     re-anchored at the next frame instead of inventing interpolated frames across the gap.
-    Frames whose stamp does not increase are dropped (``stale`` counts them).
+    ``max_frames``: a capture frame that would complete more model frames than this also
+    re-anchors the grid (one model frame, no interpolation), so one capture frame never
+    costs more than ``max_frames`` encoder steps; None: no cap (offline recordings).
+    Frames whose stamp does not increase are dropped (``stale`` counts them); ``gaps``
+    counts re-anchors after the first frame, ``capped`` those of them due to ``max_frames``.
     """
 
-    def __init__(self, fps: float, max_gap_s: float = 0.5):
+    def __init__(self, fps: float, max_gap_s: float = 0.5, max_frames: int | None = None):
         if not fps > 0:
             raise ValueError(f"fps: expected > 0, found {fps}")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames: expected >= 1 or None, found {max_frames}")
         self.period = 1.0 / fps
         self.max_gap_s = max_gap_s
+        self.max_frames = max_frames
         self.stale = 0
+        self.gaps = 0
+        self.capped = 0
         self.reset()
 
     def reset(self) -> None:
@@ -91,8 +120,13 @@ class Resampler:
         if self._prev is not None and not t > self._prev[0]:
             self.stale += 1
             return []
-        if self._prev is None or t - self._prev[0] > self.max_gap_s:
+        if self._prev is None:
             self._t0, self._k = t, 0
+        elif t - self._prev[0] > self.max_gap_s:
+            self._reanchor(t)
+        elif self.max_frames is not None and self._makes_more_than(self.max_frames, t):
+            self._reanchor(t)
+            self.capped += 1
         out = []
         while (tk := self._next_time()) <= t + _TIME_EPS:
             if out and not tk > out[-1][0]:
@@ -109,6 +143,17 @@ class Resampler:
             self._k += 1
         self._prev = (t, x)
         return out
+
+    def _reanchor(self, t: float) -> None:
+        """A discontinuity: the grid starts again at ``t``, nothing is made across the gap."""
+        self._t0, self._k = t, 0
+        self.gaps += 1
+
+    def _makes_more_than(self, n: int, t: float) -> bool:
+        """Would ``t`` complete more than ``n`` model frames? Decided before making any (the
+        point is to refuse the work), with the loop's own test for its (n+1)-th grid time."""
+        assert self._t0 is not None
+        return self._t0 + (self._k + n) * self.period <= t + _TIME_EPS
 
 
 @dataclass
@@ -131,13 +176,20 @@ class StreamBank:
     ``push`` turns a capture frame into the model frames it completes; ``features`` makes
     the model input of a batch of them; ``step`` runs ONE backend call for a batch of
     ``(session, features)`` pairs (one frame per session).
+
+    ``counters`` totals the resampling discontinuities of all streams, open or closed:
+    ``gap_reset`` (silence over ``max_gap_s``) and ``interp_capped`` (a capture frame
+    that would have made over ``max_frames_per_push`` model frames); the server reports
+    them as ``streams.<name>`` in its stats.
     """
 
-    def __init__(self, backend: Backend, spec: InputSpec, *, max_gap_s: float = 0.5):
+    def __init__(self, backend: Backend, spec: InputSpec, config: StreamConfig | None = None):
         if backend.input_dim != spec.input_dim:
             raise ValueError(f"backend takes {backend.input_dim} inputs per frame, the input "
                              f"spec makes {spec.input_dim}: model and spec do not match")
-        self.backend, self.spec, self.max_gap_s = backend, spec, max_gap_s
+        self.backend, self.spec = backend, spec
+        self.config = config or StreamConfig()
+        self.counters: Counter[str] = Counter()
         self._streams: dict[Hashable, StreamState] = {}
 
     def __len__(self) -> int:
@@ -157,8 +209,9 @@ class StreamBank:
         if session in self._streams:
             raise StreamError(f"session {session!r} is already open")
         slot = self.backend.allocate()
-        self._streams[session] = StreamState(session, slot, Resampler(self.spec.fps,
-                                                                      self.max_gap_s))
+        cfg = self.config
+        rs = Resampler(self.spec.fps, cfg.max_gap_s, cfg.max_frames_per_push)
+        self._streams[session] = StreamState(session, slot, rs)
         return slot
 
     def close(self, session: Hashable) -> None:
@@ -185,8 +238,13 @@ class StreamBank:
         if seq is not None:
             st.last_seq = int(seq)
         j = np.asarray(joints, dtype=np.float32)
-        out = [self._model_frame(tk, x, j.shape)
-               for tk, x in st.resampler.push(_pack(j, features), t)]
+        rs = st.resampler
+        gaps, capped = rs.gaps, rs.capped
+        out = [self._model_frame(tk, x, j.shape) for tk, x in rs.push(_pack(j, features), t)]
+        if rs.gaps != gaps:  # a discontinuity: counted per stream and for the whole bank
+            name = "interp_capped" if rs.capped != capped else "gap_reset"
+            st.counters[name] = st.counters.get(name, 0) + 1
+            self.counters[name] += 1
         st.frames_out += len(out)
         return out
 

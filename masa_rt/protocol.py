@@ -54,6 +54,8 @@ REASONS = (
     "unknown_reference",  # hello names a reference activity the server has not loaded
     "wrong_layout",  # layout unknown, or differs from the session's / the model's layout
     "unauthorised",  # client not allowed (CURVE/ZAP allow-list)
+    "session_owner",  # --secure: the session belongs to another client key
+    "too_many_sessions",  # the client already holds ServerConfig.max_sessions_per_client
     "internal",  # server bug: reported, never silent
 )
 

@@ -11,7 +11,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from engine.backends import CapacityError, get_backend  # noqa: E402
-from engine.streams import Resampler, StreamBank, StreamError, interpolate  # noqa: E402
+from engine.streams import (  # noqa: E402
+    Resampler,
+    StreamBank,
+    StreamConfig,
+    StreamError,
+    interpolate,
+)
 from masa_rt.preprocess import frame_features  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -127,3 +133,51 @@ def test_bank_errors(engine_model):
         bank.push("nope", np.zeros((21, 3), np.float32), 0.0)
     bank.close("a")
     bank.open("b")  # the slot is free again
+
+
+def test_resampler_caps_the_frames_one_capture_frame_makes():
+    """Issue #7: a capture frame after a gap under max_gap_s made up to 15 model frames (at
+    30 fps); with ``max_frames`` a longer gap re-anchors the grid, as a silence does."""
+    x = np.zeros(3, np.float32)
+    rs = Resampler(30.0, max_gap_s=0.5, max_frames=6)
+    assert len(rs.push(x, 1.0)) == 1
+    assert len(rs.push(x, 1.0 + 3 / 30)) == 3  # a 10 Hz stream interpolates as before
+    assert len(rs.push(x, 1.0 + 9 / 30)) == 6  # exactly the cap: still interpolated
+    (t, _), = rs.push(x, 1.0 + 9 / 30 + 0.4)  # would make 12: one frame, grid re-anchored
+    assert t == pytest.approx(1.0 + 9 / 30 + 0.4) and (rs.gaps, rs.capped) == (1, 1)
+    assert len(rs.push(x, t + 2 / 30)) == 2  # interpolating again on the new grid
+    assert len(rs.push(x, t + 5.0)) == 1 and (rs.gaps, rs.capped) == (2, 1)  # a silence
+    assert len(rs.push(x, 1e300)) == 1 and rs.capped == 1  # hostile stamp: no work either
+    uncapped = Resampler(30.0, max_gap_s=0.5)  # offline recordings (engine.reference)
+    uncapped.push(x, 1.0)
+    assert len(uncapped.push(x, 1.4)) == 12 and uncapped.gaps == 0
+    with pytest.raises(ValueError, match="max_frames"):
+        Resampler(30.0, max_frames=0)
+
+
+class _SlotBackend:
+    """Just the slot bookkeeping of a backend: StreamBank.push never calls the model."""
+
+    def __init__(self, input_dim: int) -> None:
+        self.input_dim, self.free = input_dim, [0, 1]
+
+    def allocate(self) -> int:
+        return self.free.pop()
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+
+def test_bank_counts_capped_interpolation_and_gaps():
+    from masa_rt.preprocess import InputSpec
+
+    spec = InputSpec(layout="mediapipe_hand21", fps=FPS)
+    bank = StreamBank(_SlotBackend(spec.input_dim), spec,
+                      StreamConfig(max_gap_s=0.5, max_frames_per_push=4))
+    j = np.zeros((21, 3), np.float32)
+    bank.open("a")
+    assert [len(bank.push("a", j, t)) for t in (0.0, 4 / FPS, 0.4, 2.0)] == [1, 4, 1, 1]
+    assert bank.state("a").counters == {"interp_capped": 1, "gap_reset": 1}
+    bank.close("a")  # the bank's totals outlive the stream
+    assert bank.counters == {"interp_capped": 1, "gap_reset": 1}
+    assert StreamConfig().max_frames_per_push == 6  # the serving default
