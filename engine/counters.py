@@ -113,6 +113,9 @@ class Counters:
     frames_lost: int = 0  # seq gaps: frames the client numbered but that never arrived
     published: int = 0
     loop_errors: int = 0  # server bugs caught by the loop's last line of defence
+    # Of rejected['overloaded']: frames that arrived already older than the server's
+    # max_queue_delay_s (they waited in libzmq's or the OS's queues), refused unread.
+    queued_too_long: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
 

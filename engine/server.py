@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import signal
 import threading
 import time
@@ -60,6 +61,12 @@ class ServerConfig:
     # An accepted frame unanswered this long is dropped: 'engine_timeout' once in the
     # engine, 'stale' if it is still waiting for it (then it is never computed at all).
     in_flight_timeout_s: float = 2.0
+    # A frame that reaches the server more than this much later than its session's usual
+    # transit delay (capture -> receipt, a windowed minimum, so client clock offsets cancel)
+    # waited in a queue on the way (libzmq's, the OS's): dropped as 'stale' on arrival,
+    # never computed. Keeps an overloaded server from working off minutes-old frames.
+    max_queue_delay_s: float = 2.0
+    lag_window_s: float = 10.0  # the minimum transit delay is taken over 1-2 such windows
     # Frames one session may have in the engine at once; more are shed ('overloaded', with
     # seq). Bounds the engine backlog a burst or a flood within the rate limit can build
     # (each capture frame can make several model frames), so it cannot grow without end.
@@ -71,7 +78,14 @@ class ServerConfig:
     engine_depth: int = 4
     poll_ms: int = 5  # idle poll timeout; also bounds shutdown and expiry latency
     max_batch: int = 4096  # messages drained per loop before the engine steps
-    router_hwm: int = 10_000  # queued messages per peer, both directions
+    # ... and at most this long: under overload a drain of ``max_batch`` messages would
+    # hold every answer for 100+ ms; stepping between bounded drains keeps answers flowing.
+    drain_budget_s: float = 0.02
+    # Queued messages per peer, both directions. Small on purpose: a frame queued inside
+    # libzmq is invisible to the staleness checks, and 64 peers x 10,000 frames was 3 GiB
+    # of RSS in the 64 x 90 Hz load run. Beyond it libzmq pushes back over TCP and the
+    # client's own send queue fills, where the client counts what it could not send.
+    router_hwm: int = 512
     pub_hwm: int = 1_000  # per subscriber: a slow dashboard loses estimates, never blocks us
     sweep_s: float = 0.25  # how often idle sessions and stale frames are swept
     # Encoder rounds per loop, for pipelines whose step() takes ``max_rounds``: one round
@@ -114,6 +128,29 @@ class TokenBucket:
         return True
 
 
+class TransitDelay:
+    """Windowed minimum of ``t_recv - t_capture`` of one session's frames.
+
+    The minimum is the client's clock offset plus the fastest transit; how far a frame lies
+    above it is how long it sat in a queue on the way. The minimum is taken over the current
+    and the previous window, so a client clock that jumps forward costs at most two windows
+    of 'stale' drops instead of every later frame, while a backlog that lasts less than a
+    window is still seen."""
+
+    def __init__(self, window_s: float, now: float) -> None:
+        self.window_s = window_s
+        self.rotate_at = now + window_s
+        self.previous = self.current = math.inf
+
+    def queued_for(self, lag: float, now: float) -> float:
+        """Record one frame's lag; return its queueing delay (>= 0)."""
+        if now >= self.rotate_at:
+            self.previous, self.current = self.current, math.inf
+            self.rotate_at = now + self.window_s
+        self.current = min(self.current, lag)
+        return lag - min(self.current, self.previous)
+
+
 @dataclass(frozen=True)
 class Peer:
     """Who sent a message: where to answer (``ident``) and who it is (``key``)."""
@@ -142,6 +179,7 @@ class Session:
     in_flight: dict[int, float] = field(default_factory=dict)  # seq -> t_server_recv
     # Accepted frames not yet handed to the engine (a subset of in_flight), oldest first.
     pending: deque[tuple[int, float, np.ndarray]] = field(default_factory=deque)
+    lag: TransitDelay | None = None  # capture -> receipt delay, to spot queued frames
 
     @property
     def in_engine(self) -> int:
@@ -204,6 +242,7 @@ class Server:
                     log.exception("event=loop_error")
                     self.counters.loop_errors += 1
         finally:
+            self._account_at_stop()
             self._final = self.stats()
             self._close_sockets()
             log.info("event=stopped frames_in=%d estimates_out=%d rejected=%d dropped=%d",
@@ -302,8 +341,11 @@ class Server:
             self._next_sweep = now + self.config.sweep_s
 
     def _drain(self) -> None:
-        """Handle every queued message (up to ``max_batch``) without blocking."""
-        for _ in range(self.config.max_batch):
+        """Handle queued messages without blocking, up to ``max_batch`` or ``drain_budget_s``."""
+        end = self.clock() + self.config.drain_budget_s
+        for i in range(self.config.max_batch):
+            if i % 16 == 15 and self.clock() > end:
+                return
             try:
                 # --secure needs the frames (not bytes) for their ZAP User-Id property.
                 parts = self._router.recv_multipart(zmq.NOBLOCK, copy=not self._bound)
@@ -481,7 +523,8 @@ class Server:
         # nor learn its last seq from a 'duplicate' / 'out_of_order' answer.
         self._check_owner(s, peer, "frame", seq)
         s.last_seen = t_recv
-        reason = self._frame_problem(s, seq, joints, t_recv, self.config.max_in_flight)
+        reason = (self._frame_problem(s, seq, joints, t_recv, self.config.max_in_flight)
+                  or self._queued_too_long(s, msg["t"], t_recv))
         if reason is not None:
             self._reject(peer.ident, reason[0], reason[1], seq=seq, session=s)
             return
@@ -495,13 +538,13 @@ class Server:
             self.counters.frames_lost += seq - s.last_seq - 1
             s.counters.frames_lost += seq - s.last_seq - 1
         s.last_seq = seq
+        self.counters.frames_in += 1
+        s.counters.frames_in += 1
         # Queued here, not in the engine: _feed hands it over when the session's earlier
         # frames are answered, unless it has gone stale by then.
         s.pending.append((seq, msg["t"], joints))
         s.in_flight[seq] = t_recv
         self._in_flight += 1
-        self.counters.frames_in += 1
-        s.counters.frames_in += 1
 
     @staticmethod
     def _frame_problem(s: Session, seq: int, joints: np.ndarray, now: float,
@@ -518,6 +561,19 @@ class Server:
         if len(s.in_flight) >= max_in_flight:
             return "overloaded", f"{len(s.in_flight)} frames of this session in the engine"
         return None
+
+    def _queued_too_long(self, s: Session, t_capture: float,
+                         t_recv: float) -> tuple[str, str] | None:
+        """'overloaded' (shed under load, an existing reason) for a frame that sat in a queue
+        on the way longer than ``max_queue_delay_s``: its answer would come too late."""
+        if s.lag is None:
+            s.lag = TransitDelay(self.config.lag_window_s, t_recv)
+        queued = s.lag.queued_for(t_recv - t_capture, t_recv)
+        if queued <= self.config.max_queue_delay_s:
+            return None
+        self.counters.queued_too_long += 1
+        s.counters.queued_too_long += 1
+        return "overloaded", f"stale: queued {queued:.2f} s on the way"
 
     def _on_bye(self, peer: Peer, msg: dict, t_recv: float) -> None:
         s = self._session_of(msg["session"])
@@ -671,6 +727,33 @@ class Server:
                 del s.in_flight[q]
                 self._in_flight -= 1
                 self._count_drop(s, "engine_timeout")
+
+    def _account_at_stop(self) -> None:
+        """Nothing lost silently at shutdown: frames still queued in libzmq or waiting for
+        the engine are counted as dropped ('shutdown'), the queue read without blocking."""
+        for _ in range(self.config.max_batch * 16):
+            try:
+                parts = self._router.recv_multipart(zmq.NOBLOCK)
+            except (zmq.Again, zmq.ZMQError, AttributeError):
+                break
+            self.counters.messages_in += 1
+            s = self._frame_session(parts)
+            if s is not None:
+                self.counters.frames_in += 1
+                s.counters.frames_in += 1
+                self._count_drop(s, "shutdown")
+        for s in self.sessions.values():
+            self._drop_in_flight(s, "shutdown")
+
+    def _frame_session(self, parts: list[bytes]) -> Session | None:
+        """The session of a queued, decodable frame message, else None."""
+        try:
+            msg = P.decode(parts[-1])
+        except Exception:  # noqa: BLE001 - anything undecodable was never a frame
+            return None
+        if msg.get("type") != "frame":
+            return None
+        return self.sessions.get(msg["session"])
 
     def report(self) -> str:
         """The exit table: counters and latency percentiles."""

@@ -530,7 +530,9 @@ def _run_real_pipeline_cases(srv: Server, hostile: Peer, good: Peer) -> None:
         for p in payloads:
             hostile.send(p)
         answers = [outcome(r) for r in hostile.replies(len(payloads), timeout=20)]
-        assert answers == ["estimate"] * len(payloads)
+        # A stamp far behind the session's usual capture->receipt delay reads as a frame
+        # that queued on the way: shed as 'overloaded' (ServerConfig.max_queue_delay_s).
+        assert set(answers) <= {"estimate", "overloaded"}, answers
         seq = state["good_seq"]
         good.send(P.encode(P.frame("good", seq, seq / 30.0, poses[seq % len(poses)])))
         (est,) = good.replies(1)
@@ -540,8 +542,10 @@ def _run_real_pipeline_cases(srv: Server, hostile: Peer, good: Peer) -> None:
 
     case()
     counters = srv.stats()["counters"]
-    assert counters["loop_errors"] == 0 and counters["rejected"] == 0
-    assert counters["frames_in"] == state["sent"] + state["good_seq"]
+    shed = counters["rejected"]  # only stamps that read as queued on the way
+    assert counters["loop_errors"] == 0
+    assert shed == counters.get("rejected.overloaded", 0) == counters["queued_too_long"]
+    assert counters["frames_in"] + shed == state["sent"] + state["good_seq"]
     assert srv._thread.is_alive()
 
 

@@ -591,3 +591,59 @@ def test_secure_session_limit_counts_per_key_not_per_connection(ctx, keydir):
         for x in (*conns, bob):
             x.sock.close()
         srv.stop()
+
+
+def test_transit_delay_is_lag_above_a_windowed_minimum():
+    from engine.server import TransitDelay
+
+    d = TransitDelay(window_s=10.0, now=0.0)
+    assert d.queued_for(5.0, now=0.0) == 0.0  # the first frame sets the baseline
+    assert d.queued_for(5.5, now=1.0) == pytest.approx(0.5)  # waited half a second
+    assert d.queued_for(4.0, now=2.0) == 0.0  # a faster transit lowers the baseline
+    assert d.queued_for(9.0, now=11.0) == pytest.approx(5.0)  # previous window still counts
+    # A client clock that jumped forward by 5 s reads as queued for at most two windows.
+    assert d.queued_for(9.0, now=21.0) == 0.0
+
+
+def test_frames_that_queued_on_the_way_are_shed_unread(ctx):
+    """A frame whose capture->receipt delay is max_queue_delay_s above the session's usual
+    one waited in a queue (libzmq, OS): refused as 'overloaded' with its seq, counted in
+    queued_too_long, never computed; a fresh frame after it is answered."""
+    srv, pipe = make_server(max_queue_delay_s=0.5)
+    submitted: list[int] = []
+    submit = pipe.submit
+    pipe.submit = lambda sid, seq, t, j: submitted.append(seq) or submit(sid, seq, t, j)
+    c = Client(ctx, srv.address)
+    try:
+        c.hello("s1")
+        c.frame("s1", 0)
+        assert c.expect("estimate")["seq"] == 0
+        c.frame("s1", 1, t=time.perf_counter() - 3.0)  # captured 3 s ago
+        err = c.expect("error")
+        assert (err["reason"], err["seq"]) == ("overloaded", 1) and "queued" in err["detail"]
+        c.frame("s1", 2)
+        assert c.expect("estimate")["seq"] == 2
+        counters = srv.stats()["counters"]
+        assert counters["queued_too_long"] == 1 == counters["rejected.overloaded"]
+        assert submitted == [0, 2]
+    finally:
+        c.sock.close()
+        srv.stop()
+
+
+def test_frames_still_queued_at_shutdown_are_counted(ctx):
+    """Stopping never loses a frame silently: what waits for the engine, or still sits in
+    libzmq's queue, is counted as dropped 'shutdown'."""
+    srv, pipe = make_server(engine_depth=1, in_flight_timeout_s=60.0, sweep_s=100.0)
+    c = Client(ctx, srv.address)
+    try:
+        c.hello("s1")
+        pipe.hold = True  # the engine answers nothing: frames wait in the server
+        for seq in range(5):
+            c.frame("s1", seq)
+        wait_for(lambda: srv.counters.frames_in == 5)
+        final = srv.stop()["counters"]
+    finally:
+        c.sock.close()
+    assert final["dropped.shutdown"] == 5 == final["frames_in"]
+    assert final["estimates_out"] == 0
