@@ -54,7 +54,7 @@ def generator(address: str, index: int, clients: int, rate: float, duration: flo
         time.sleep(0.001)
     report = replay(DEMO, address, rate_hz=rate, clients=clients, loop=True,
                     duration=duration, on_estimate=on_estimate, reference="pour_milk",
-                    session_prefix=f"load{index}", drain_s=5.0, open_timeout=30.0)
+                    session_prefix=f"load{index}", drain_s=30.0, open_timeout=30.0)
     out.put({"index": index, "report": report.to_dict(),
              "windows": {w: (h.counts.tolist(), h.count, h.total_us, h.min_us, h.max_us)
                          for w, h in windows.items()}})

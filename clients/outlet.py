@@ -45,7 +45,7 @@ class PoseOutlet:
     def __init__(self, address: str = DEFAULT_ADDRESS, session: str | None = None,
                  layout: str = "h2o_hands", fps: float = 30.0, reference: str | None = None,
                  *, curve: CurveKeys | None = None, lost_after: float = 3.0,
-                 heartbeat: float | None = None, sndhwm: int = 256,
+                 heartbeat: float | None = None, sndhwm: int = 256, sndbuf: int = 65_536,
                  context: zmq.Context | None = None) -> None:
         self.address = address
         self.session = session or uuid.uuid4().hex
@@ -59,7 +59,7 @@ class PoseOutlet:
         self.malformed = 0  # undecodable replies (a broken or hostile server)
         self.clock = ClockOffset()
         self.last_stats: dict | None = None
-        self._curve, self._sndhwm = curve, sndhwm
+        self._curve, self._sndhwm, self._sndbuf = curve, sndhwm, sndbuf
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
@@ -87,6 +87,10 @@ class PoseOutlet:
             # No queueing towards a link that is not up: frames would arrive stale.
             self._sock.setsockopt(zmq.IMMEDIATE, 1)
             self._sock.setsockopt(zmq.SNDHWM, self._sndhwm)
+            # A small kernel send buffer: when the server falls behind, frames back up in
+            # the SNDHWM queue, where push() sees it and counts them ('hwm_full'), not in
+            # megabytes of loopback TCP buffer that nobody can count.
+            self._sock.setsockopt(zmq.SNDBUF, self._sndbuf)
             events = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
             if self._curve is not None:  # a refused key is reported, not taken for no server
                 events |= zmq.EVENT_HANDSHAKE_FAILED_AUTH

@@ -66,7 +66,7 @@ class ServerConfig:
     # waited in a queue on the way (libzmq's, the OS's): dropped as 'stale' on arrival,
     # never computed. Keeps an overloaded server from working off minutes-old frames.
     max_queue_delay_s: float = 2.0
-    lag_window_s: float = 10.0  # the minimum transit delay is taken over 1-2 such windows
+    lag_window_s: float = 30.0  # the minimum transit delay is taken over 1-2 such windows
     # Frames one session may have in the engine at once; more are shed ('overloaded', with
     # seq). Bounds the engine backlog a burst or a flood within the rate limit can build
     # (each capture frame can make several model frames), so it cannot grow without end.
@@ -85,7 +85,11 @@ class ServerConfig:
     # libzmq is invisible to the staleness checks, and 64 peers x 10,000 frames was 3 GiB
     # of RSS in the 64 x 90 Hz load run. Beyond it libzmq pushes back over TCP and the
     # client's own send queue fills, where the client counts what it could not send.
-    router_hwm: int = 512
+    router_hwm: int = 256
+    # Kernel socket buffers of the ROUTER's connections (SO_RCVBUF/SO_SNDBUF). Loopback TCP
+    # autotunes to megabytes, thousands of frames queued where nothing can see or count
+    # them; 64 KiB is ~1 s of a 90 Hz hand stream, so backpressure reaches the client fast.
+    tcp_buffer_bytes: int = 65_536
     pub_hwm: int = 1_000  # per subscriber: a slow dashboard loses estimates, never blocks us
     sweep_s: float = 0.25  # how often idle sessions and stale frames are swept
     # Encoder rounds per loop, for pipelines whose step() takes ``max_rounds``: one round
@@ -291,6 +295,8 @@ class Server:
         cfg = self.config
         self._ctx = zmq.Context()
         self._router = self._socket(zmq.ROUTER, cfg.router_hwm)
+        self._router.setsockopt(zmq.RCVBUF, cfg.tcp_buffer_bytes)
+        self._router.setsockopt(zmq.SNDBUF, cfg.tcp_buffer_bytes)
         # Mandatory routing: a send to a vanished peer or a full pipe raises instead of
         # vanishing silently, so every undelivered estimate is counted in dropped[reason].
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -370,7 +376,10 @@ class Server:
                 raise P.ProtocolError("malformed", f"expected 1 frame, got {len(parts) - 1}")
             if len(parts[1]) > self.config.max_message_bytes:
                 raise P.ProtocolError("too_large", f"{len(parts[1])} bytes")
-            msg = P.decode(parts[1])
+            raw = P.unpack(parts[1])
+            if self._shed_on_arrival(peer, raw, t_recv):
+                return
+            msg = P.validate(raw)
             handler = self._handlers.get(msg["type"])
             if handler is None:
                 raise P.ProtocolError("unknown_type", f"{msg['type']!r} is a server message")
@@ -523,8 +532,7 @@ class Server:
         # nor learn its last seq from a 'duplicate' / 'out_of_order' answer.
         self._check_owner(s, peer, "frame", seq)
         s.last_seen = t_recv
-        reason = (self._frame_problem(s, seq, joints, t_recv, self.config.max_in_flight)
-                  or self._queued_too_long(s, msg["t"], t_recv))
+        reason = self._frame_problem(s, seq, joints, t_recv, self.config.max_in_flight)
         if reason is not None:
             self._reject(peer.ident, reason[0], reason[1], seq=seq, session=s)
             return
@@ -562,18 +570,33 @@ class Server:
             return "overloaded", f"{len(s.in_flight)} frames of this session in the engine"
         return None
 
-    def _queued_too_long(self, s: Session, t_capture: float,
-                         t_recv: float) -> tuple[str, str] | None:
-        """'overloaded' (shed under load, an existing reason) for a frame that sat in a queue
-        on the way longer than ``max_queue_delay_s``: its answer would come too late."""
+    def _shed_on_arrival(self, peer: Peer, raw: Any, t_recv: float) -> bool:
+        """Refuse, from its header alone, a frame that sat in a queue on the way longer than
+        ``max_queue_delay_s``: 'overloaded' (shed under load, an existing reason) with its
+        seq. Its answer would come too late, and an overloaded server must shed for much
+        less than it costs to serve, or the queue never drains (64 x 90 Hz load run: with
+        full validation first, every frame after the first seconds was stale). Anything
+        not a well-formed, in-order frame of a session the sender owns takes the normal
+        path and gets its own reason."""
+        if not isinstance(raw, dict) or raw.get("type") != "frame":
+            return False
+        s = self.sessions.get(raw.get("session")) if isinstance(raw.get("session"), str) else None
+        seq, t = raw.get("seq"), raw.get("t")
+        if (s is None or (self._bound and peer.key != s.owner) or type(seq) is not int
+                or seq <= s.last_seq or type(t) is not float or not math.isfinite(t)):
+            return False
         if s.lag is None:
             s.lag = TransitDelay(self.config.lag_window_s, t_recv)
-        queued = s.lag.queued_for(t_recv - t_capture, t_recv)
+        queued = s.lag.queued_for(t_recv - t, t_recv)
         if queued <= self.config.max_queue_delay_s:
-            return None
+            return False
+        s.last_seen = t_recv
+        s.last_seq = seq  # it arrived: a later gap must not count it as lost
         self.counters.queued_too_long += 1
         s.counters.queued_too_long += 1
-        return "overloaded", f"stale: queued {queued:.2f} s on the way"
+        self._reject(peer.ident, "overloaded", f"stale: queued {queued:.2f} s on the way",
+                     seq=seq, session=s)
+        return True
 
     def _on_bye(self, peer: Peer, msg: dict, t_recv: float) -> None:
         s = self._session_of(msg["session"])

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 CROPS = ("off", "shared", "independent")
+TEMPORALS = ("drop", "warp")
 
 
 @dataclass
@@ -40,6 +41,19 @@ class AugmentConfig:
     # (a hand: the joints the mirror map sends to a higher index, or those it sends to a
     # lower one) is NaN, so the model learns to read through tracking dropouts.
     joint_dropout: float = 0.0
+    # Temporal augmentation (not in the paper beyond "drop"). "drop": the paper's random frame
+    # drop (keep_ratio), so a view is only ever sped up, uniformly. "warp": the same drop, then
+    # a piecewise speed profile over the kept frames (a few segments, each with a speed drawn
+    # log-uniformly in [speed_min, speed_max]) and, with probability pause_prob, a pause
+    # (one frame held for 1..pause_max_frames output frames). Slowed and paused views read
+    # the same original frame several times: index maps may repeat indices.
+    temporal: str = "drop"  # "drop" | "warp"
+    speed_min: float = 0.5
+    speed_max: float = 2.0
+    warp_segments: int = 3  # each view draws 1..warp_segments speed segments
+    pause_prob: float = 0.3
+    pause_max_frames: int = 30
+    warp_max_ratio: float = 2.0  # a warped view has at most this x its crop's length frames
 
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
@@ -52,6 +66,16 @@ class AugmentConfig:
             raise ValueError(f"crop_min_ratio={self.crop_min_ratio} must be in (0, 1]")
         if not 0 <= self.joint_dropout < 1:
             raise ValueError(f"joint_dropout={self.joint_dropout} must be in [0, 1)")
+        if self.temporal not in TEMPORALS:
+            raise ValueError(f"temporal={self.temporal!r}; expected one of {TEMPORALS}")
+        if not 0 < self.speed_min <= self.speed_max:
+            raise ValueError(f"speed_min={self.speed_min}, speed_max={self.speed_max} must "
+                             "satisfy 0 < speed_min <= speed_max")
+        if self.warp_segments < 1 or self.pause_max_frames < 0 or not 0 <= self.pause_prob <= 1:
+            raise ValueError("need warp_segments >= 1, pause_max_frames >= 0, "
+                             "0 <= pause_prob <= 1")
+        if not self.warp_max_ratio >= 1:
+            raise ValueError(f"warp_max_ratio={self.warp_max_ratio} must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +109,64 @@ def _keep(rng: np.random.Generator, a: int, b: int, cfg: AugmentConfig) -> np.nd
     return a + np.sort(rng.choice(L, size=n, replace=False))
 
 
+def _warp_positions(
+    rng: np.random.Generator, L: int, cfg: AugmentConfig, lo: int, cap: int
+) -> np.ndarray:  # fmt: skip
+    """Non-decreasing float positions into L frames, from 0 to L - 1: a speed profile.
+
+    The span [0, L-1] is cut at random into 1..warp_segments segments; segment i is read at
+    speed s_i (source frames per output frame, log-uniform in [speed_min, speed_max]), so it
+    lasts len_i / s_i output frames. Then, with probability pause_prob, one position is held
+    for 1..pause_max_frames more frames. Finally the count is brought into [lo, cap] by
+    resampling the positions uniformly (first and last kept): a cap only speeds a view up.
+    """
+    if L == 1:
+        pos = np.zeros(1)
+    else:
+        span = float(L - 1)
+        n_seg = int(rng.integers(1, cfg.warp_segments + 1))
+        edges = np.concatenate([[0.0], np.sort(rng.uniform(0.0, span, n_seg - 1)), [span]])
+        speeds = np.exp(rng.uniform(np.log(cfg.speed_min), np.log(cfg.speed_max), n_seg))
+        times = np.concatenate([[0.0], np.cumsum(np.diff(edges) / speeds)])  # output time
+        pos = np.interp(np.arange(int(np.floor(times[-1])) + 1, dtype=np.float64), times, edges)
+        if pos[-1] < span:  # end on the last frame (a last step shorter than its speed)
+            pos = np.append(pos, span)
+    if cfg.pause_max_frames > 0 and rng.random() < cfg.pause_prob:
+        k = int(rng.integers(0, len(pos)))
+        hold = int(rng.integers(1, cfg.pause_max_frames + 1))
+        pos = np.insert(pos, k, np.full(hold, pos[k]))
+    n = min(max(len(pos), lo), cap)
+    if n != len(pos):
+        pos = np.interp(np.linspace(0.0, len(pos) - 1, n), np.arange(len(pos)), pos)
+    return pos
+
+
+def _warp(rng: np.random.Generator, kept: np.ndarray, a: int, b: int,
+          cfg: AugmentConfig) -> np.ndarray:
+    """Warp the kept frames of [a, b) (``_keep``'s output): non-decreasing ints in [a, b).
+
+    Output frame k reads ``kept[round(position_k)]``: a slowed segment or a pause repeats
+    an original frame, a fast one skips frames. Repeating is what a live user slower than the
+    demonstration looks like at a fixed 30 fps (consecutive frames that barely differ); the
+    losses take repeated indices as they are (Eq. 3 regresses the original index, Eq. 8 pairs
+    equal indices). Drop-then-warp keeps the paper's irregular frame drop (live streams drop
+    frames too) and adds only what it lacks, slow-downs, pauses and uneven speed, in one step.
+    Caveat: the trainer feeds g as the model's positions, so repeated frames share a position
+    and the causal band still spans W source frames; a live stream's positions are its frame
+    count (see configs/hands_causal_warp.yaml for what that cost in measurement).
+    """
+    lo = min(cfg.min_frames, b - a)
+    cap = max(lo, int(cfg.warp_max_ratio * (b - a)))
+    pos = _warp_positions(rng, len(kept), cfg, lo, cap)
+    return kept[np.clip(np.round(pos).astype(np.int64), 0, len(kept) - 1)]
+
+
+def _view_map(rng: np.random.Generator, a: int, b: int, cfg: AugmentConfig) -> np.ndarray:
+    """One view's index map over the crop [a, b) under ``cfg.temporal``."""
+    kept = _keep(rng, a, b, cfg)
+    return kept if cfg.temporal == "drop" else _warp(rng, kept, a, b, cfg)
+
+
 def _index_maps(
     rng: np.random.Generator, lengths: np.ndarray, cfg: AugmentConfig
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
@@ -93,8 +175,8 @@ def _index_maps(
     for T in lengths:
         c1 = _crop(rng, int(T), cfg)
         c2 = c1 if cfg.crop != "independent" else _crop(rng, int(T), cfg)
-        maps1.append(_keep(rng, *c1, cfg))
-        maps2.append(_keep(rng, *c2, cfg))
+        maps1.append(_view_map(rng, *c1, cfg))
+        maps2.append(_view_map(rng, *c2, cfg))
         crops1.append(c1)
         crops2.append(c2)
     return maps1, maps2, np.array(crops1, np.int64), np.array(crops2, np.int64)
@@ -221,7 +303,8 @@ def dual_augment(
     ``x`` (B, T, J, C) float (numpy or torch), ``lengths`` (B,) real frames per sample,
     ``features`` (B, T, F) or None. Each view is a dict: ``joints`` (B, M, J, C) float32,
     ``features`` (B, M, F) or None, ``mask`` (B, M) bool, ``g`` (B, M) int64 original frame
-    indices (strictly increasing, -1 on padding), ``lengths`` (B,) int64, ``crop`` (B, 2)
+    indices (strictly increasing with ``temporal="drop"``, non-decreasing with "warp"; -1 on
+    padding), ``lengths`` (B,) int64, ``crop`` (B, 2)
     the [a, b) range it was drawn from, and the spatial parameters ``rotation`` (B, C, C),
     ``scale`` (B,), ``translation`` (B, C), ``mirrored`` (B,) bool, so that
     ``joints = scale * rotation @ mirror?(x[g]) + translation + noise``.

@@ -347,19 +347,25 @@ def encode(msg: Mapping[str, Any]) -> bytes:
     return data
 
 
+def unpack(data: bytes) -> Any:
+    """Unpack one message *without* validating it (see :func:`decode`); raise only
+    :class:`ProtocolError`. For a server that must look at a frame's header (session, seq,
+    stamp) before it spends the full validation on it."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError("too_large", f"{len(data)} > {MAX_MESSAGE_BYTES} bytes")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # noqa: BLE001 - hostile bytes trip many msgpack exception types
+        raise ProtocolError("malformed", f"not msgpack: {type(exc).__name__}") from None
+
+
 def decode(data: bytes) -> dict:
     """Unpack and validate one message; raise only :class:`ProtocolError`.
 
     A ``frame``'s ``joints`` come back as a read-only (J, C) float32 array viewing the
     message buffer (no copy).
     """
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError("too_large", f"{len(data)} > {MAX_MESSAGE_BYTES} bytes")
-    try:
-        msg = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # noqa: BLE001 - hostile bytes trip many msgpack exception types
-        raise ProtocolError("malformed", f"not msgpack: {type(exc).__name__}") from None
-    return validate(msg)
+    return validate(unpack(data))
 
 
 # --------------------------------------------------------------------------- builders

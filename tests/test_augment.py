@@ -169,3 +169,104 @@ def test_joint_dropout_rate_and_whole_hands():
     assert whole.mean() > 0.05
     with pytest.raises(ValueError, match="joint_dropout"):
         AugmentConfig(joint_dropout=1.0)
+
+
+# ----------------------------------------------------------------------------- temporal warp
+
+
+@st.composite
+def warp_configs(draw):
+    lo = draw(st.floats(0.25, 1.0))
+    return AugmentConfig(
+        crop=draw(st.sampled_from(["off", "shared", "independent"])),
+        min_frames=draw(st.integers(1, 10)),
+        keep_ratio=(draw(st.floats(0.3, 1.0)), 1.0),
+        temporal="warp",
+        speed_min=lo,
+        speed_max=lo * draw(st.floats(1.0, 6.0)),
+        warp_segments=draw(st.integers(1, 5)),
+        pause_prob=draw(st.sampled_from([0.0, 0.5, 1.0])),
+        pause_max_frames=draw(st.integers(0, 40)),
+        warp_max_ratio=draw(st.floats(1.0, 3.0)),
+        joint_noise_std=0.0,
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(lengths=st.lists(st.integers(1, 120), min_size=1, max_size=3),
+       cfg=warp_configs(), seed=st.integers(0, 2**31 - 1))  # fmt: skip
+def test_warp_index_maps_are_monotone_inside_the_crop_and_capped(lengths, cfg, seed):
+    T = max(lengths)
+    x = np.random.default_rng(seed).normal(size=(len(lengths), T, J, 3)).astype(np.float32)
+    lengths = np.array(lengths)
+    views = dual_augment(x, lengths, np.random.default_rng(seed), cfg, MIRROR)
+    again = dual_augment(x, lengths, np.random.default_rng(seed), cfg, MIRROR)
+    for view, same in zip(views, again, strict=True):
+        np.testing.assert_array_equal(view["g"], same["g"])  # deterministic per seed
+        np.testing.assert_array_equal(view["joints"], same["joints"])
+        for b, n in enumerate(view["lengths"]):
+            gb = view["g"][b, :n]
+            a, e = view["crop"][b]
+            assert np.all(np.diff(gb) >= 0)  # non-decreasing: repeats allowed
+            assert np.all((gb >= a) & (gb < e))  # inside the crop, so first and last too
+            assert min(cfg.min_frames, e - a) <= n <= max(min(cfg.min_frames, e - a),
+                                                          int(cfg.warp_max_ratio * (e - a)))
+            assert np.all(view["g"][b, n:] == -1) and not view["mask"][b, n:].any()
+        for b, want in enumerate(expected_joints(x, view)):  # joints still read x at g
+            np.testing.assert_allclose(view["joints"][b, : view["lengths"][b]], want,
+                                       rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(L=st.integers(2, 400), lo=st.floats(0.25, 2.0), ratio=st.floats(1.0, 4.0),
+       segments=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))  # fmt: skip
+def test_warp_speeds_stay_within_bounds(L, lo, ratio, segments, seed):
+    from masa_rt.augment import _warp_positions
+
+    cfg = AugmentConfig(temporal="warp", speed_min=lo, speed_max=lo * ratio,
+                        warp_segments=segments, pause_prob=0.0)  # fmt: skip
+    pos = _warp_positions(np.random.default_rng(seed), L, cfg, 1, 10**9)  # no cap
+    assert pos[0] == 0 and pos[-1] == L - 1
+    steps = np.diff(pos)
+    tol = 1e-9
+    assert np.all(steps > 0) and np.all(steps <= cfg.speed_max + tol)  # per output frame
+    assert np.all(steps[:-1] >= cfg.speed_min - tol)  # the last step may end early
+    # in aggregate: source frames per output frame, between the slowest and fastest speed
+    assert cfg.speed_min - tol <= (L - 1) / max(len(pos) - 2, 1) or len(pos) <= 2
+    assert (L - 1) / (len(pos) - 1) <= cfg.speed_max + tol
+
+
+def test_warp_slows_down_pauses_and_speeds_up_on_average():
+    from masa_rt.augment import _warp_positions
+
+    rng = np.random.default_rng(0)
+    cfg = AugmentConfig(temporal="warp", pause_prob=1.0, pause_max_frames=30)
+    rates, held = [], []
+    for _ in range(2000):
+        pos = _warp_positions(rng, 100, cfg, 1, 10**9)
+        rates.append(99 / (len(pos) - 1))
+        held.append(np.max(np.unique(pos, return_counts=True)[1]))
+    rates, held = np.array(rates), np.array(held)
+    assert (rates < 1).mean() > 0.2 and (rates > 1).mean() > 0.2  # slower and faster views
+    assert 0.5 <= rates.min() and rates.max() <= 2.0 + 1e-9 or (held > 1).all()
+    assert (held >= 2).all() and held.max() >= 25  # every view paused, up to ~30 frames
+    capped = _warp_positions(rng, 100, AugmentConfig(temporal="warp", speed_max=0.5), 8, 120)
+    assert len(capped) == 120 and capped[0] == 0 and capped[-1] == 99  # cap keeps both ends
+
+
+def test_warp_mode_default_off_and_validated():
+    assert AugmentConfig().temporal == "drop"
+    x = np.random.default_rng(1).normal(size=(2, 50, J, 3))
+    for cfg in (AugmentConfig(), AugmentConfig(crop="independent", joint_dropout=0.1)):
+        v, _ = dual_augment(x, [50, 31], np.random.default_rng(3), cfg, MIRROR)
+        for b, n in enumerate(v["lengths"]):
+            assert np.all(np.diff(v["g"][b, :n]) > 0)  # "drop" stays strictly increasing
+    warp = AugmentConfig(temporal="warp", pause_prob=1.0, speed_min=0.5, speed_max=0.5,
+                         keep_ratio=(1, 1))  # fmt: skip
+    v, _ = dual_augment(x, [50, 31], np.random.default_rng(3), warp, MIRROR)
+    assert (np.diff(v["g"][0, : v["lengths"][0]]) == 0).any()  # repeated frames
+    for bad in (dict(temporal="stretch"), dict(speed_min=0.0), dict(speed_min=2, speed_max=1),
+                dict(warp_segments=0), dict(pause_prob=1.5), dict(warp_max_ratio=0.5)):
+        with pytest.raises(ValueError):
+            AugmentConfig(**bad)
+    assert AugmentConfig.from_dict(warp.to_dict()) == warp

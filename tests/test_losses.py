@@ -168,3 +168,33 @@ def test_masa_loss_config_from_model_config():
 
     cfg = MasaLoss.from_model_config(MasaConfig(tau=1.0, stop_gradient=False), p=2)
     assert (cfg.tau, cfg.stop_gradient, cfg.p) == (1.0, False, 2)
+
+
+def test_losses_accept_repeated_indices():
+    """Warped views (augment temporal="warp") repeat original frames: a slowed segment or a
+    pause reads one frame several times. Eq. 3 regresses the original index and Eq. 8 pairs
+    equal indices, so both stay finite and their gradients flow."""
+    torch.manual_seed(6)
+    Z1, Z2 = torch.randn(2, 7, 8, requires_grad=True), torch.randn(2, 5, 8, requires_grad=True)
+    P1, P2 = Z1 * 2 + 1, Z2 * 2 + 1
+    g1 = torch.tensor([[0, 1, 1, 1, 2, 4, 4], [3, 3, 3, 3, 3, 3, 5]])  # pause, slow-down
+    g2 = torch.tensor([[0, 2, 4, -1, -1], [1, 3, 5, 5, 6]])  # skip (speed-up), padding
+    m2 = g2 >= 0
+    batch = dict(g1=g1, g2=g2, m1=ones(2, 7), m2=m2, T=torch.tensor([5.0, 7.0]))
+    out = masa_loss(dict(Z1=Z1, Z2=Z2, P1=P1, P2=P2), batch, MasaLoss(restrict_to_overlap=True))
+    assert all(torch.isfinite(v) for v in out.values())
+    out["L"].backward()
+    for z in (Z1, Z2):
+        assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    # A repeated frame is one more pair per copy in Eq. 8: three copies of frame 3 in view 1
+    # meet one frame 3 in view 2 three times.
+    V, W = torch.randn(1, 4, 3), torch.randn(1, 2, 3)
+    gv, gw = torch.tensor([[3, 3, 3, 4]]), torch.tensor([[3, 9]])
+    got = clustering_loss(V, W, V, W, gv, gw, ones(1, 4), ones(1, 2), stop_gradient=False)
+    f_vw = sum(cos(V[0, j], W[0, 0]) for j in range(3)) / 3
+    assert got.item() == pytest.approx(f_vw, rel=1e-5)
+    # Identical views that repeat frames still give a near-zero matching loss.
+    Z = torch.eye(4)[None].repeat_interleave(torch.tensor([2, 1, 3, 1]), dim=1)
+    g = torch.tensor([[0, 0, 1, 2, 2, 2, 3]])
+    lm = matching_loss(Z, Z, g, g, ones(1, 7), ones(1, 7), 4.0, tau=0.01)
+    assert lm.item() < 1e-6

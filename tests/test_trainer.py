@@ -1,6 +1,7 @@
 """trainer: config resolution, data batching, and tiny end-to-end training runs."""
 
 import contextlib
+import inspect
 import json
 import math
 from unittest import mock
@@ -235,3 +236,16 @@ def test_features_input(tmp_path):
     _run(data, tmp_path / "run2", "train.epochs=1", "input_kind=features")
     _, cfg, spec, _ = load_model(tmp_path / "run2" / "last.pt")
     assert cfg.input_dim == spec.input_dim == 5
+
+
+def test_train_positions_option_is_checked_and_reaches_the_model():
+    """'view' (default) gives the encoder each view's own frame counter, as a live stream
+    does; 'source' the original frame indices (how the first shipped model was trained)."""
+    from trainer import train as train_mod
+    from trainer.config import TrainConfig
+
+    assert TrainConfig().positions == "view"
+    with pytest.raises(ValueError, match="positions"):
+        TrainConfig(positions="original")
+    src = inspect.getsource(train_mod.train_step)
+    assert "pos1=batch.g1 if source else None" in src

@@ -106,6 +106,14 @@ class TrainConfig:
     ckpt_every_epochs: int = 1
     device: str = "cpu"
     max_minutes: float | None = None  # time budget: stop cleanly and checkpoint
+    # Frame positions the encoder sees for an augmented view (PE, causal band, relative
+    # offsets). "view": the view's own frame counter, what a live stream gives the served
+    # model: a view that dropped frames looks like a user moving faster, as it would live.
+    # "source": the original frame indices g', g'' (the first shipped model): the model
+    # is told each view's true timeline, learns to lean on it, and its embeddings then
+    # shift with the user's speed when served (benchmarks/phase_ceiling.py: 76 % phase
+    # accuracy on speed-varied oracle streams, 95 % when given the true timeline).
+    positions: str = "view"
     # No data-loader workers: building a batch (augment + frame_features, numpy) measured
     # ~2% of a step (benchmarks/train_speed.py), not worth a process pool.
 
@@ -115,6 +123,8 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected > 0, found {getattr(self, name)}")
+        if self.positions not in ("view", "source"):
+            raise ValueError(f"positions: expected 'view' or 'source', found {self.positions!r}")
         if self.clip_len is not None and self.clip_len < 8:
             raise ValueError(f"clip_len: expected >= 8 or null, found {self.clip_len}")
         if self.epochs < 0 or (self.max_minutes is not None and self.max_minutes < 0):

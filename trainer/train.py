@@ -279,7 +279,10 @@ def train_step(run: Run, idx: np.ndarray, step: int) -> torch.Tensor:
     rng = np.random.default_rng([run.rc.train.seed, run.dist.rank, step])
     batch = make_batch(run.data, idx, run.spec, run.rc.augment, rng,
                        run.rc.train.clip_len).to(run.device)
-    out = run.net(batch.x1, batch.m1, batch.x2, batch.m2, pos1=batch.g1, pos2=batch.g2)
+    # "view" positions: None = each view's own frame counter (TrainConfig.positions).
+    source = run.rc.train.positions == "source"
+    out = run.net(batch.x1, batch.m1, batch.x2, batch.m2, pos1=batch.g1 if source else None,
+                  pos2=batch.g2 if source else None)
     losses = masa_loss(out, batch.loss_inputs(), run.rc.loss)
     run.optimizer.zero_grad(set_to_none=True)
     losses["L"].backward()
