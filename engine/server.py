@@ -137,18 +137,19 @@ class TransitDelay:
 
     The minimum is the client's clock offset plus the fastest transit; how far a frame lies
     above it is how long it sat in a queue on the way. The minimum is taken over the current
-    and the previous window, so a client clock that jumps forward costs at most two windows
-    of 'stale' drops instead of every later frame, while a backlog that lasts less than a
-    window is still seen."""
+    and the previous window, so a clock that drifts or jumps costs at most two windows of
+    'stale' refusals instead of every later frame. The window does not move while the server
+    has a backlog (``rotate=False``): a standing queue must not become the new baseline (the
+    64 x 90 Hz load run crept from 2 to 9 s capture -> answer latency that way)."""
 
     def __init__(self, window_s: float, now: float) -> None:
         self.window_s = window_s
         self.rotate_at = now + window_s
         self.previous = self.current = math.inf
 
-    def queued_for(self, lag: float, now: float) -> float:
+    def queued_for(self, lag: float, now: float, rotate: bool = True) -> float:
         """Record one frame's lag; return its queueing delay (>= 0)."""
-        if now >= self.rotate_at:
+        if rotate and now >= self.rotate_at:
             self.previous, self.current = self.current, math.inf
             self.rotate_at = now + self.window_s
         self.current = min(self.current, lag)
@@ -217,6 +218,7 @@ class Server:
         self._pub: zmq.Socket | None = None
         self._in_flight = 0
         self._engine_busy = True
+        self._backlogged = False  # the last drain stopped with messages still queued
         self._next_sweep = 0.0
         # Pipelines that can stop after a few rounds (engine.pipeline.Pipeline) are asked
         # to; a pipeline whose step() takes no argument (a test fake) is called as is.
@@ -349,6 +351,7 @@ class Server:
     def _drain(self) -> None:
         """Handle queued messages without blocking, up to ``max_batch`` or ``drain_budget_s``."""
         end = self.clock() + self.config.drain_budget_s
+        self._backlogged = True  # unless the queue runs dry below: more is waiting
         for i in range(self.config.max_batch):
             if i % 16 == 15 and self.clock() > end:
                 return
@@ -356,6 +359,7 @@ class Server:
                 # --secure needs the frames (not bytes) for their ZAP User-Id property.
                 parts = self._router.recv_multipart(zmq.NOBLOCK, copy=not self._bound)
             except zmq.Again:
+                self._backlogged = False
                 return
             user = None
             if self._bound:
@@ -587,7 +591,7 @@ class Server:
             return False
         if s.lag is None:
             s.lag = TransitDelay(self.config.lag_window_s, t_recv)
-        queued = s.lag.queued_for(t_recv - t, t_recv)
+        queued = s.lag.queued_for(t_recv - t, t_recv, rotate=not self._backlogged)
         if queued <= self.config.max_queue_delay_s:
             return False
         s.last_seen = t_recv

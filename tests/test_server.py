@@ -647,3 +647,15 @@ def test_frames_still_queued_at_shutdown_are_counted(ctx):
         c.sock.close()
     assert final["dropped.shutdown"] == 5 == final["frames_in"]
     assert final["estimates_out"] == 0
+
+
+def test_transit_baseline_holds_while_the_server_is_backlogged():
+    from engine.server import TransitDelay
+
+    d = TransitDelay(window_s=10.0, now=0.0)
+    d.queued_for(1.0, now=0.0)
+    # A standing 3 s queue for three windows: without rotation it stays 3 s late.
+    for now in (11.0, 21.0, 31.0):
+        assert d.queued_for(4.0, now=now, rotate=False) == pytest.approx(3.0)
+    assert d.queued_for(4.0, now=41.0) == pytest.approx(3.0)  # rotates: previous = 1.0
+    assert d.queued_for(4.0, now=52.0) == 0.0  # two windows later the new level is normal
