@@ -1,7 +1,6 @@
 #!/bin/bash
 # Table 4 ablations at the collapse-check budget (240 steps), matched with runs/hands10_sg.
 cd "$(dirname "$0")/.."
-while pgrep -f load_test.py >/dev/null; do sleep 10; done
 S="--set train.epochs=20 --set train.lr_halve_every=7"
 for spec in "noself model.use_self_attention=false" "nocross model.use_cross_attention=false" "nodual augment.dual=false" "notrim augment.crop=off"; do
   set -- $spec
