@@ -185,6 +185,7 @@ class Session:
     # Accepted frames not yet handed to the engine (a subset of in_flight), oldest first.
     pending: deque[tuple[int, float, np.ndarray]] = field(default_factory=deque)
     lag: TransitDelay | None = None  # capture -> receipt delay, to spot queued frames
+    shed_seq: int = -1  # highest seq shed on arrival (arrived, so not counted as lost)
 
     @property
     def in_engine(self) -> int:
@@ -546,9 +547,10 @@ class Server:
         # another peer replaying the session's seq) must not divert the session's
         # estimates away from its headset (tests/test_hostile.py).
         s.identity = peer.ident
-        if s.last_seq >= 0 and seq > s.last_seq + 1:  # gaps: frames lost on the way
-            self.counters.frames_lost += seq - s.last_seq - 1
-            s.counters.frames_lost += seq - s.last_seq - 1
+        seen = max(s.last_seq, s.shed_seq) if s.shed_seq < seq else s.last_seq
+        if seen >= 0 and seq > seen + 1:  # gaps: frames lost on the way (shed ones arrived)
+            self.counters.frames_lost += seq - seen - 1
+            s.counters.frames_lost += seq - seen - 1
         s.last_seq = seq
         self.counters.frames_in += 1
         s.counters.frames_in += 1
@@ -595,7 +597,10 @@ class Server:
         if queued <= self.config.max_queue_delay_s:
             return False
         s.last_seen = t_recv
-        s.last_seq = seq  # it arrived: a later gap must not count it as lost
+        # Not last_seq: the frame was never validated, and a hostile seq must not move the
+        # session's ordering (fuzz: one shed frame with a huge seq made every later frame
+        # 'out_of_order'). Only the loss count skips it: it arrived.
+        s.shed_seq = max(s.shed_seq, seq)
         self.counters.queued_too_long += 1
         s.counters.queued_too_long += 1
         self._reject(peer.ident, "overloaded", f"stale: queued {queued:.2f} s on the way",

@@ -659,3 +659,22 @@ def test_transit_baseline_holds_while_the_server_is_backlogged():
         assert d.queued_for(4.0, now=now, rotate=False) == pytest.approx(3.0)
     assert d.queued_for(4.0, now=41.0) == pytest.approx(3.0)  # rotates: previous = 1.0
     assert d.queued_for(4.0, now=52.0) == 0.0  # two windows later the new level is normal
+
+
+def test_a_shed_frame_does_not_move_the_session_seq(ctx):
+    """A frame refused on arrival was never validated: its seq (here absurdly high) must not
+    make the session's next frames 'out_of_order'; the seqs it skipped are not 'lost'."""
+    srv, _pipe = make_server(max_queue_delay_s=0.5)
+    c = Client(ctx, srv.address)
+    try:
+        c.hello("s1")
+        c.frame("s1", 0)
+        c.expect("estimate")
+        c.frame("s1", 1 << 40, t=time.perf_counter() - 3.0)
+        assert c.expect("error")["reason"] == "overloaded"
+        c.frame("s1", 1)
+        assert c.expect("estimate")["seq"] == 1
+        assert srv.stats()["counters"]["frames_lost"] == 0
+    finally:
+        c.sock.close()
+        srv.stop()
