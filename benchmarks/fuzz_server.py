@@ -284,7 +284,9 @@ class Hostile:
         field, junk = [("t", "now"), ("seq", -5), ("seq", 1.5), ("session", "bad id!"),
                        ("joints", [1.0, 2.0]), ("session", 7)][int(self.rng.integers(6))]
         msg[field] = junk
-        return _raw(msg), "malformed"
+        # Junk joints leave a valid frame header (and t = 1.0 reads as long queued): a
+        # backlogged server sheds such a frame from its header ('overloaded') unvalidated.
+        return _raw(msg), ("malformed|overloaded" if field == "joints" else "malformed")
 
     def bad_dtype(self):
         dtype = ["<f8", ">f4", "float32", "<i4"][int(self.rng.integers(4))]
@@ -438,7 +440,10 @@ def reconcile(results: list[dict], counters: dict, good: dict) -> dict:
         got.update(r["got"])
     server = {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("rejected.")}
     dropped = counters["dropped"]
-    either = expected.pop("estimate|rate_limited", 0)  # the flood: answered or refused
+    # "a|b": either reply is right (the flood: answered or refused; junk joints behind a
+    # valid header: malformed, or shed as overloaded by a backlogged server).
+    alternatives = {k: expected.pop(k) for k in list(expected) if "|" in k}
+    either = sum(alternatives.values())
     replies_ok = ("welcome", "estimate", "pong", "stats_reply")
     client_errors = Counter({k: v for k, v in got.items() if k not in replies_ok})
     client_errors.update(good["rejected"])  # the good session's, if the server shed any
@@ -447,16 +452,22 @@ def reconcile(results: list[dict], counters: dict, good: dict) -> dict:
     load_dependent = ("estimate", "duplicate", "out_of_order")
     fixed = {k: v for k, v in expected.items() if k not in load_dependent}
     flood_refused = sum(got[k] - fixed.get(k, 0) for k in ("rate_limited", "overloaded"))
+
+    def within(k: str, v: int) -> bool:  # a fixed reason may also take alternatives naming it
+        extra = sum(n for alt, n in alternatives.items() if k in alt.split("|"))
+        return v <= got[k] <= v + extra
+
     return {
         "replies_expected": expected.total() + either, "replies_received": got.total(),
         "accepted_then_dropped_by_server": dropped,
         "all_accounted": got.total() + dropped == expected.total() + either,
-        "fixed_reasons_match": all(got[k] == v for k, v in fixed.items()),
+        "fixed_reasons_match": all(within(k, v) for k, v in fixed.items()),
         "seq_rules": {k: (expected[k], got[k]) for k in ("duplicate", "out_of_order")},
         "seq_rules_ok": all(got[k] <= expected[k] for k in ("duplicate", "out_of_order")),
-        "flood_frames": either, "flood_refused": flood_refused,
+        "flood_frames": alternatives.get("estimate|rate_limited", 0),
+        "flood_refused": flood_refused,
         "server_rejections_equal_error_replies": server == dict(client_errors),
-        "mismatches": {k: (v, got.get(k)) for k, v in fixed.items() if got.get(k) != v},
+        "mismatches": {k: (v, got.get(k)) for k, v in fixed.items() if not within(k, v)},
     }
 
 

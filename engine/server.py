@@ -382,7 +382,7 @@ class Server:
             if len(parts[1]) > self.config.max_message_bytes:
                 raise P.ProtocolError("too_large", f"{len(parts[1])} bytes")
             raw = P.unpack(parts[1])
-            if self._shed_on_arrival(peer, raw, t_recv):
+            if self._backlogged and self._shed_on_arrival(peer, raw, t_recv):
                 return
             msg = P.validate(raw)
             handler = self._handlers.get(msg["type"])
@@ -541,6 +541,8 @@ class Server:
         if reason is not None:
             self._reject(peer.ident, reason[0], reason[1], seq=seq, session=s)
             return
+        if self._shed_if_queued(peer, s, seq, msg["t"], t_recv):
+            return  # not backlogged, so it was validated first: every other reason wins
         # Answers go to the connection the frame came from: after a TCP reconnect (new
         # routing id) the headset gets estimates again with its very next frame. Only an
         # *accepted* frame moves the return path: a refused one (a stale duplicate, or
@@ -581,9 +583,11 @@ class Server:
         ``max_queue_delay_s``: 'overloaded' (shed under load, an existing reason) with its
         seq. Its answer would come too late, and an overloaded server must shed for much
         less than it costs to serve, or the queue never drains (64 x 90 Hz load run: with
-        full validation first, every frame after the first seconds was stale). Anything
-        not a well-formed, in-order frame of a session the sender owns takes the normal
-        path and gets its own reason."""
+        full validation first, every frame after the first seconds was stale). Used only
+        while the server has a backlog; otherwise frames are validated first and the same
+        check runs after every other frame rule, so a malformed or out-of-order frame gets
+        its own reason. Anything not a well-formed, in-order frame of a session the sender
+        owns takes the normal path."""
         if not isinstance(raw, dict) or raw.get("type") != "frame":
             return False
         s = self.sessions.get(raw.get("session")) if isinstance(raw.get("session"), str) else None
@@ -591,12 +595,16 @@ class Server:
         if (s is None or (self._bound and peer.key != s.owner) or type(seq) is not int
                 or seq <= s.last_seq or type(t) is not float or not math.isfinite(t)):
             return False
+        s.last_seen = t_recv
+        return self._shed_if_queued(peer, s, seq, t, t_recv)
+
+    def _shed_if_queued(self, peer: Peer, s: Session, seq: int, t: float, t_recv: float) -> bool:
+        """Refuse (``overloaded``, with seq) a frame that queued on the way too long."""
         if s.lag is None:
             s.lag = TransitDelay(self.config.lag_window_s, t_recv)
         queued = s.lag.queued_for(t_recv - t, t_recv, rotate=not self._backlogged)
         if queued <= self.config.max_queue_delay_s:
             return False
-        s.last_seen = t_recv
         # Not last_seq: the frame was never validated, and a hostile seq must not move the
         # session's ordering (fuzz: one shed frame with a huge seq made every later frame
         # 'out_of_order'). Only the loss count skips it: it arrived.
