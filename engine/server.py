@@ -219,7 +219,7 @@ class Server:
         self._pub: zmq.Socket | None = None
         self._in_flight = 0
         self._engine_busy = True
-        self._backlogged = False  # the last drain stopped with messages still queued
+        self._backlogged = False  # True while the last drain stopped with messages still queued
         self._next_sweep = 0.0
         # Pipelines that can stop after a few rounds (engine.pipeline.Pipeline) are asked
         # to; a pipeline whose step() takes no argument (a test fake) is called as is.

@@ -605,7 +605,7 @@ def test_transit_delay_is_lag_above_a_windowed_minimum():
     assert d.queued_for(9.0, now=21.0) == 0.0
 
 
-def test_frames_that_queued_on_the_way_are_shed_unread(ctx):
+def test_frames_that_queued_on_the_way_are_shed_before_the_engine(ctx):
     """A frame whose capture->receipt delay is max_queue_delay_s above the session's usual
     one waited in a queue (libzmq, OS): refused as 'overloaded' with its seq, counted in
     queued_too_long, never computed; a fresh frame after it is answered."""
