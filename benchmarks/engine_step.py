@@ -44,10 +44,11 @@ def _random_checkpoint(path: Path, args: argparse.Namespace) -> Path:
 def _backend(args: argparse.Namespace, onnx_path: Path, ckpt: Path, capacity: int):
     """ONNX Runtime (CPU, ``--threads``) or torch on ``--device`` (CUDA: CUDA graphs)."""
     from engine.backends import get_backend
+    from engine.serve_commands import backend_options
 
     if args.backend == "torch":
-        return get_backend("torch", onnx_path, capacity, checkpoint=ckpt, device=args.device,
-                           cuda_graphs=args.device.startswith("cuda"))
+        return get_backend("torch", onnx_path, capacity, checkpoint=ckpt,
+                           **backend_options("torch", args.device))
     return get_backend("onnxruntime", onnx_path, capacity, intra_op_threads=args.threads)
 
 
@@ -141,15 +142,6 @@ def _pct(x: np.ndarray) -> dict:
             "p99.9": float(np.percentile(x, 99.9)), "mean": float(x.mean())}
 
 
-def _gpu() -> dict:
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return {}
-    return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
-
-
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
@@ -191,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             runs = [bench_streams(_backend(args, onnx_path, ckpt, n), n, args.iters)
                     for n in args.streams]
-    results = {"machine": machine() | _gpu(), "backend": args.backend,
+    from engine.bench import gpu_info
+
+    results = {"machine": machine() | gpu_info(), "backend": args.backend,
                "onnxruntime": onnxruntime.__version__, "model": str(onnx_path),
                "config": vars(args) | {"checkpoint": str(args.checkpoint),
                                        "out": str(args.out)},

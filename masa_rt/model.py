@@ -50,10 +50,11 @@ def band_geometry(
     ``pos_q`` (B, Tq), ``pos_k`` (B, Tk) frame positions, ``key_mask`` (B, Tk) bool.
     Returns ``offsets`` (B, Tq, Tk) long = pos_q - pos_k, and ``allowed`` (B, Tq, Tk) bool.
     """
-    # masa-rt decision: positions are ORIGINAL frame indices (the index maps g', g'' in
-    # training, arange at inference), so between views of different lengths the causal band
-    # and the relative offsets are measured in source frames: key k is visible to query j
-    # iff 0 <= pos_q[j] - pos_k[k] < W. The absolute sine PE uses the same positions.
+    # Positions are whatever the caller passes: arange (a stream's own frame counter) at
+    # inference and, by default, in training (TrainConfig.positions = "view"); with
+    # "source" the trainer passes the index maps g', g'' (original frame indices), and the
+    # causal band and relative offsets are then measured in source frames. Key k is visible
+    # to query j iff 0 <= pos_q[j] - pos_k[k] < W. The absolute sine PE uses the same.
     offsets = pos_q[:, :, None].long() - pos_k[:, None, :].long()  # (B, Tq, Tk)
     allowed = key_mask[:, None, :].expand_as(offsets)  # (B, Tq, Tk)
     if causal:
@@ -399,9 +400,11 @@ class MasaModel(nn.Module):
     ) -> dict[str, Tensor]:
         """Two views x1 (B, M, D_in), x2 (B, N, D_in) -> U, Z = P(U) and P = H(Z) per view.
 
-        ``pos1``/``pos2`` (B, M)/(B, N) are the index maps g', g'' (original frame indices);
-        default arange. Self layers attend within a view; cross layers take queries from the
-        view and keys/values from the other view's current hidden states (Eq. 1).
+        ``pos1``/``pos2`` (B, M)/(B, N): frame positions, default arange (each view's own
+        frame counter, as served); the trainer passes the index maps g', g'' (original frame
+        indices) only with ``TrainConfig.positions = "source"``. Self layers attend within a
+        view; cross layers take queries from the view and keys/values from the other view's
+        current hidden states (Eq. 1).
         """
         m1, pos1 = self._defaults(x1, m1, pos1)
         m2, pos2 = self._defaults(x2, m2, pos2)

@@ -477,12 +477,18 @@ def test_plain_mode_any_connection_may_feed_and_close_a_session(ctx, client, ser
     other.sock.close()
 
 
-def test_stale_frames_are_dropped_before_the_engine_computes_them(ctx):
-    """Frames that waited past in_flight_timeout_s are never handed to the engine."""
-    srv, pipe = make_server(engine_depth=1, in_flight_timeout_s=0.2, sweep_s=100.0)
+def _record_submits(pipe: FakePipeline) -> list[int]:
+    """The seqs the server hands to the engine, in order (the pipeline still runs them)."""
     submitted: list[int] = []
     submit = pipe.submit
     pipe.submit = lambda sid, seq, t, j: submitted.append(seq) or submit(sid, seq, t, j)
+    return submitted
+
+
+def test_stale_frames_are_dropped_before_the_engine_computes_them(ctx):
+    """Frames that waited past in_flight_timeout_s are never handed to the engine."""
+    srv, pipe = make_server(engine_depth=1, in_flight_timeout_s=0.2, sweep_s=100.0)
+    submitted = _record_submits(pipe)
     c = Client(ctx, srv.address)
     try:
         c.hello("s1")
@@ -610,9 +616,7 @@ def test_frames_that_queued_on_the_way_are_shed_before_the_engine(ctx):
     one waited in a queue (libzmq, OS): refused as 'overloaded' with its seq, counted in
     queued_too_long, never computed; a fresh frame after it is answered."""
     srv, pipe = make_server(max_queue_delay_s=0.5)
-    submitted: list[int] = []
-    submit = pipe.submit
-    pipe.submit = lambda sid, seq, t, j: submitted.append(seq) or submit(sid, seq, t, j)
+    submitted = _record_submits(pipe)
     c = Client(ctx, srv.address)
     try:
         c.hello("s1")

@@ -1,7 +1,6 @@
 """trainer: config resolution, data batching, and tiny end-to-end training runs."""
 
 import contextlib
-import inspect
 import json
 import math
 from unittest import mock
@@ -238,14 +237,28 @@ def test_features_input(tmp_path):
     assert cfg.input_dim == spec.input_dim == 5
 
 
-def test_train_positions_option_is_checked_and_reaches_the_model():
+@pytest.mark.parametrize("positions", ["view", "source"])
+def test_train_positions_option_reaches_the_model(data, tmp_path, positions):
     """'view' (default) gives the encoder each view's own frame counter, as a live stream
-    does; 'source' the original frame indices (how the first shipped model was trained)."""
-    from trainer import train as train_mod
+    does (None: the model's arange); 'source' the original frame indices g', g''."""
+    from masa_rt.model import MasaModel
     from trainer.config import TrainConfig
 
     assert TrainConfig().positions == "view"
     with pytest.raises(ValueError, match="positions"):
         TrainConfig(positions="original")
-    src = inspect.getsource(train_mod.train_step)
-    assert "pos1=batch.g1 if source else None" in src
+    seen = []
+    forward = MasaModel.forward
+
+    def spy(self, x1, m1, x2, m2, pos1=None, pos2=None):
+        seen.append((pos1, pos2))
+        return forward(self, x1, m1, x2, m2, pos1=pos1, pos2=pos2)
+
+    with mock.patch.object(MasaModel, "forward", spy):
+        _run(data, tmp_path / "run", "train.epochs=1", f"train.positions={positions}")
+    assert seen
+    for pos1, pos2 in seen:
+        if positions == "view":
+            assert pos1 is None and pos2 is None
+        else:
+            assert pos1 is not None and pos2 is not None and pos1.dtype == torch.long
