@@ -9,8 +9,8 @@ Reported per N: p50/p99/p99.9 of the round time (and its encoder/aligner split),
 aligner): every stream steps once per iteration, slots in allocation order (the zero-copy
 path) or, with ``--shuffle``, in a random order each iteration.
 
-The model is a random one of the shipped size (default d=128, 4 layers, 4 heads, W=32,
-two hands) unless ``--checkpoint`` is given: latency does not depend on the weights.
+The model is a random one (default d=128, 4 layers, 4 heads, W=32, the size docs/engine.md
+measured; two hands) unless ``--checkpoint`` is given: latency does not depend on the weights.
 
     OMP_NUM_THREADS=1 python benchmarks/engine_step.py --out bench_engine.json
 """

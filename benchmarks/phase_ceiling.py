@@ -19,6 +19,9 @@ Printed (one JSON object; ``--out`` also writes it):
   ``thr`` mm RMS (over joints) of the pose at the phase's start, thr = 1, 3, 5 mm
   (the val noise is 3 mm white + 2 mm tremor per coordinate): a causal observer sees the
   end of phase p-1 there, so ``100 - still_start_pct`` bounds its phase accuracy;
+- ``truth_delayed``: the score of the *true* progress itself, read off the reference's
+  phase labels (``delay 0``), and of the true progress k = 1, 2, 3, 5 stream frames late:
+  the metric's own ceiling, and what a constant causal lag costs on these short phases;
 - ``oracle``: phase accuracy / progress MAE on the oracle streams, raw keypoints
   (frame_features, L2-normalised) and the model's embeddings, online aligner
   (default config) and offline full DTW, against the clean-demo reference of the same
@@ -123,6 +126,21 @@ def _oracle_stream(act, frames, spec, progress, embedders, scenario, index, join
     return o
 
 
+def truth_delayed(streams, refs, delays=(0, 1, 2, 3, 5)) -> dict:
+    """Phase accuracy % of the true progress mapped to the reference's labels, as is and
+    ``k`` frames late (the first ``k`` frames keep the first frame's value)."""
+    out = {}
+    for k in delays:
+        hits = []
+        for s in streams:
+            ref = refs[s.activity]
+            idx = np.rint(s.progress * (len(ref) - 1)).astype(np.int64)
+            late = np.concatenate([np.full(min(k, len(idx)), idx[0]), idx[:len(idx) - k]])
+            hits.append(ref.phases[np.clip(late, 0, len(ref) - 1)] == s.phases)
+        out[f"delay_{k}"] = round(100 * float(np.mean(np.concatenate(hits))), 1)
+    return out
+
+
 def _evaluate(streams, refs, embedders, activities, fps) -> dict:
     out = {}
     for m in embedders:
@@ -180,6 +198,7 @@ def main() -> int:
         "still_start_pct": {f"{t:g}mm": round(100 * float(np.mean(still_a < t / 1000)), 1)
                             for t in STILL_MM},
     }
+    report["truth_delayed"] = truth_delayed(val, refs["raw"])
     for name, streams in (("oracle", oracle), ("oracle_noisy", noisy), ("val", val)):
         report[name] = _evaluate(streams, refs, embedders, args.activities, spec.fps)
     report["timing"] = {}

@@ -1,0 +1,111 @@
+"""Tune the online aligner's penalties and margins for a model (issue #5).
+
+The aligner's defaults (``masa_rt.align.AlignerConfig``) are set for the shipped model's
+embeddings; a new model spreads its cosines differently, so its best band, penalties and
+relocaliser margin move. This runs coordinate descent over those fields on the harness's
+streams, scored by mean phase accuracy over the chosen scenarios, and prints every trial
+and the best config as JSON.
+
+Tune on a seed the report does not use (the harness reports seed 0; the default here is
+seed 1, whose val streams are disjoint from seed 0's), then check the result with
+``masa-rt harness`` on seed 0: a config picked on the reported streams would flatter them.
+
+    OMP_NUM_THREADS=1 python benchmarks/tune_aligner.py [--checkpoint RUN_OR_PT] [--seed 1]
+        [--scenarios clean pause skip] [--per-activity 4] [--rounds 2] [--out best.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.export import resolve_checkpoint  # noqa: E402
+from engine.harness import SCENARIOS, run_bank, run_harness, score  # noqa: E402
+from masa_rt.align import AlignerConfig  # noqa: E402
+from masa_rt.checkpoint import load_model  # noqa: E402
+
+# Values tried for each field, one field at a time, around the current best.
+GRID: dict[str, list[Any]] = {
+    "band": [8, 12, 16, 20, 24],
+    "back": [0, 1, 2, 4],
+    "max_step": [2, 3, 4, 5, 6],
+    "stay_penalty": [0.0, 0.005, 0.01],
+    "skip_penalty": [0.0, 0.005, 0.01, 0.02],
+    "back_penalty": [0.0, 0.02, 0.05],
+    "smoothing": [0.0, 0.3, 0.5],
+    "relocalise_cost_margin": [0.04, 0.08, 0.15, 0.3],
+    "relocalise_patience": [2, 4, 8],
+    "relocalise_memory": [4.0, 8.0, 16.0],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default=None, help="run folder or .pt (default: shipped)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--scenarios", nargs="+", default=["clean", "pause", "skip"])
+    ap.add_argument("--per-activity", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=None, help="also write the best config here (JSON)")
+    args = ap.parse_args(argv)
+
+    model, _cfg, spec, _meta = load_model(resolve_checkpoint(args.checkpoint))
+    rep = run_harness(model, spec, scenarios=[SCENARIOS[s] for s in args.scenarios],
+                      per_activity=args.per_activity, seed=args.seed, keep_streams=True)
+    streams, refs = rep["_streams"], rep["_refs"]["learned"]
+    activities = rep["activities"]
+
+    def evaluate(cfg: AlignerConfig) -> dict[str, list[float]]:
+        out = {}
+        for scen in args.scenarios:
+            preds, picked = [], []
+            for act in activities:  # one bank per activity, as the harness scores phases
+                sel = [s for s in streams if s.activity == act and s.scenario == scen]
+                preds += run_bank([refs[act]], sel, "learned", cfg)
+                picked += sel
+            r = score(picked, preds, activities, spec.fps)
+            out[scen] = [round(r["phase_acc_pct"], 2), round(r["progress_mae_pct"], 2)]
+        return out
+
+    def objective(res: dict[str, list[float]]) -> float:
+        return float(np.mean([v[0] for v in res.values()]))
+
+    start = time.perf_counter()
+    best = AlignerConfig()
+    best_res = evaluate(best)
+    print(json.dumps({"trial": "defaults", "result": best_res}), flush=True)
+    for rnd in range(args.rounds):
+        for field, values in GRID.items():
+            for value in values:
+                if getattr(best, field) == value:
+                    continue
+                try:
+                    cfg = replace(best, **{field: value})
+                except ValueError:
+                    continue  # a combination AlignerConfig refuses
+                res = evaluate(cfg)
+                print(json.dumps({"round": rnd, field: value, "result": res}), flush=True)
+                if objective(res) > objective(best_res) + 0.1:  # not for noise
+                    best, best_res = cfg, res
+    report = {"seed": args.seed, "scenarios": args.scenarios, "result": best_res,
+              "defaults": asdict(AlignerConfig()), "best": asdict(best),
+              "changed": {k: v for k, v in asdict(best).items()
+                          if v != getattr(AlignerConfig(), k)},
+              "wall_s": round(time.perf_counter() - start, 1)}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
