@@ -4,7 +4,7 @@
 
 The server runs in its own process (``python -m masa_rt.cli serve``: the real ONNX
 pipeline), with the shipped model when ``masa_rt/assets/masa_hands_causal.pt`` exists, else
-a random model of the shipped size (d_model 64, window 32), exported once and cached.
+a random model of the shipped size (d_model 64, window 16), exported once and cached.
 Then, in one run:
 
 1. **baseline**: one good session streams a demo recording at 30 Hz alone;
@@ -65,19 +65,19 @@ def prepare_model(cache: Path | None = None) -> tuple[Path, Path, str]:
         onnx, refs = prepare(None, [str(DEMO)])
         return onnx, refs[0], "shipped masa_hands_causal.pt"
     cache = cache or Path(os.environ.get("MASA_RT_CACHE", Path.home() / ".cache" / "masa-rt"))
-    ckpt = cache / "bench-random-hands-d64.pt"
+    ckpt = cache / "bench-random-hands-d64-w16.pt"
     if not ckpt.is_file():
         code = ("import sys, torch; from masa_rt.checkpoint import save_checkpoint; "
                 "from masa_rt.model import MasaConfig, MasaModel; "
                 "from masa_rt.preprocess import InputSpec; torch.manual_seed(0); "
-                "cfg = MasaConfig(d_model=64, n_heads=4, ffn_dim=128, proj_dim=64, window=32); "
+                "cfg = MasaConfig(d_model=64, n_heads=4, ffn_dim=128, proj_dim=64, window=16); "
                 "save_checkpoint(sys.argv[1], MasaModel(cfg).eval(), cfg, "
                 "InputSpec('h2o_hands', 30.0))")
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-c", code, str(ckpt)], check=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     onnx, refs = prepare(str(ckpt), [str(DEMO)])
-    return onnx, refs[0], "random model, shipped size (d_model 64, window 32)"
+    return onnx, refs[0], "random model, shipped size (d_model 64, window 16)"
 
 
 class ServerProcess:

@@ -4,14 +4,15 @@
 #   masa_rt/assets/masa_hands_causal.onnx  its streaming step, so serving needs no torch
 #   examples/demos/<activity>.npz          clean synthetic demonstrations (joints + phases)
 #   examples/<activity>.npz                references built from them by the shipped model
-# Training takes ~45 min on one CPU core in one stage (configs/hands_shipped.yaml says why).
+# Training takes ~60 min on one CPU core in one stage (configs/hands_shipped.yaml says why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/hands_shipped}
 
-masa-rt synth --out data/synth --per-activity 40 --examples examples/demos
-if ! grep -q '"status": "done"' "$RUN/summary.json" 2>/dev/null; then  # 720 steps, one stage
-  OMP_NUM_THREADS=1 masa-rt train --data data/synth/hands --out "$RUN" --config configs/hands_shipped.yaml
+masa-rt synth --out data/synth --per-activity 40 --examples examples/demos  # + every demo
+masa-rt synth --out data/synth80 --activities hands --per-activity 80 --examples ''
+if ! grep -q '"status": "done"' "$RUN/summary.json" 2>/dev/null; then  # one stage
+  OMP_NUM_THREADS=1 masa-rt train --data data/synth80 --out "$RUN" --config configs/hands_shipped.yaml
 fi
 python -c "from masa_rt.checkpoint import strip_checkpoint as s; \
 s('$RUN/last.pt', 'masa_rt/assets/masa_hands_causal.pt')"
