@@ -62,8 +62,8 @@ from engine.harness import (  # noqa: E402
     embed_raw,
     make_references,
     make_streams,
-    run_bank,
     run_offline,
+    run_per_activity,
     score,
 )
 from masa_rt.checkpoint import load_model  # noqa: E402
@@ -135,7 +135,7 @@ def truth_delayed(streams, refs, delays=(0, 1, 2, 3, 5)) -> dict:
         for s in streams:
             ref = refs[s.activity]
             idx = np.rint(s.progress * (len(ref) - 1)).astype(np.int64)
-            late = np.concatenate([np.full(min(k, len(idx)), idx[0]), idx[:len(idx) - k]])
+            late = idx[np.maximum(np.arange(len(idx)) - k, 0)]
             hits.append(ref.phases[np.clip(late, 0, len(ref) - 1)] == s.phases)
         out[f"delay_{k}"] = round(100 * float(np.mean(np.concatenate(hits))), 1)
     return out
@@ -144,12 +144,7 @@ def truth_delayed(streams, refs, delays=(0, 1, 2, 3, 5)) -> dict:
 def _evaluate(streams, refs, embedders, activities, fps) -> dict:
     out = {}
     for m in embedders:
-        preds = [None] * len(streams)
-        for act in activities:
-            rows = [i for i, s in enumerate(streams) if s.activity == act]
-            for i, p in zip(rows, run_bank([refs[m][act]], [streams[i] for i in rows], m),
-                            strict=True):
-                preds[i] = p
+        preds = run_per_activity(refs[m], streams, m)
         off = [run_offline(refs[m], s, m) for s in streams]
         for label, pr in ((f"{m}_online", preds), (f"{m}_offline_dtw", off)):
             r = score(streams, pr, activities, fps)

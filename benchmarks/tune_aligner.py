@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.export import resolve_checkpoint  # noqa: E402
-from engine.harness import SCENARIOS, run_bank, run_harness, score  # noqa: E402
+from engine.harness import SCENARIOS, run_harness, run_per_activity, score  # noqa: E402
 from masa_rt.align import AlignerConfig  # noqa: E402
 from masa_rt.checkpoint import load_model  # noqa: E402
 
@@ -67,11 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate(cfg: AlignerConfig) -> dict[str, list[float]]:
         out = {}
         for scen in args.scenarios:
-            preds, picked = [], []
-            for act in activities:  # one bank per activity, as the harness scores phases
-                sel = [s for s in streams if s.activity == act and s.scenario == scen]
-                preds += run_bank([refs[act]], sel, "learned", cfg)
-                picked += sel
+            picked = [s for s in streams if s.scenario == scen]
+            preds = run_per_activity(refs, picked, "learned", cfg)
             r = score(picked, preds, activities, spec.fps)
             out[scen] = [round(r["phase_acc_pct"], 2), round(r["progress_mae_pct"], 2)]
         return out

@@ -78,6 +78,7 @@ __all__ = [
     "markdown_report",
     "run_engine_check",
     "run_harness",
+    "run_per_activity",
     "score",
 ]
 
@@ -361,6 +362,19 @@ def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
     return result  # type: ignore[return-value]
 
 
+def run_per_activity(refs: dict[str, Reference], streams: Sequence[Stream], method: str,
+                     config: AlignerConfig | None = None) -> list[Predictions]:
+    """Each stream against its own activity's reference only (one bank per activity), as
+    phase accuracy is scored; predictions in the order of ``streams``."""
+    preds: list[Predictions | None] = [None] * len(streams)
+    for act in dict.fromkeys(s.activity for s in streams):
+        rows = [i for i, s in enumerate(streams) if s.activity == act]
+        for i, p in zip(rows, run_bank([refs[act]], [streams[i] for i in rows], method,
+                                       config), strict=True):
+            preds[i] = p
+    return preds  # type: ignore[return-value]
+
+
 def run_offline(refs: dict[str, Reference], stream: Stream, method: str = "learned",
                 activities: Sequence[str] = ()) -> Predictions:
     """Offline DTW of the whole stream against its activity's reference (and, for the
@@ -445,16 +459,11 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
     methods = [m for m in STREAMING_METHODS if m in embedders]
     preds: dict[str, list[Predictions]] = {}
     for m in methods:
-        single: list[Predictions | None] = [None] * len(streams)
-        for act in activities:
-            rows = [i for i, s in enumerate(streams) if s.activity == act]
-            for i, p in zip(rows, run_bank([refs[m][act]], [streams[i] for i in rows], m,
-                                           config), strict=True):
-                single[i] = p
+        single = run_per_activity(refs[m], streams, m, config)
         multi = run_bank([refs[m][a] for a in activities], streams, m, config)
         for p, q in zip(single, multi, strict=True):
-            p.activity = q.activity  # type: ignore[union-attr]
-        preds[m] = single  # type: ignore[assignment]
+            p.activity = q.activity
+        preds[m] = single
     t_stream = time.perf_counter() - start - t_embed
     offline_method = "learned" if "learned" in embedders else "raw"
     preds["offline_dtw"] = [run_offline(refs[offline_method], s, offline_method, activities)
