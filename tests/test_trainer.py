@@ -216,6 +216,30 @@ def test_resume_refuses_a_different_model(data, tmp_path):
         _run(data, tmp_path / "run", "train.epochs=2", "model.window=4", resume=True)
 
 
+def test_init_from_loads_weights_and_refits_the_window(data, tmp_path):
+    base = _run(data, tmp_path / "base", "train.epochs=1")  # TINY: window 8
+    fine = _run(data, tmp_path / "fine", "train.epochs=0", "model.window=4",
+                f"train.init_from={tmp_path / 'base'}")  # a run folder: its last.pt
+    longer = _run(data, tmp_path / "longer", "train.epochs=0", "model.window=10",
+                  f"train.init_from={base}")
+    a, b, c = _weights(base), _weights(fine), _weights(longer)
+    for k in a:
+        if k.endswith("attn.rel_bias"):
+            torch.testing.assert_close(b[k], a[k][:, :4], rtol=0, atol=0)
+            torch.testing.assert_close(c[k][:, :8], a[k], rtol=0, atol=0)
+            torch.testing.assert_close(c[k][:, 8:], a[k][:, -1:].expand(-1, 2), rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    assert load_checkpoint(fine)["model_config"]["window"] == 4
+
+
+def test_init_from_refuses_another_architecture(data, tmp_path):
+    base = _run(data, tmp_path / "base", "train.epochs=0")
+    with pytest.raises(ConfigError, match="d_model"):
+        _run(data, tmp_path / "other", "train.epochs=0", "model.d_model=32",
+             f"train.init_from={base}")
+
+
 @pytest.mark.parametrize("ablation", [
     "model.use_self_attention=false", "model.use_cross_attention=false",
     "model.stop_gradient=false", "augment.dual=false", "augment.crop=independent",

@@ -114,6 +114,12 @@ class TrainConfig:
     # shift with the user's speed when served (benchmarks/phase_ceiling.py: 76 % phase
     # accuracy on speed-varied oracle streams, 95 % when given the true timeline).
     positions: str = "view"
+    # Fine-tuning: start from this checkpoint's weights (a .pt file or a run folder's
+    # last.pt); the optimiser and the lr schedule start fresh. The model config must equal
+    # the checkpoint's except ``window``: a causal model's relative-position table is then
+    # cut to the new window (or extended with its last entry), so a served model can be
+    # re-trained to a shorter cache. Ignored by --resume (the run's own weights win).
+    init_from: str | None = None
     # No data-loader workers: building a batch (augment + frame_features, numpy) measured
     # ~2% of a step (benchmarks/train_speed.py), not worth a process pool.
 

@@ -236,6 +236,40 @@ def _restore(run: Run) -> Position:
     return Position(**ckpt["extra"]["position"])
 
 
+def _init_weights(run: Run, path: Path) -> None:
+    """Load a checkpoint's weights into a fresh run (TrainConfig.init_from)."""
+    if path.is_dir():
+        path = path / CKPT_NAME
+    ckpt = load_checkpoint(path)
+    mine = run.rc.model.to_dict()
+    diff = sorted(k for k, v in mine.items() if k != "window" and ckpt["model_config"].get(k) != v)
+    if diff:
+        raise ConfigError(f"init_from: model config differs from {path} in {diff} (only "
+                          "model.window may change when fine-tuning)")
+    if ckpt["input_spec"] != run.spec.to_dict():
+        raise ConfigError(f"init_from: input spec differs from {path}: "
+                          f"{ckpt['input_spec']} vs {run.spec.to_dict()}")
+    state = dict(ckpt["model_state"])
+    for name, table in state.items():
+        if name.endswith("attn.rel_bias"):
+            state[name] = _fit_window(table, run.rc.model.window, mine["attention"])
+    run.model.load_state_dict(state)
+    logger.info("init_from: weights of %s (window %d -> %d)", path,
+                ckpt["model_config"]["window"], run.rc.model.window)
+
+
+def _fit_window(table: torch.Tensor, window: int, attention: str) -> torch.Tensor:
+    """A causal relative-bias table (H, W_old) -> (H, window): offsets 0..window-1 keep
+    their learned bias; offsets the old table lacked take its last (farthest) entry."""
+    if attention != "causal":
+        raise ConfigError("init_from: model.window can change only for a causal model "
+                          "(a full model's table is centred on offset 0)")
+    if table.shape[1] >= window:
+        return table[:, :window].clone()
+    pad = table[:, -1:].expand(-1, window - table.shape[1])
+    return torch.cat([table, pad], dim=1)
+
+
 # ---------------------------------------------------------------------------- logging
 
 class _Log:
@@ -397,6 +431,8 @@ def _train(rc: RunConfig, data_dir: Path, out: Path, resume: bool, dist: Dist) -
         raise ConfigError(f"{out} already holds a run ({CKPT_NAME}); pass --resume to continue "
                           "it or choose another --out")
     run = build_run(rc, data_dir, out, dist)
+    if not resume and rc.train.init_from:
+        _init_weights(run, Path(rc.train.init_from))
     pos = _restore(run) if resume else Position()
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
