@@ -30,6 +30,11 @@ Printed (one JSON object; ``--out`` also writes it):
   2 mm, white 3 mm per coordinate; no viewpoint, mirror or missing joints): what the
   noise alone costs near the still boundaries;
 - ``val``: the same four on the real (noisy, varied) val streams, for comparison;
+- ``subject``: the val streams' own timelines and subjects before observation (no
+  viewpoint, mirror, tracking noise or missing joints), one subject factor at a time:
+  ``keys_only`` (each phase's target pose jittered per subject), ``body_only`` (size and
+  bone lengths), ``keys_and_body`` (both: the val stream minus observation): what a
+  perfectly view-invariant, noise-free feature would still face;
 - ``timing``: oracle poses (reference subject, no noise) on fresh timelines (val seed
   namespace, indices from 900) that vary one thing at a time: ``speed1_nopause`` (the
   reference's own timing), ``speed_only`` (0.5-2x per phase), ``pause_only`` (short
@@ -98,6 +103,28 @@ def oracle_frames(act: str, seed: int, index: int, scenario_k: int = 0) -> Frame
     rng = sequence_rng(VAL_SEED_BASE + seed, act, scenario_k * 1000 + index)
     jittered_keys(spec, rng, var.key_jitter)  # consumed as generate does
     return sample(timeline(spec, rng, var, None), 30.0)
+
+
+# Subject factors, one at a time, on the val streams' own timelines (no viewpoint, mirror,
+# noise or missing joints): the keys (where each phase ends) and the body (size, bones).
+SUBJECTS = {
+    "keys_only": Variation(scale=(1.0, 1.0), bone_jitter=0.0),
+    "body_only": Variation(key_jitter=0.0),
+    "keys_and_body": Variation(),
+}
+
+
+def subject_joints(act: str, seed: int, index: int, var: Variation,
+                   scenario_k: int = 0) -> tuple[Frames, np.ndarray]:
+    """Harness val stream ``index``'s timeline and (T, J, 3) joints before observation,
+    with the subject factors of ``var``: the rng draws of ``generate`` up to its
+    ``forward_kinematics`` (key jitter, timeline, size and bones), so ``Variation()``
+    gives the val stream's own subject."""
+    spec = ACTIVITIES[act]
+    rng = sequence_rng(VAL_SEED_BASE + seed, act, scenario_k * 1000 + index)
+    keys = jittered_keys(spec, rng, var.key_jitter)
+    frames = sample(timeline(spec, rng, Variation(), None), 30.0)
+    return frames, forward_kinematics(spec, pose_params(keys, frames), rng, var)
 
 
 def stillness(act: str, frames: Frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -196,6 +223,15 @@ def main() -> int:
     report["truth_delayed"] = truth_delayed(val, refs["raw"])
     for name, streams in (("oracle", oracle), ("oracle_noisy", noisy), ("val", val)):
         report[name] = _evaluate(streams, refs, embedders, args.activities, spec.fps)
+    report["subject"] = {}
+    for name, var in SUBJECTS.items():
+        streams = []
+        for s in val:
+            frames, joints = subject_joints(s.activity, args.seed, s.index, var)
+            streams.append(_oracle_stream(s.activity, frames, spec, s.progress, embedders,
+                                          name, s.index, joints))
+        report["subject"][name] = _evaluate(streams, refs, embedders, args.activities,
+                                            spec.fps)
     report["timing"] = {}
     for name, var in TIMINGS.items():
         streams = []
