@@ -54,6 +54,17 @@ class AugmentConfig:
     pause_prob: float = 0.3
     pause_max_frames: int = 30
     warp_max_ratio: float = 2.0  # a warped view has at most this x its crop's length frames
+    # Part jitter (not in the paper: 0 = off). Subjects differ in *where* each phase ends
+    # (their own key poses), which no rigid augmentation imitates. Per view, each side of
+    # the mirror map (a hand; the whole skeleton without one) is moved by a rigid offset
+    # about its centroid: a translation (std part_jitter_std, normalised units) and a
+    # rotation (std part_jitter_deg per axis), drawn anew every part_jitter_every frames
+    # and interpolated linearly between, so the pose targets drift as another subject's.
+    # Measured (docs/results.md, fourth round): invariance to key poses rises, precision
+    # falls; net +0.7 points on the harness's clean streams, so the shipped model has none.
+    part_jitter_std: float = 0.0
+    part_jitter_deg: float = 0.0
+    part_jitter_every: int = 30
 
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
@@ -76,6 +87,9 @@ class AugmentConfig:
                              "0 <= pause_prob <= 1")
         if not self.warp_max_ratio >= 1:
             raise ValueError(f"warp_max_ratio={self.warp_max_ratio} must be >= 1")
+        if self.part_jitter_std < 0 or self.part_jitter_deg < 0 or self.part_jitter_every < 1:
+            raise ValueError("need part_jitter_std >= 0, part_jitter_deg >= 0, "
+                             "part_jitter_every >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,6 +265,8 @@ def _spatial(
     B, M, J, C = joints.shape
     lateral = next(k for k in range(C) if k != up_axis)
     mirrored = rng.random(B) < cfg.mirror_prob if mirror_index is not None else np.zeros(B, bool)
+    if cfg.part_jitter_std > 0 or cfg.part_jitter_deg > 0:
+        joints = _part_jitter(rng, joints, cfg, mirror_index)
     if mirror_index is not None:
         flipped = mirror_joints(joints, mirror_index, lateral)
         joints = np.where(mirrored[:, None, None, None], flipped, joints)
@@ -265,6 +281,55 @@ def _spatial(
     params = dict(rotation=R.astype(np.float32), scale=scale.astype(np.float32),
                   translation=shift.astype(np.float32), mirrored=mirrored)  # fmt: skip
     return y, params
+
+
+def _parts(J: int, mirror_index: np.ndarray | None) -> list[np.ndarray]:
+    """Joint groups moved together by part jitter: each side of the mirror map, else all."""
+    if mirror_index is not None:
+        sides = [mirror_index > np.arange(J), mirror_index < np.arange(J)]
+        if sides[0].any():
+            return sides
+    return [np.ones(J, dtype=bool)]
+
+
+def _axis_angle(v: np.ndarray) -> np.ndarray:
+    """Rotation matrices (..., 3, 3) of rotation vectors (..., 3) (Rodrigues)."""
+    angle = np.linalg.norm(v, axis=-1, keepdims=True)
+    k = v / np.maximum(angle, 1e-12)
+    K = np.zeros(v.shape[:-1] + (3, 3))
+    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
+    K = K - np.swapaxes(K, -1, -2)
+    a = angle[..., None]
+    return np.eye(3) + np.sin(a) * K + (1.0 - np.cos(a)) * (K @ K)
+
+
+def _part_jitter(
+    rng: np.random.Generator, joints: np.ndarray, cfg: AugmentConfig,
+    mirror_index: np.ndarray | None,
+) -> np.ndarray:  # fmt: skip
+    """Slowly drifting rigid offsets of each part (AugmentConfig.part_jitter_*)."""
+    B, M, J, C = joints.shape
+    n_knots = M // cfg.part_jitter_every + 2
+    at = np.arange(M) / cfg.part_jitter_every  # frame -> knot coordinate
+
+    def drift(std: float, dims: int) -> np.ndarray:  # (B, M, dims), linear between knots
+        knots = rng.normal(0.0, std, (B, n_knots, dims))
+        lo = np.floor(at).astype(np.int64)
+        w = (at - lo)[None, :, None]
+        return (1.0 - w) * knots[:, lo] + w * knots[:, lo + 1]
+
+    out = joints.copy()
+    for part in _parts(J, mirror_index):
+        x = joints[:, :, part]  # (B, M, j, C)
+        seen = np.isfinite(x).all(axis=-1, keepdims=True)  # (B, M, j, 1)
+        n = np.maximum(seen.sum(axis=2, keepdims=True), 1)
+        centre = np.where(seen, x, 0.0).sum(axis=2, keepdims=True) / n  # NaN joints: stay NaN
+        y = x - centre
+        if C == 3 and cfg.part_jitter_deg > 0:
+            R = _axis_angle(drift(np.radians(cfg.part_jitter_deg), 3))  # (B, M, 3, 3)
+            y = np.einsum("bmij,bmkj->bmki", R, y)
+        out[:, :, part] = y + centre + drift(cfg.part_jitter_std, C)[:, :, None, :]
+    return out
 
 
 def _drop_joints(

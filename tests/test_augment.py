@@ -270,3 +270,44 @@ def test_warp_mode_default_off_and_validated():
         with pytest.raises(ValueError):
             AugmentConfig(**bad)
     assert AugmentConfig.from_dict(warp.to_dict()) == warp
+
+
+# ---------------------------------------------------------------------- part jitter
+
+def _jitter(x, mirror=MIRROR, **kw):
+    from masa_rt.augment import _part_jitter
+
+    cfg = AugmentConfig(**{"part_jitter_std": 0.1, "part_jitter_deg": 5.0, **kw})
+    return _part_jitter(np.random.default_rng(0), x, cfg, mirror)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), every=st.integers(1, 20))
+def test_part_jitter_moves_each_side_rigidly_and_keeps_missing_joints(seed, every):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2, 25, J, 3)).astype(np.float32)
+    x[0, 4, 0] = np.nan
+    y = _jitter(x, part_jitter_every=every)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(x))
+    # the midline joint (2) is no side's: it stays; within a side, distances are kept
+    np.testing.assert_array_equal(y[..., 2, :], x[..., 2, :])
+    pair = (slice(None), slice(None), [3, 4])  # one side's two joints
+    np.testing.assert_allclose(np.linalg.norm(np.diff(y[pair], axis=2), axis=-1),
+                               np.linalg.norm(np.diff(x[pair], axis=2), axis=-1),
+                               rtol=1e-4, atol=1e-5)
+    assert not np.allclose(y[1], x[1])
+
+
+def test_part_jitter_drifts_slowly():
+    x = np.zeros((1, 200, J, 3), np.float32)
+    y = _jitter(x, part_jitter_deg=0.0, part_jitter_every=30)
+    step = np.abs(np.diff(y[0, :, 0], axis=0)).max()
+    spread = np.abs(y[0, :, 0]).max()
+    assert step < spread / 5  # linear between knots 30 frames apart, not frame-to-frame noise
+
+
+def test_part_jitter_off_by_default_and_validated():
+    cfg = AugmentConfig()
+    assert cfg.part_jitter_std == 0.0 and cfg.part_jitter_deg == 0.0
+    with pytest.raises(ValueError, match="part_jitter"):
+        AugmentConfig(part_jitter_every=0)
