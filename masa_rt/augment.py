@@ -58,8 +58,9 @@ class AugmentConfig:
     # (their own key poses), which no rigid augmentation imitates. Per view, each side of
     # the mirror map (a hand; the whole skeleton without one) is moved by a rigid offset
     # about its centroid: a translation (std part_jitter_std, normalised units) and a
-    # rotation (std part_jitter_deg per axis), drawn anew every part_jitter_every frames
-    # and interpolated linearly between, so the pose targets drift as another subject's.
+    # rotation (std part_jitter_deg per axis; 3-D layouts only), drawn anew every
+    # part_jitter_every frames and interpolated linearly between, so the pose targets
+    # drift as another subject's would.
     # Measured (docs/results.md, fourth round): invariance to key poses rises, precision
     # falls; net +0.7 points on the harness's clean streams, so the shipped model has none.
     part_jitter_std: float = 0.0
