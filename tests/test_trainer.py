@@ -233,6 +233,18 @@ def test_init_from_loads_weights_and_refits_the_window(data, tmp_path):
     assert load_checkpoint(fine)["model_config"]["window"] == 4
 
 
+def test_init_from_a_full_model_keeps_its_window(data, tmp_path):
+    base = _run(data, tmp_path / "base", "train.epochs=0", "model.attention=full")
+    same = _run(data, tmp_path / "same", "train.epochs=0", "model.attention=full",
+                f"train.init_from={base}")
+    a, b = _weights(base), _weights(same)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    with pytest.raises(ConfigError, match="causal"):
+        _run(data, tmp_path / "other", "train.epochs=0", "model.attention=full",
+             "model.window=4", f"train.init_from={base}")
+
+
 def test_init_from_refuses_another_architecture(data, tmp_path):
     base = _run(data, tmp_path / "base", "train.epochs=0")
     with pytest.raises(ConfigError, match="d_model"):

@@ -250,9 +250,10 @@ def _init_weights(run: Run, path: Path) -> None:
         raise ConfigError(f"init_from: input spec differs from {path}: "
                           f"{ckpt['input_spec']} vs {run.spec.to_dict()}")
     state = dict(ckpt["model_state"])
-    for name, table in state.items():
-        if name.endswith("attn.rel_bias"):
-            state[name] = _fit_window(table, run.rc.model.window, mine["attention"])
+    if ckpt["model_config"]["window"] != run.rc.model.window:
+        for name, table in state.items():
+            if name.endswith("attn.rel_bias"):
+                state[name] = _fit_window(table, run.rc.model.window, mine["attention"])
     run.model.load_state_dict(state)
     logger.info("init_from: weights of %s (window %d -> %d)", path,
                 ckpt["model_config"]["window"], run.rc.model.window)
