@@ -641,7 +641,9 @@ def markdown_report(report: dict[str, Any], command: str = "", model: str = "") 
         parts += [
             f"Target (issue 5, clean streams, learned): phase accuracy >= 95 % and progress "
             f"MAE <= 3 %: {clean['phase_acc_pct']:.1f} % and {clean['progress_mae_pct']:.2f} "
-            f"%, {'met' if met else 'NOT met'}.",
+            f"%, {'met' if met else 'NOT met'}. What bounds it on these streams (timing, "
+            "each subject's key poses, the metric's own ceiling): `python "
+            "benchmarks/phase_ceiling.py`, discussed in docs/results.md section 3.",
             "",
         ]
     if "engine_check" in report:
