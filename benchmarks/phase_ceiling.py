@@ -95,16 +95,6 @@ TIMINGS = {
 STILL_MM = (1.0, 3.0, 5.0)
 
 
-def oracle_frames(act: str, seed: int, index: int, scenario_k: int = 0) -> Frames:
-    """The timeline of harness val stream ``index`` (clean scenario, list position
-    ``scenario_k``): the same rng draws as ``generate`` up to the timing."""
-    spec = ACTIVITIES[act]
-    var = Variation()
-    rng = sequence_rng(VAL_SEED_BASE + seed, act, scenario_k * 1000 + index)
-    jittered_keys(spec, rng, var.key_jitter)  # consumed as generate does
-    return sample(timeline(spec, rng, var, None), 30.0)
-
-
 # Subject factors, one at a time, on the val streams' own timelines (no viewpoint, mirror,
 # noise or missing joints): the keys (where each phase ends) and the body (size, bones).
 SUBJECTS = {
@@ -125,6 +115,12 @@ def subject_joints(act: str, seed: int, index: int, var: Variation,
     keys = jittered_keys(spec, rng, var.key_jitter)
     frames = sample(timeline(spec, rng, Variation(), None), 30.0)
     return frames, forward_kinematics(spec, pose_params(keys, frames), rng, var)
+
+
+def oracle_frames(act: str, seed: int, index: int, scenario_k: int = 0) -> Frames:
+    """The timeline of harness val stream ``index`` (clean scenario, list position
+    ``scenario_k``)."""
+    return subject_joints(act, seed, index, Variation(), scenario_k)[0]
 
 
 def stillness(act: str, frames: Frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -284,13 +284,13 @@ def _spatial(
     return y, params
 
 
-def _parts(J: int, mirror_index: np.ndarray | None) -> list[np.ndarray]:
-    """Joint groups moved together by part jitter: each side of the mirror map, else all."""
-    if mirror_index is not None:
-        sides = [mirror_index > np.arange(J), mirror_index < np.arange(J)]
-        if sides[0].any():
-            return sides
-    return [np.ones(J, dtype=bool)]
+def _sides(J: int, mirror_index: np.ndarray | None) -> list[np.ndarray]:
+    """The two sides of the mirror map (a hand each: the joints it sends to a higher
+    index, and those it sends to a lower one) as (J,) masks; [] without sides."""
+    if mirror_index is None:
+        return []
+    sides = [mirror_index > np.arange(J), mirror_index < np.arange(J)]
+    return sides if sides[0].any() else []
 
 
 def _axis_angle(v: np.ndarray) -> np.ndarray:
@@ -320,7 +320,7 @@ def _part_jitter(
         return (1.0 - w) * knots[:, lo] + w * knots[:, lo + 1]
 
     out = joints.copy()
-    for part in _parts(J, mirror_index):
+    for part in _sides(J, mirror_index) or [np.ones(J, dtype=bool)]:
         x = joints[:, :, part]  # (B, M, j, C)
         seen = np.isfinite(x).all(axis=-1, keepdims=True)  # (B, M, j, 1)
         n = np.maximum(seen.sum(axis=2, keepdims=True), 1)
@@ -341,13 +341,12 @@ def _drop_joints(
     and per frame, with probability ``p``, one whole side of the mirror map (a hand)."""
     B, M, J, _ = joints.shape
     drop = rng.random((B, M, J)) < p
-    if mirror_index is not None:
-        sides = [mirror_index > np.arange(J), mirror_index < np.arange(J)]
-        if sides[0].any():
-            hit = rng.random((B, M)) < p
-            pick = rng.random((B, M)) < 0.5
-            side = np.where(pick[..., None], sides[0], sides[1])  # (B, M, J)
-            drop |= hit[..., None] & side
+    sides = _sides(J, mirror_index)
+    if sides:
+        hit = rng.random((B, M)) < p
+        pick = rng.random((B, M)) < 0.5
+        side = np.where(pick[..., None], sides[0], sides[1])  # (B, M, J)
+        drop |= hit[..., None] & side
     drop &= mask[..., None]  # padding stays exactly 0
     return np.where(drop[..., None], np.float32(np.nan), joints).astype(np.float32)
 
