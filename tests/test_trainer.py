@@ -3,6 +3,7 @@
 import contextlib
 import json
 import math
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -74,6 +75,13 @@ def test_defaults_are_the_papers():
     t = rc.train
     assert (t.lr, t.lr_halve_every, t.epochs, t.batch_size, t.max_len) == (3e-3, 50, 150, 16, 150)
     assert rc.model.tau == rc.loss.tau == 0.1 and rc.loss.stop_gradient
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs")
+                                         .glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    rc = load_run_config(path)  # unknown keys and bad values raise
+    assert rc.model.attention in ("causal", "full")
 
 
 def test_yaml_then_overrides(tmp_path):
