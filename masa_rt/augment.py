@@ -312,11 +312,11 @@ def _part_jitter(
     B, M, J, C = joints.shape
     n_knots = M // cfg.part_jitter_every + 2
     at = np.arange(M) / cfg.part_jitter_every  # frame -> knot coordinate
+    lo = np.floor(at).astype(np.int64)
+    w = (at - lo)[None, :, None]
 
     def drift(std: float, dims: int) -> np.ndarray:  # (B, M, dims), linear between knots
         knots = rng.normal(0.0, std, (B, n_knots, dims))
-        lo = np.floor(at).astype(np.int64)
-        w = (at - lo)[None, :, None]
         return (1.0 - w) * knots[:, lo] + w * knots[:, lo + 1]
 
     out = joints.copy()
