@@ -26,11 +26,13 @@ def _reference_build(args: argparse.Namespace) -> int:
     from engine.reference import build_reference
 
     ref = build_reference(args.demos, args.checkpoint, args.out, name=args.name,
-                          policy=args.policy, refine=args.refine)
+                          policy=args.policy, refine=args.refine,
+                          decoder_steps=args.decoder_steps)
     how = (f", {ref.meta['policy']} of {len(args.demos)} demos (timeline: "
            f"{ref.meta['demo']})" if len(args.demos) > 1 else "")
+    dec = ", phase decoder" if ref.decoder is not None else ""
     print(f"wrote {args.out}: {ref.activity}, {len(ref)} frames, "
-          f"{len(ref.phase_names)} phases, model {ref.model_fingerprint}{how}")
+          f"{len(ref.phase_names)} phases, model {ref.model_fingerprint}{how}{dec}")
     return 0
 
 
@@ -61,6 +63,9 @@ def _add_reference(subparsers) -> None:
     b.add_argument("--refine", type=int, default=0, metavar="N",
                    help="medoid policy: re-align to the average and re-average N more "
                         "times (default 0)")
+    b.add_argument("--decoder-steps", type=int, default=None, metavar="N",
+                   help="training steps of the reference's phase decoder on the demos' "
+                        "labels (default 600, about a minute on one core; 0: none)")
     b.set_defaults(func=_reference_build)
 
 

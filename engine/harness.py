@@ -175,6 +175,12 @@ class Stream:
     def __len__(self) -> int:
         return len(self.times)
 
+    def inputs(self) -> np.ndarray:
+        """(n, D) model inputs with zero rows on lost frames (the phase decoders' input)."""
+        out = np.zeros((len(self), self.x.shape[1]), dtype=np.float32)
+        out[~self.lost] = self.x
+        return out
+
     def full(self, method: str) -> np.ndarray:
         """(n, d) embeddings with zero rows on lost frames."""
         e = self.emb[method]
@@ -202,7 +208,7 @@ def embed_learned(model: Any) -> Embedder:
 
 def make_references(activities: Sequence[str], spec: InputSpec,
                     embedders: dict[str, Embedder], fingerprint: str = "",
-                    reference_demos: int = 1, refine: int = 0,
+                    reference_demos: int = 1, refine: int = 0, decoder_steps: int = 0,
                     ) -> tuple[dict[str, dict[str, Reference]], dict[str, np.ndarray]]:
     """``refs[method][activity]`` and each reference's canonical time ``(T,)`` (used to
     map a stream's canonical time onto the reference).
@@ -211,6 +217,8 @@ def make_references(activities: Sequence[str], spec: InputSpec,
     (``engine.reference.reference_from_demos``, the ``masa-rt reference build`` path) of
     K training demos; the medoid is chosen on the first embedder's embeddings and used
     for every method, so all methods share one timeline and one ground truth.
+    ``decoder_steps > 0``: the learned references get a phase decoder trained on the same
+    demos' labels, as ``masa-rt reference build`` trains it.
     """
     if not 1 <= reference_demos <= MAX_REFERENCE_DEMOS:
         raise ValueError(f"reference_demos: expected 1 .. {MAX_REFERENCE_DEMOS} (the train "
@@ -231,7 +239,24 @@ def make_references(activities: Sequence[str], spec: InputSpec,
                 phase_names=list(demo.phase_names), times=np.asarray(demo.timestamps),
                 fps=spec.fps, model_fingerprint=fingerprint if method == "learned" else "",
                 meta={"source": "synth clean demo", "embedding": method})
+    if decoder_steps > 0 and "learned" in refs:
+        _add_phase_decoders(refs["learned"], activities, spec, reference_demos, decoder_steps)
     return refs, canon
+
+
+def _add_phase_decoders(refs: dict[str, Reference], activities: Sequence[str],
+                        spec: InputSpec, reference_demos: int, steps: int) -> None:
+    """Give each activity's reference a phase decoder trained on its demos' labels."""
+    from engine.reference import with_phase_decoder
+
+    for act in activities:
+        if reference_demos > 1:
+            seqs = [generate(act, sequence_rng(TRAIN_SEED, act, i)) for i in range(reference_demos)]
+        else:
+            seqs = [generate(act, np.random.default_rng(REFERENCE_SEED), clean=True,
+                             fps=spec.fps)]
+        demos = [{"joints": s.joints, "phases": s.phases} for s in seqs]
+        refs[act] = with_phase_decoder(refs[act], demos, spec, steps)
 
 
 def _multi_demo_references(act: str, spec: InputSpec, embedders: dict[str, Embedder],
@@ -337,9 +362,14 @@ def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
     emb = np.zeros((len(streams), n_max, dim), dtype=np.float32)
     valid = np.zeros((len(streams), n_max), dtype=bool)
     times = np.zeros((len(streams), n_max))
+    decoders = any(r.decoder is not None for r in refs)
+    xin = (np.zeros((len(streams), n_max, streams[0].x.shape[1]), dtype=np.float32)
+           if decoders and streams else None)
     for row, s in enumerate(order.tolist()):
         n = lengths[s]
         emb[row, :n] = streams[s].full(method)
+        if xin is not None:
+            xin[row, :n] = streams[s].inputs()
         valid[row, :n] = ~streams[s].lost
         times[row, :n] = streams[s].times
     phase = np.full((len(streams), n_max), -1, dtype=np.int64)
@@ -349,7 +379,8 @@ def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
     ids = order.tolist()
     for k in range(n_max):
         m = int(np.count_nonzero(sorted_len > k))  # rows with length > k: a prefix
-        out = bank.step_many(ids[:m], emb[:m, k], times[:m, k], valid[:m, k])
+        out = bank.step_many(ids[:m], emb[:m, k], times[:m, k], valid[:m, k],
+                             None if xin is None else xin[:m, k])
         phase[:m, k] = out.phase_id
         prog[:m, k] = out.progress
         ref[:m, k] = out.ref
@@ -438,13 +469,13 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
                 scenarios: Sequence[Scenario] | None = None, per_activity: int = 3,
                 seed: int = 0, config: AlignerConfig | None = None, fingerprint: str = "",
                 keep_streams: bool = False, reference_demos: int = 1,
-                refine: int = 0) -> dict[str, Any]:
+                refine: int = 0, decoder_steps: int = 0) -> dict[str, Any]:
     """The whole harness: references, streams, aligners, scores; returns the JSON dict.
 
     ``model=None`` skips the learned embedding (raw keypoints only; methods that need it
     are left out). ``keep_streams`` adds the streams and predictions (not JSON) under
     ``"_streams"`` / ``"_preds"`` for tests and the engine check. ``reference_demos``
-    and ``refine``: see :func:`make_references`.
+    and ``refine``, ``decoder_steps``: see :func:`make_references`.
     """
     start = time.perf_counter()
     activities = list(activities)
@@ -453,7 +484,7 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
     if model is not None:
         embedders = {"learned": embed_learned(model), **embedders}
     refs, canon = make_references(activities, spec, embedders, fingerprint, reference_demos,
-                                  refine)
+                                  refine, decoder_steps)
     streams = make_streams(activities, scenarios, per_activity, seed, spec, canon, embedders)
     t_embed = time.perf_counter() - start
     methods = [m for m in STREAMING_METHODS if m in embedders]

@@ -41,7 +41,8 @@ def _harness(args: argparse.Namespace) -> int:
     report = run_harness(model, spec, activities=args.activities or HAND_ACTIVITIES,
                          scenarios=scenarios, per_activity=args.per_activity, seed=args.seed,
                          fingerprint=fingerprint, keep_streams=args.engine > 0,
-                         reference_demos=args.reference_demos, refine=args.refine)
+                         reference_demos=args.reference_demos, refine=args.refine,
+                         decoder_steps=_decoder_steps(args.decoder_steps))
     if args.engine > 0:
         streams, preds = report["_streams"], report["_preds"]["learned"]
         picked = [i for i, s in enumerate(streams) if s.scenario in ("clean", "nan_joints")]
@@ -64,6 +65,16 @@ def _harness(args: argparse.Namespace) -> int:
               f"max abs diff {ec['progress_max_abs_diff']:.2g}")
     print(f"wrote {json_path} and {md_path} in {report['timing_s']['total']:.0f} s")
     return 0
+
+
+def _decoder_steps(steps: int | None) -> int:
+    if steps is None:
+        from trainer.phase_decoder import DecoderConfig
+
+        return DecoderConfig().steps
+    if steps < 0:
+        raise ValueError(f"--decoder-steps: expected >= 0, found {steps}")
+    return steps
 
 
 def register(subparsers) -> None:
@@ -94,4 +105,7 @@ def register(subparsers) -> None:
                         "K training demos (synth seed 0, indices 0..K-1; never val streams)")
     p.add_argument("--refine", type=int, default=0, metavar="N",
                    help="with --reference-demos K > 1: DBA refinement rounds (default 0)")
+    p.add_argument("--decoder-steps", type=int, default=None, metavar="N",
+                   help="training steps of each reference's phase decoder, as `masa-rt "
+                        "reference build` (default: its default, 600; 0: none)")
     p.set_defaults(func=_harness)

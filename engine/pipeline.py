@@ -78,6 +78,12 @@ class Pipeline:
         self._bank_all = AlignerBank(list(references), config)
         self.model_name, self.window = model_name, window
         self._no_embedding = np.zeros(references[0].dim, np.float32)  # lost frames (held)
+        self._no_input = np.zeros(spec.input_dim, np.float32)
+        for r in references:
+            if r.decoder is not None and r.decoder.input_dim != spec.input_dim:
+                raise ValueError(f"Pipeline: reference {r.name}'s phase decoder reads inputs "
+                                 f"of size {r.decoder.input_dim}, the model's are "
+                                 f"{spec.input_dim}: rebuild it with masa-rt reference build")
         self._sessions: dict[str, _Session] = {}
 
     # -- construction from files ----------------------------------------------------------
@@ -207,19 +213,22 @@ class Pipeline:
         x = self.bank.features([frames[sid] for sid in live])
         embeddings = self.bank.step(list(zip(live, x, strict=True)))
         rows = dict(zip(live, embeddings, strict=True))
+        inputs = dict(zip(live, x, strict=True))  # the references' phase decoders read them
         groups: dict[int, list[str]] = {}  # bank id -> its sessions in this round
         for sid in sids:
             groups.setdefault(id(self._sessions[sid].bank), []).append(sid)
         for group in groups.values():
-            self._align(group, frames, rows)
+            self._align(group, frames, rows, inputs)
 
-    def _align(self, group: list[str], frames: dict, rows: dict[str, np.ndarray]) -> None:
+    def _align(self, group: list[str], frames: dict, rows: dict[str, np.ndarray],
+               inputs: dict[str, np.ndarray]) -> None:
         """One vectorised aligner step for sessions sharing a bank; lost frames hold."""
         bank = self._sessions[group[0]].bank
         emb = np.stack([rows.get(sid, self._no_embedding) for sid in group])  # (B, d)
         times = np.array([frames[sid].t for sid in group])
         valid = np.array([not frames[sid].lost for sid in group])
-        for sid, est in zip(group, bank.step_many(group, emb, times, valid), strict=True):
+        x = np.stack([inputs.get(sid, self._no_input) for sid in group])  # (B, D)
+        for sid, est in zip(group, bank.step_many(group, emb, times, valid, x), strict=True):
             self._sessions[sid].last = est
 
     def _finish_frames(self) -> list[Result]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,8 @@ def embed_demo(model: MasaModel | None, spec: InputSpec, seq: PoseSequence,
             raise ValueError("embed_demo: needs a model or an embed function")
         with torch.no_grad():
             emb = model.encode(torch.from_numpy(x)[None])[0].numpy()  # (T, d), causal offline
-    return {"embeddings": emb, "phases": phases[keep], "times": times[keep]}
+    return {"embeddings": emb, "phases": phases[keep], "times": times[keep],
+            "joints": joints[keep]}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -229,6 +231,34 @@ def reference_from_demos(demos: Sequence[dict[str, Any]], phase_names: Sequence[
                      fps=fps, model_fingerprint=model_fingerprint, meta=meta)
 
 
+def with_phase_decoder(ref: Reference, demos: Sequence[dict[str, Any]], spec: InputSpec,
+                       steps: int | None = None) -> Reference:
+    """``ref`` with a phase decoder trained on the labels of ``demos`` (``embed_demo``
+    dicts); ``steps`` 0 returns ``ref`` unchanged, None takes the default.
+
+    Training needs torch and the trainer's augmentation: imported here, so the serving
+    path, which only reads the decoder's weights, never imports them.
+    """
+    from trainer.phase_decoder import DecoderConfig, train_phase_decoder
+
+    cfg = DecoderConfig() if steps is None else DecoderConfig(steps=steps)
+    if cfg.steps <= 0:
+        return ref
+    if not spec.uses_joints or spec.feature_dim:
+        log.warning("reference %s: no phase decoder (it reads skeletons only; the model's "
+                    "input is %s)", ref.name, spec.input_kind)
+        return ref
+
+    def report(step: int, loss: float) -> None:
+        log.info("phase decoder: step %d/%d, loss %.3f", step + 1, cfg.steps, loss)
+
+    decoder = train_phase_decoder([(d["joints"], d["phases"]) for d in demos], spec,
+                                  len(ref.phase_names), cfg, progress=report)
+    meta = dict(ref.meta, phase_decoder={"steps": cfg.steps, "hidden": cfg.hidden,
+                                         "layers": cfg.layers, "demos": len(demos)})
+    return replace(ref, decoder=decoder, meta=meta)
+
+
 def check_same_activity(seqs: Sequence[PoseSequence], labels: Sequence[str],
                         default: str) -> str:
     """The demos' one activity (``default`` where unnamed); refuses a mix."""
@@ -247,12 +277,15 @@ def check_same_activity(seqs: Sequence[PoseSequence], labels: Sequence[str],
 def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
                     checkpoint_path: str | os.PathLike[str] | None,
                     out_path: str | os.PathLike[str], *, name: str | None = None,
-                    policy: str = "medoid", refine: int = 0) -> Reference:
+                    policy: str = "medoid", refine: int = 0,
+                    decoder_steps: int | None = None) -> Reference:
     """Embed the demos with the checkpoint's model and save the reference to ``out_path``.
 
     ``checkpoint_path``: a ``.pt`` file or a run folder; None uses the shipped model.
     ``policy``: ``"medoid"`` (average of all demos on the medoid's timeline) or
-    ``"first"`` (the first demo; the others are only compared).
+    ``"first"`` (the first demo; the others are only compared). ``decoder_steps``:
+    training steps of the reference's phase decoder on all the demos' labels (None: the
+    default of ``trainer.phase_decoder.DecoderConfig``; 0: no decoder).
     """
     if not demo_paths:
         raise ReferenceBuildError("no demo given")
@@ -270,6 +303,7 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
         model_fingerprint=fingerprint,
         meta={"checkpoint": str(meta["path"]), "input_spec": spec.to_dict(),
               "masa_rt_version": masa_rt.__version__})
+    ref = with_phase_decoder(ref, demos, spec, decoder_steps)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     ref.save(out_path)
     log.info("reference %s: %s, %d frames, %s of %d demos, model %s", out_path, activity,

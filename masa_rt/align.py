@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from masa_rt.atomic import atomic_write
+from masa_rt.phase_decoder import PhaseDecoder
 
 __all__ = [
     "REFERENCE_FORMAT_VERSION",
@@ -95,6 +96,9 @@ class Reference:
     fps: float
     model_fingerprint: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    # Optional: trained on the demo's labels (masa_rt.phase_decoder); the aligner adds its
+    # -log p(phase) to the cost of each frame of that phase (AlignerConfig.decoder_weight).
+    decoder: PhaseDecoder | None = None
     # Derived on construction, per frame: first/last frame of the run of equal phase the
     # frame belongs to (a run, not a phase id, so a phase that recurs is still linear).
     run_start: np.ndarray = field(init=False, repr=False)
@@ -122,6 +126,10 @@ class Reference:
         if not math.isfinite(self.fps) or self.fps <= 0:
             raise ReferenceFormatError(f"fps: expected a number > 0, found {self.fps}")
         self.meta = dict(self.meta)
+        if self.decoder is not None and self.decoder.num_phases != len(self.phase_names):
+            raise ReferenceFormatError(
+                f"decoder: expected {len(self.phase_names)} phases (phase_names), found "
+                f"{self.decoder.num_phases}")
         self._derive_runs()
 
     @staticmethod
@@ -191,6 +199,7 @@ class Reference:
             "fps": np.float64(self.fps),
             "model_fingerprint": np.str_(self.model_fingerprint),
             "meta": np.str_(json.dumps(self.meta)),
+            **(self.decoder.to_npz_members() if self.decoder is not None else {}),
         }
         with atomic_write(path, "wb") as f:
             np.savez(f, **arrays)
@@ -213,6 +222,7 @@ class Reference:
                 phase_names=[str(s) for s in np.atleast_1d(data["phase_names"])],
                 times=data["times"], fps=float(data["fps"]),
                 model_fingerprint=str(data["model_fingerprint"]), meta=meta,
+                decoder=PhaseDecoder.from_npz_members(data),
             )
         except (ValueError, TypeError) as e:  # includes ReferenceFormatError, JSON errors
             raise ReferenceFormatError(f"{path}: {e}") from None
@@ -231,7 +241,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             missing = [k for k in _REQUIRED if k not in npz.files]
             if missing:
                 raise ReferenceFormatError(f"{path}: missing fields {', '.join(missing)}")
-            return {k: npz[k] for k in _REQUIRED}
+            return {k: npz[k] for k in npz.files if k in _REQUIRED or k.startswith("decoder.")}
     except ReferenceFormatError:
         raise
     except (ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
@@ -276,6 +286,10 @@ class AlignerConfig:
     activity_memory: float = 10.0  # frames
     activity_margin: float = 0.02
     activity_patience: int = 8
+    # References with a phase decoder: cost += decoder_weight * -log p(the frame's phase).
+    # 0.02 nats weighs a confident decoder (p 0.9 against 0.1: 2.2 nats) about like a
+    # cosine gap of 0.04; tuned on the tuning seed (docs/results.md §3, "Fifth round").
+    decoder_weight: float = 0.02
 
     def __post_init__(self) -> None:
         ints = {"band": 1, "back": 0, "max_step": 1, "pause_lag": 1, "pause_frames": 1,
@@ -287,6 +301,9 @@ class AlignerConfig:
                                  f"found {getattr(self, name)}")
         if not 0.0 <= self.smoothing < 1.0:
             raise ValueError(f"AlignerConfig.smoothing: expected [0, 1), found {self.smoothing}")
+        if not (math.isfinite(self.decoder_weight) and self.decoder_weight >= 0):
+            raise ValueError(f"AlignerConfig.decoder_weight: expected a number >= 0, "
+                             f"found {self.decoder_weight}")
         for name in ("relocalise_memory", "activity_memory"):
             if getattr(self, name) < 1.0:
                 raise ValueError(f"AlignerConfig.{name}: expected >= 1 frame, "
@@ -484,6 +501,20 @@ class _Model:
         # divided by lam so it weighs like a cost; skips are free: it is a detector.
         self.lam = 1.0 - 1.0 / cfg.relocalise_memory
         self.reloc_stay = cfg.stay_penalty / self.lam
+        # Phase decoders: reference k's state is columns dec_slots[k] of a session's flat
+        # decoder state; its log-probabilities land on the columns of its frames.
+        self.decoders = [(k, r.decoder) for k, r in enumerate(refs)
+                         if r.decoder is not None and cfg.decoder_weight > 0]
+        dims = {d.input_dim for _, d in self.decoders}
+        if len(dims) > 1:
+            raise ValueError(f"Aligner: the references' phase decoders take different "
+                             f"inputs (dims {sorted(dims)}); build them with one model")
+        self.input_dim = dims.pop() if dims else 0
+        sizes = [d.layers * d.hidden for _, d in self.decoders]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.dec_slots = [slice(int(a), int(b))
+                          for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        self.dec_size = max(int(starts[-1]), 1)
 
 
 # Per-session fields: name -> (shape after the session axis, dtype, value after reset).
@@ -517,6 +548,8 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Any, float]] = {
     "last_state": ((), np.int8, _WAITING),
     "last_conf": ((), np.float64, 0.0),
     "last_t": ((), np.float64, math.nan),
+    # Phase decoders' recurrent states, all references' laid end to end ("S" floats).
+    "dec": (("S",), np.float32, 0.0),
 }
 # Scratch rows, allocated once: fresh (B, P) or (B, d) temporaries every step would cost
 # page faults that take longer than the arithmetic. name -> (shape, dtype).
@@ -541,7 +574,7 @@ class _Sessions:
     def __init__(self, model: _Model, capacity: int = 1) -> None:
         self.model = model
         sizes = {"K": model.n_refs, "P": model.cols, "W": model.width, "d": model.dim,
-                 "2lag": 2 * model.cfg.pause_lag}
+                 "2lag": 2 * model.cfg.pause_lag, "S": model.dec_size}
         self._shapes = {name: tuple(sizes[s] for s in spec[0])
                         for name, spec in (_FIELDS | _SCRATCH).items()}
         self.n = 0
@@ -584,12 +617,13 @@ class _Sessions:
     # -- one step of many sessions ------------------------------------------------------
 
     def step(self, rows: np.ndarray, q: np.ndarray, ok: np.ndarray,
-             t: np.ndarray) -> EstimateBatch:
+             t: np.ndarray, x: np.ndarray | None = None) -> EstimateBatch:
         """Step sessions ``rows`` (B,) (distinct slots) with unit embeddings ``q`` (B, d)
-        float32 (zero rows where not ``ok``) at times ``t`` (B,)."""
+        float32 (zero rows where not ``ok``) at times ``t`` (B,); ``x`` (B, D) are the
+        frames' model inputs, for the references' phase decoders."""
         n = self.n
         if len(rows) < n:
-            self._step(rows, rows, q, ok, t)
+            self._step(rows, rows, q, ok, t, x)
         else:
             # Every session steps: go in slot order, so that the big rows are updated in
             # place (no gather/scatter of the (B, P) rows).
@@ -597,11 +631,12 @@ class _Sessions:
                 order = np.empty(n, dtype=np.int64)
                 order[rows] = np.arange(n)
                 q, ok, t = q[order], ok[order], t[order]
-            self._step(slice(0, n), np.arange(n), q, ok, t)
+                x = None if x is None else x[order]
+            self._step(slice(0, n), np.arange(n), q, ok, t, x)
         return self.estimates(rows)
 
     def _step(self, sel: slice | np.ndarray, rows: np.ndarray, q: np.ndarray,
-              ok: np.ndarray, t: np.ndarray) -> None:
+              ok: np.ndarray, t: np.ndarray, x: np.ndarray | None = None) -> None:
         """The math of one frame. ``rows`` (B,) are the slots; ``sel`` selects the same rows
         (a slice when they are all of 0 .. n-1 in order). All (B,)-shaped unless noted."""
         M, cfg = self.model, self.model.cfg
@@ -614,6 +649,7 @@ class _Sessions:
         sims[:, M.pad_cols] = -np.inf
         on_script = sims.max(axis=1) >= cfg.off_script_sim
         cost = np.subtract(1.0, sims, out=sims)  # (B, P) float32
+        decoded = self._decode(rows, ok, x, cost) if M.decoders else None
 
         active = self.active[rows]
         paused, still = self._pause(sel, rows, q, ok, t, active)
@@ -660,6 +696,8 @@ class _Sessions:
 
         # Similarity at the tracked frame (EMA), state and confidence.
         here = 1.0 - tr.take(cost, every, tr.offset + tr.pos).astype(np.float64)
+        if decoded is not None:  # the similarity is the embedding's alone
+            here += tr.take(decoded, every, tr.offset + tr.pos)
         sim = self.sim[rows]
         sim = np.where(ok, np.where(seen, 0.5 * (sim + here), here), sim)
         state = np.where(paused, _PAUSED, _TRACKING)
@@ -678,6 +716,32 @@ class _Sessions:
         tr.store(sel)
         self.activity_cost[sel] = activity_cost
         self.last_state[sel], self.last_conf[sel], self.last_t[sel] = state, conf, t
+
+    def _decode(self, rows: np.ndarray, ok: np.ndarray, x: np.ndarray | None,
+                cost: np.ndarray) -> np.ndarray:
+        """Step every reference's phase decoder on the frames of ``ok`` sessions (a lost
+        frame holds its state) and add ``decoder_weight * -log p(phase)`` to each column
+        of ``cost`` in place; returns that added term (B, P)."""
+        M = self.model
+        if x is None or x.shape != (len(rows), M.input_dim):
+            found = None if x is None else x.shape
+            raise ValueError(f"Aligner: the references carry phase decoders, which need "
+                             f"each frame's model input ({len(rows)}, {M.input_dim}); "
+                             f"found {found}")
+        added = np.zeros(cost.shape, dtype=np.float32)
+        state = self.dec[rows]  # (B, S) copy
+        live = np.flatnonzero(ok)
+        if not live.size:
+            return added
+        for (k, dec), cols in zip(M.decoders, M.dec_slots, strict=True):
+            old = state[live, cols].reshape(len(live), dec.layers, dec.hidden)
+            logp, new = dec.step(x[live], old)
+            state[live, cols] = new.reshape(len(live), dec.layers * dec.hidden)
+            frames = M.ref_cols[k]
+            added[live, frames] = -M.cfg.decoder_weight * logp[:, M.phases[frames]]
+        self.dec[rows] = state
+        cost += added
+        return added
 
     def _pause(self, sel: slice | np.ndarray, rows: np.ndarray, q: np.ndarray,
                ok: np.ndarray, t: np.ndarray,
@@ -965,6 +1029,22 @@ def _unit_rows_or_zero(embeddings: np.ndarray, valid: np.ndarray | None, dim: in
     return np.where(ok[:, None], q / np.where(ok, norms, 1.0)[:, None], 0.0), ok
 
 
+def _decoder_inputs(model: _Model, inputs: np.ndarray | None, b: int,
+                    who: str) -> np.ndarray | None:
+    """(B, D) float32 model inputs for the phase decoders (NaN -> 0, as
+    ``preprocess.assemble``), or None when no reference has a decoder."""
+    if not model.decoders:
+        return None
+    if inputs is None:
+        raise ValueError(f"{who}: the references carry phase decoders, which need each "
+                         f"frame's model input (inputs=...)")
+    x = np.asarray(inputs, dtype=np.float32).reshape(b, -1)
+    if x.shape[1] != model.input_dim:
+        raise ValueError(f"{who}: expected model inputs of size {model.input_dim}, found "
+                         f"{x.shape[1]}")
+    return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 # ---------------------------------------------------------------------------------------
 # Public steppers
 # ---------------------------------------------------------------------------------------
@@ -1016,15 +1096,18 @@ class Aligner:
         self._sessions.reset(self._row)
         self._last = self._sessions.estimates(self._row)[0]
 
-    def step(self, embedding: np.ndarray | None, t: float, valid: bool = True) -> Estimate:
+    def step(self, embedding: np.ndarray | None, t: float, valid: bool = True,
+             inputs: np.ndarray | None = None) -> Estimate:
         """Consume one frame's embedding (d,) at time ``t`` (seconds). ``None``, any NaN or
-        ``valid=False`` mean "no pose this frame": the position is held."""
+        ``valid=False`` mean "no pose this frame": the position is held. ``inputs`` (D,):
+        the frame's model input, required when a reference carries a phase decoder."""
         if embedding is None:
             q, ok = np.zeros((1, self.dim), dtype=np.float32), np.zeros(1, dtype=bool)
         else:
             q, ok = _unit_rows_or_zero(np.reshape(embedding, (1, -1)), np.array([valid]),
                                        self.dim, "Aligner.step")
-        self._last = self._sessions.step(self._row, q, ok, np.array([float(t)]))[0]
+        x = _decoder_inputs(self._model, inputs, 1, "Aligner.step")
+        self._last = self._sessions.step(self._row, q, ok, np.array([float(t)]), x)[0]
         return self._last
 
     def run(self, embeddings: np.ndarray, times: np.ndarray | None = None,
@@ -1101,10 +1184,13 @@ class AlignerBank:
 
     def step_many(self, ids: Sequence[Hashable], embeddings: np.ndarray,
                   times: Sequence[float] | np.ndarray,
-                  valid: Sequence[bool] | np.ndarray | None = None) -> EstimateBatch:
+                  valid: Sequence[bool] | np.ndarray | None = None,
+                  inputs: np.ndarray | None = None) -> EstimateBatch:
         """Step each session ``ids[b]`` (distinct) with ``embeddings[b]`` (B, d) at
         ``times[b]``; ``valid[b] = False`` or a NaN means no pose (as
-        :meth:`Aligner.step`). Returns the estimates in the order of ``ids``."""
+        :meth:`Aligner.step`); ``inputs`` (B, D): the frames' model inputs, required when
+        a reference carries a phase decoder. Returns the estimates in the order of
+        ``ids``."""
         q = np.asarray(embeddings, dtype=np.float32)
         if q.ndim != 2 or q.shape[0] != len(ids):
             raise ValueError(f"step_many: expected ({len(ids)}, d) embeddings, found {q.shape}")
@@ -1112,10 +1198,11 @@ class AlignerBank:
         if t.shape != (len(ids),):
             raise ValueError(f"step_many: expected {len(ids)} times, found {t.shape}")
         q, ok = _unit_rows_or_zero(q, valid, self._model.dim, "step_many")
+        x = _decoder_inputs(self._model, inputs, len(ids), "step_many")
         for session in ids:
             if session not in self._slot:
                 self.add(session)
         rows = np.fromiter((self._slot[s] for s in ids), dtype=np.int64, count=len(ids))
         if len(set(rows.tolist())) != len(rows):
             raise ValueError("step_many: a session appears more than once in one step")
-        return self._sessions.step(rows, q, ok, t)
+        return self._sessions.step(rows, q, ok, t, x)

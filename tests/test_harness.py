@@ -114,13 +114,16 @@ def test_cli(tmp_path, capsys):
     harness_commands.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["harness", "--checkpoint", str(ckpt), "--per-activity", "1",
                               "--activities", ACTIVITY, "--scenarios", "clean", "skip",
-                              "--out", str(tmp_path / "out")])
+                              "--out", str(tmp_path / "out"), "--decoder-steps", "2",
+                              "--engine", "1"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "| clean | learned |" in out and "| skip | offline_dtw |" in out
     data = json.loads((tmp_path / "out" / "streaming_results.json").read_text())
     assert set(data["results"]) == {"clean", "skip"}
     assert data["model"]["fingerprint"]
+    # The references carried phase decoders, and the ONNX serving path agreed with them.
+    assert data["engine_check"]["phase_equal_pct"] == 100.0
     bad = parser.parse_args(["harness", "--checkpoint", str(ckpt), "--scenarios", "nope"])
     with pytest.raises(ValueError, match="unknown"):
         bad.func(bad)

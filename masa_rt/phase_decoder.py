@@ -1,0 +1,140 @@
+"""A reference's phase decoder: a small causal GRU from model inputs to phase log-probabilities.
+
+Alignment alone reports the phase of the reference frame it tracks, so every subject's
+own key poses and every change of speed move the reported boundary. A reference also comes
+with what alignment never uses directly: the demonstration's phase *labels*. The decoder
+is trained on them at ``masa-rt reference build`` time (``trainer.phase_decoder``), on
+augmented replays of the demonstration (speed changes, pauses, viewpoint, mirror, per-hand
+offsets, noise), and the online aligner adds its ``-log p(phase)`` to the cost of each
+reference frame of that phase (``AlignerConfig.decoder_weight``): the tracker still
+follows the reference frame by frame, but boundaries move to where the decoder hears them.
+
+Input: one frame's model input (``preprocess.frame_features``: the same row the encoder
+gets). Architecture, PyTorch's conventions (``nn.Linear``, ``nn.GRU`` gates r, z, n)::
+
+    e = W2 relu(W1 x + b1) + b2
+    h_l = GRU_l(input = h_{l-1} (e for l = 0), state = h_l)      l = 0 .. L-1
+    log p = log_softmax(Wo h_{L-1} + bo)
+
+Numpy only: the serving path runs it without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["PhaseDecoder", "PhaseDecoderError"]
+
+_PREFIX = "decoder."
+
+
+class PhaseDecoderError(ValueError):
+    """Decoder weights with missing arrays or inconsistent shapes."""
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow warnings for large |x|
+
+
+class PhaseDecoder:
+    """Weights (float32) and the batched step; the state is the caller's ``(B, L, H)``."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
+        try:
+            a = {k: np.asarray(arrays[k], dtype=np.float32) for k in self._names(arrays)}
+        except KeyError as e:
+            raise PhaseDecoderError(f"phase decoder: missing array {e}") from None
+        self.w1, self.b1, self.w2, self.b2 = a["w1"], a["b1"], a["w2"], a["b2"]
+        self.wo, self.bo = a["wo"], a["bo"]
+        self.layers = int(sum(k.startswith("w_ih") for k in a))
+        self.gru = [(a[f"w_ih{i}"], a[f"w_hh{i}"], a[f"b_ih{i}"], a[f"b_hh{i}"])
+                    for i in range(self.layers)]
+        self._check()
+
+    @staticmethod
+    def _names(arrays: Mapping[str, np.ndarray]) -> list[str]:
+        layers = sum(str(k).startswith("w_ih") for k in arrays)
+        if layers < 1:
+            raise PhaseDecoderError("phase decoder: no GRU layer (w_ih0 ...)")
+        return ["w1", "b1", "w2", "b2", "wo", "bo"] + [
+            f"{n}{i}" for i in range(layers) for n in ("w_ih", "w_hh", "b_ih", "b_hh")]
+
+    def _check(self) -> None:
+        h = self.hidden
+        want = {"w1": (h, self.input_dim), "b1": (h,), "w2": (h, h), "b2": (h,),
+                "wo": (self.num_phases, h), "bo": (self.num_phases,)}
+        for i in range(self.layers):
+            want |= {f"w_ih{i}": (3 * h, h), f"w_hh{i}": (3 * h, h), f"b_ih{i}": (3 * h,),
+                     f"b_hh{i}": (3 * h,)}
+        arrays = self.arrays()
+        for name, shape in want.items():
+            if arrays[name].shape != shape:
+                raise PhaseDecoderError(f"phase decoder: {name}: expected shape {shape}, "
+                                        f"found {arrays[name].shape}")
+            if not np.isfinite(arrays[name]).all():
+                raise PhaseDecoderError(f"phase decoder: {name}: NaN or inf")
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.w1.shape[1])
+
+    @property
+    def hidden(self) -> int:
+        return int(self.w1.shape[0])
+
+    @property
+    def num_phases(self) -> int:
+        return int(self.wo.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2,
+               "wo": self.wo, "bo": self.bo}
+        for i, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.gru):
+            out |= {f"w_ih{i}": w_ih, f"w_hh{i}": w_hh, f"b_ih{i}": b_ih, f"b_hh{i}": b_hh}
+        return out
+
+    # -- file members: "decoder.<name>" inside a reference .npz ---------------------------
+
+    def to_npz_members(self) -> dict[str, np.ndarray]:
+        return {_PREFIX + k: v for k, v in self.arrays().items()}
+
+    @classmethod
+    def from_npz_members(cls, members: Mapping[str, np.ndarray]) -> PhaseDecoder | None:
+        """The decoder stored in a reference archive, or None if it has none."""
+        mine = {k[len(_PREFIX):]: v for k, v in members.items() if k.startswith(_PREFIX)}
+        return cls(mine) if mine else None
+
+    # -- inference -------------------------------------------------------------------------
+
+    def initial_state(self, batch: int) -> np.ndarray:
+        return np.zeros((batch, self.layers, self.hidden), dtype=np.float32)
+
+    def step(self, x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One frame of ``B`` streams: inputs ``(B, D)``, state ``(B, L, H)`` ->
+        log-probabilities ``(B, P)`` and the new state (a new array)."""
+        e = np.maximum(x @ self.w1.T + self.b1, 0.0) @ self.w2.T + self.b2
+        new = np.empty_like(state)
+        h_in = e
+        for i, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.gru):
+            h = state[:, i]
+            gi, gh = h_in @ w_ih.T + b_ih, h @ w_hh.T + b_hh
+            n_h = self.hidden
+            r = _sigmoid(gi[:, :n_h] + gh[:, :n_h])
+            z = _sigmoid(gi[:, n_h:2 * n_h] + gh[:, n_h:2 * n_h])
+            n = np.tanh(gi[:, 2 * n_h:] + r * gh[:, 2 * n_h:])
+            new[:, i] = h_in = (1.0 - z) * n + z * h
+        logits = h_in @ self.wo.T + self.bo
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return logp.astype(np.float32), new
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """A whole stream ``(T, D)`` from a fresh state -> ``(T, P)`` log-probabilities."""
+        state = self.initial_state(1)
+        out = np.empty((len(x), self.num_phases), dtype=np.float32)
+        for t in range(len(x)):
+            logp, state = self.step(np.asarray(x[t:t + 1], dtype=np.float32), state)
+            out[t] = logp[0]
+        return out

@@ -1,0 +1,139 @@
+"""Train a reference's phase decoder (``masa_rt.phase_decoder``) from its labelled demos.
+
+The demonstrations of a reference carry phase labels; that is all the supervision there
+is, one or a few performances. Each step replays a batch of them through the trainer's own
+augmentation (``masa_rt.augment.dual_augment``, one view): per-segment speed changes and
+pauses, rotation about the vertical, mirror, per-hand offsets that drift, joint dropout and
+noise. The labels follow each augmented frame through its index map ``g``, so they stay
+exact. The torch module below has the numpy decoder's exact layout and is converted to it
+at the end; ``tests/test_phase_decoder.py`` checks the two agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from masa_rt.augment import AugmentConfig, dual_augment
+from masa_rt.phase_decoder import PhaseDecoder
+from masa_rt.preprocess import InputSpec, frame_features, normalise_joints
+from masa_rt.skeleton import get_layout
+
+__all__ = ["DecoderConfig", "DecoderNet", "train_phase_decoder"]
+
+log = logging.getLogger(__name__)
+
+
+def _augment() -> AugmentConfig:
+    # The shipped encoder's augmentation (configs/hands_shipped.yaml) with more frequent
+    # speed changes (about one per phase) and per-hand offsets at the synthetic subjects'
+    # scale (docs/results.md §3, "Fifth round"); the crop lets the decoder start anywhere,
+    # as a stream joined late or restarted does.
+    return AugmentConfig(crop="independent", rotate_max_deg=45.0, temporal="warp",
+                         warp_segments=8, joint_dropout=0.1, part_jitter_std=0.1,
+                         part_jitter_deg=4.0)
+
+
+@dataclass
+class DecoderConfig:
+    """How a reference's phase decoder is trained (``masa-rt reference build``)."""
+
+    steps: int = 600  # 0 = no decoder
+    hidden: int = 64
+    layers: int = 2
+    batch_size: int = 16
+    lr: float = 2e-3  # peak of a one-cycle schedule
+    weight_decay: float = 1e-4
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=_augment)
+
+
+class DecoderNet(nn.Module):
+    """``masa_rt.phase_decoder.PhaseDecoder`` in torch, for training."""
+
+    def __init__(self, input_dim: int, num_phases: int, hidden: int = 64, layers: int = 2):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(input_dim, hidden), nn.Linear(hidden, hidden)
+        self.gru = nn.GRU(hidden, hidden, num_layers=layers, batch_first=True)
+        self.out = nn.Linear(hidden, num_phases)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, P) logits, causal."""
+        return self.out(self.gru(self.fc2(F.relu(self.fc1(x))))[0])
+
+    def to_numpy(self) -> PhaseDecoder:
+        def a(t: torch.Tensor) -> np.ndarray:
+            return t.detach().cpu().numpy().astype(np.float32)
+
+        arrays = {"w1": a(self.fc1.weight), "b1": a(self.fc1.bias), "w2": a(self.fc2.weight),
+                  "b2": a(self.fc2.bias), "wo": a(self.out.weight), "bo": a(self.out.bias)}
+        for i in range(self.gru.num_layers):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                short = name.replace("weight", "w").replace("bias", "b")
+                arrays[f"{short}{i}"] = a(getattr(self.gru, f"{name}_l{i}"))
+        return PhaseDecoder(arrays)
+
+
+def _batch(demos: list[tuple[np.ndarray, np.ndarray]], spec: InputSpec,
+           cfg: DecoderConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One augmented view of ``batch_size`` demos drawn at random -> inputs (B, M, D) and
+    labels (B, M) (-100 on padding)."""
+    idx = rng.integers(0, len(demos), cfg.batch_size)
+    lengths = np.array([len(demos[i][0]) for i in idx])
+    joints = np.zeros((len(idx), lengths.max(), *demos[0][0].shape[1:]), dtype=np.float32)
+    for b, i in enumerate(idx):
+        joints[b, :lengths[b]] = demos[i][0]
+    layout = get_layout(spec.layout)
+    view, _ = dual_augment(joints, lengths, rng, cfg.augment,
+                           mirror_index=np.array(layout.mirror), up_axis=layout.up_axis)
+    mask, g = view["mask"], view["g"]
+    x = np.where(mask[..., None], frame_features(view["joints"], spec), 0.0)
+    y = np.full(g.shape, -100, dtype=np.int64)
+    for b, i in enumerate(idx):
+        y[b, mask[b]] = demos[i][1][g[b, mask[b]]]
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)
+
+
+def train_phase_decoder(demos: Sequence[tuple[np.ndarray, np.ndarray]], spec: InputSpec,
+                        num_phases: int, cfg: DecoderConfig | None = None,
+                        progress: Callable[[int, float], None] | None = None) -> PhaseDecoder:
+    """Demos as ``(joints (T, J, C) raw, phases (T,) int)`` at the model's frame rate ->
+    a trained :class:`PhaseDecoder` over ``num_phases`` phases.
+
+    ``progress(step, loss)`` is called every 50 steps (a CLI shows it).
+    """
+    cfg = cfg or DecoderConfig()
+    if cfg.steps < 1:
+        raise ValueError(f"DecoderConfig.steps: expected >= 1, found {cfg.steps}")
+    if not spec.uses_joints or spec.feature_dim:
+        raise ValueError("phase decoder: needs skeleton-only input (input_kind 'skeleton')")
+    normed = []
+    for joints, phases in demos:
+        phases = np.asarray(phases, dtype=np.int64)
+        if len(joints) != len(phases) or len(joints) < 2:
+            raise ValueError(f"phase decoder: a demo has {len(joints)} frames and "
+                             f"{len(phases)} labels")
+        if phases.min() < 0 or phases.max() >= num_phases:
+            raise ValueError(f"phase decoder: labels outside [0, {num_phases})")
+        normed.append((normalise_joints(np.asarray(joints, dtype=np.float32), spec), phases))
+    torch.manual_seed(cfg.seed)
+    net = DecoderNet(spec.input_dim, num_phases, cfg.hidden, cfg.layers)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
+    for step in range(cfg.steps):
+        x, y = _batch(normed, spec, cfg, np.random.default_rng([cfg.seed, step]))
+        loss = F.cross_entropy(net(x).reshape(-1, num_phases), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if progress is not None and (step % 50 == 0 or step == cfg.steps - 1):
+            progress(step, float(loss.item()))
+    return net.eval().to_numpy()
