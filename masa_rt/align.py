@@ -288,7 +288,8 @@ class AlignerConfig:
     activity_patience: int = 8
     # References with a phase decoder: cost += decoder_weight * -log p(the frame's phase).
     # 0.02 nats weighs a confident decoder (p 0.9 against 0.1: 2.2 nats) about like a
-    # cosine gap of 0.04; tuned on the tuning seed (docs/results.md §3, "Fifth round").
+    # cosine gap of 0.04; 0.02-0.2 tried, both harness seeds agree (docs/results.md §3,
+    # "Fifth round").
     decoder_weight: float = 0.02
 
     def __post_init__(self) -> None:

@@ -3,7 +3,8 @@
 #   masa_rt/assets/masa_hands_causal.pt    the default model (weights + config, no optimizer)
 #   masa_rt/assets/masa_hands_causal.onnx  its streaming step, so serving needs no torch
 #   examples/demos/<activity>.npz          clean synthetic demonstrations (joints + phases)
-#   examples/<activity>.npz                references built from them by the shipped model
+#   examples/<activity>.npz                references built from them by the shipped model,
+#                                          each with its phase decoder (600 steps, minutes)
 # Training takes ~60 min on one CPU core in one stage (configs/hands_shipped.yaml says why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
