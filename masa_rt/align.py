@@ -17,7 +17,10 @@ the cosine cost ``c(i) = 1 - cos(q_t, ref_i)``:
   (restarts, skipped and repeated phases). O(T_ref * max_step), vectorised.
 
 With several references every relocaliser runs (its best recent cost scores the activity)
-and only the chosen reference's tracker does. States and tuning: ``docs/aligner.md``.
+and only the chosen reference's tracker does. A reference built with a **phase decoder**
+(``masa_rt.phase_decoder``, trained on the demo's labels) adds ``decoder_weight * -log
+p(phase)`` to the cost of each of its frames, from the frame's model input (``inputs=``),
+before both programs read it. States and tuning: ``docs/aligner.md``.
 
 ``offline_dtw`` and ``subsequence_dtw`` are the exact batch counterparts (the upper bound
 in the streaming evaluation, offline checks).
