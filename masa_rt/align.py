@@ -565,6 +565,7 @@ _SCRATCH: dict[str, tuple[tuple[str, ...], Any]] = {
     "m_new": (("d",), np.float64),  # the speed meter's frames: arriving,
     "m_middle": (("d",), np.float64),  # moving from the recent to the older half,
     "m_leaving": (("d",), np.float64),  # leaving
+    "dec_added": (("P",), np.float32),  # the phase decoders' cost term
 }
 
 
@@ -726,13 +727,9 @@ class _Sessions:
         """Step every reference's phase decoder on the frames of ``ok`` sessions (a lost
         frame holds its state) and add ``decoder_weight * -log p(phase)`` to each column
         of ``cost`` in place; returns that added term (B, P)."""
-        M = self.model
-        if x is None or x.shape != (len(rows), M.input_dim):
-            found = None if x is None else x.shape
-            raise ValueError(f"Aligner: the references carry phase decoders, which need "
-                             f"each frame's model input ({len(rows)}, {M.input_dim}); "
-                             f"found {found}")
-        added = np.zeros(cost.shape, dtype=np.float32)
+        M = self.model  # x was checked by _decoder_inputs (public entry points)
+        added = self.dec_added[:len(rows)]
+        added.fill(0.0)
         state = self.dec[rows]  # (B, S) copy
         live = np.flatnonzero(ok)
         if not live.size:
