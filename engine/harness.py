@@ -226,48 +226,46 @@ def make_references(activities: Sequence[str], spec: InputSpec,
     refs: dict[str, dict[str, Reference]] = {m: {} for m in embedders}
     canon: dict[str, np.ndarray] = {}
     for act in activities:
+        seqs = _reference_sequences(act, spec, reference_demos)
         if reference_demos > 1:
-            canon[act] = _multi_demo_references(act, spec, embedders, fingerprint,
-                                                reference_demos, refine, refs)
-            continue
-        demo = generate(act, np.random.default_rng(REFERENCE_SEED), clean=True, fps=spec.fps)
-        x = frame_features(demo.joints, spec)
-        canon[act] = np.asarray(demo.canonical_time, dtype=np.float64)
-        for method, embed in embedders.items():
-            refs[method][act] = Reference(
-                name=act, activity=act, embeddings=embed(x), phases=demo.phases,
-                phase_names=list(demo.phase_names), times=np.asarray(demo.timestamps),
-                fps=spec.fps, model_fingerprint=fingerprint if method == "learned" else "",
-                meta={"source": "synth clean demo", "embedding": method})
-    if decoder_steps > 0 and "learned" in refs:
-        _add_phase_decoders(refs["learned"], activities, spec, reference_demos, decoder_steps)
+            canon[act] = _multi_demo_references(act, spec, embedders, fingerprint, seqs,
+                                                refine, refs)
+        else:
+            demo = seqs[0]
+            x = frame_features(demo.joints, spec)
+            canon[act] = np.asarray(demo.canonical_time, dtype=np.float64)
+            for method, embed in embedders.items():
+                refs[method][act] = Reference(
+                    name=act, activity=act, embeddings=embed(x), phases=demo.phases,
+                    phase_names=list(demo.phase_names), times=np.asarray(demo.timestamps),
+                    fps=spec.fps, model_fingerprint=fingerprint if method == "learned" else "",
+                    meta={"source": "synth clean demo", "embedding": method})
+        if decoder_steps > 0 and "learned" in refs:
+            from engine.reference import with_phase_decoder
+
+            demos = [{"joints": s.joints, "phases": s.phases} for s in seqs]
+            refs["learned"][act] = with_phase_decoder(refs["learned"][act], demos, spec,
+                                                      decoder_steps)
     return refs, canon
 
 
-def _add_phase_decoders(refs: dict[str, Reference], activities: Sequence[str],
-                        spec: InputSpec, reference_demos: int, steps: int) -> None:
-    """Give each activity's reference a phase decoder trained on its demos' labels."""
-    from engine.reference import with_phase_decoder
-
-    for act in activities:
-        if reference_demos > 1:
-            seqs = [generate(act, sequence_rng(TRAIN_SEED, act, i)) for i in range(reference_demos)]
-        else:
-            seqs = [generate(act, np.random.default_rng(REFERENCE_SEED), clean=True,
-                             fps=spec.fps)]
-        demos = [{"joints": s.joints, "phases": s.phases} for s in seqs]
-        refs[act] = with_phase_decoder(refs[act], demos, spec, steps)
+def _reference_sequences(act: str, spec: InputSpec, k: int) -> list[Any]:
+    """The demos an activity's reference is built from: the clean demo (``k = 1``), or
+    exactly the training data's first ``k`` sequences (``write_dataset``)."""
+    if k == 1:
+        return [generate(act, np.random.default_rng(REFERENCE_SEED), clean=True, fps=spec.fps)]
+    return [generate(act, sequence_rng(TRAIN_SEED, act, i), subject=f"synth{TRAIN_SEED}_{i:03d}")
+            for i in range(k)]
 
 
 def _multi_demo_references(act: str, spec: InputSpec, embedders: dict[str, Embedder],
-                           fingerprint: str, k: int, refine: int,
+                           fingerprint: str, seqs: list[Any], refine: int,
                            refs: dict[str, dict[str, Reference]]) -> np.ndarray:
-    """Fill ``refs[method][act]`` from K training demos; return the medoid's canonical
-    time on the reference's frames."""
+    """Fill ``refs[method][act]`` from K training demos ``seqs``; return the medoid's
+    canonical time on the reference's frames."""
     from engine.reference import embed_demo, reference_from_demos
 
-    seqs = [generate(act, sequence_rng(TRAIN_SEED, act, i), subject=f"synth{TRAIN_SEED}_{i:03d}")
-            for i in range(k)]  # exactly the training data's sequences (write_dataset)
+    k = len(seqs)
     labels = [f"train seed {TRAIN_SEED} {act} #{i}" for i in range(k)]
     medoid = None
     for method, embed in embedders.items():
@@ -362,9 +360,8 @@ def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
     emb = np.zeros((len(streams), n_max, dim), dtype=np.float32)
     valid = np.zeros((len(streams), n_max), dtype=bool)
     times = np.zeros((len(streams), n_max))
-    decoders = any(r.decoder is not None for r in refs)
     xin = (np.zeros((len(streams), n_max, streams[0].x.shape[1]), dtype=np.float32)
-           if decoders and streams else None)
+           if bank.needs_inputs and streams else None)
     for row, s in enumerate(order.tolist()):
         n = lengths[s]
         emb[row, :n] = streams[s].full(method)

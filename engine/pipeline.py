@@ -227,7 +227,8 @@ class Pipeline:
         emb = np.stack([rows.get(sid, self._no_embedding) for sid in group])  # (B, d)
         times = np.array([frames[sid].t for sid in group])
         valid = np.array([not frames[sid].lost for sid in group])
-        x = np.stack([inputs.get(sid, self._no_input) for sid in group])  # (B, D)
+        x = (np.stack([inputs.get(sid, self._no_input) for sid in group])  # (B, D)
+             if bank.needs_inputs else None)
         for sid, est in zip(group, bank.step_many(group, emb, times, valid, x), strict=True):
             self._sessions[sid].last = est
 

@@ -1145,6 +1145,12 @@ class AlignerBank:
     def config(self) -> AlignerConfig:
         return self._model.cfg
 
+    @property
+    def needs_inputs(self) -> bool:
+        """True when a reference's phase decoder is used: ``step_many`` then needs
+        ``inputs``; otherwise callers need not build them."""
+        return bool(self._model.decoders)
+
     def __len__(self) -> int:
         return len(self._ids)
 

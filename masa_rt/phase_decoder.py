@@ -42,24 +42,20 @@ class PhaseDecoder:
     """Weights (float32) and the batched step; the state is the caller's ``(B, L, H)``."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.layers = sum(str(k).startswith("w_ih") for k in arrays)
+        if self.layers < 1:
+            raise PhaseDecoderError("phase decoder: no GRU layer (w_ih0 ...)")
+        names = ["w1", "b1", "w2", "b2", "wo", "bo"] + [
+            f"{n}{i}" for i in range(self.layers) for n in ("w_ih", "w_hh", "b_ih", "b_hh")]
         try:
-            a = {k: np.asarray(arrays[k], dtype=np.float32) for k in self._names(arrays)}
+            a = {k: np.asarray(arrays[k], dtype=np.float32) for k in names}
         except KeyError as e:
             raise PhaseDecoderError(f"phase decoder: missing array {e}") from None
         self.w1, self.b1, self.w2, self.b2 = a["w1"], a["b1"], a["w2"], a["b2"]
         self.wo, self.bo = a["wo"], a["bo"]
-        self.layers = int(sum(k.startswith("w_ih") for k in a))
         self.gru = [(a[f"w_ih{i}"], a[f"w_hh{i}"], a[f"b_ih{i}"], a[f"b_hh{i}"])
                     for i in range(self.layers)]
         self._check()
-
-    @staticmethod
-    def _names(arrays: Mapping[str, np.ndarray]) -> list[str]:
-        layers = sum(str(k).startswith("w_ih") for k in arrays)
-        if layers < 1:
-            raise PhaseDecoderError("phase decoder: no GRU layer (w_ih0 ...)")
-        return ["w1", "b1", "w2", "b2", "wo", "bo"] + [
-            f"{n}{i}" for i in range(layers) for n in ("w_ih", "w_hh", "b_ih", "b_hh")]
 
     def _check(self) -> None:
         h = self.hidden

@@ -24,6 +24,7 @@ from masa_rt.augment import AugmentConfig, dual_augment
 from masa_rt.phase_decoder import PhaseDecoder
 from masa_rt.preprocess import InputSpec, frame_features, normalise_joints
 from masa_rt.skeleton import get_layout
+from trainer.data import _pad
 
 __all__ = ["DecoderConfig", "DecoderNet", "train_phase_decoder"]
 
@@ -85,10 +86,7 @@ def _batch(demos: list[tuple[np.ndarray, np.ndarray]], spec: InputSpec,
     """One augmented view of ``batch_size`` demos drawn at random -> inputs (B, M, D) and
     labels (B, M) (-100 on padding)."""
     idx = rng.integers(0, len(demos), cfg.batch_size)
-    lengths = np.array([len(demos[i][0]) for i in idx])
-    joints = np.zeros((len(idx), lengths.max(), *demos[0][0].shape[1:]), dtype=np.float32)
-    for b, i in enumerate(idx):
-        joints[b, :lengths[b]] = demos[i][0]
+    joints, lengths = _pad([demos[i][0] for i in idx])
     layout = get_layout(spec.layout)
     view, _ = dual_augment(joints, lengths, rng, cfg.augment,
                            mirror_index=np.array(layout.mirror), up_axis=layout.up_axis)
