@@ -255,7 +255,8 @@ def with_phase_decoder(ref: Reference, demos: Sequence[dict[str, Any]], spec: In
     decoder = train_phase_decoder([(d["joints"], d["phases"]) for d in demos], spec,
                                   len(ref.phase_names), cfg, progress=report)
     meta = dict(ref.meta, phase_decoder={"steps": cfg.steps, "hidden": cfg.hidden,
-                                         "layers": cfg.layers, "demos": len(demos)})
+                                         "layers": cfg.layers, "edit_prob": cfg.edit_prob,
+                                         "demos": len(demos)})
     return replace(ref, decoder=decoder, meta=meta)
 
 

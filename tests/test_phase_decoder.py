@@ -6,12 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from masa_rt.align import Aligner, AlignerBank, AlignerConfig, Reference, ReferenceFormatError
 from masa_rt.phase_decoder import PhaseDecoder, PhaseDecoderError
 from masa_rt.preprocess import InputSpec, frame_features
 from masa_rt.synth.generate import generate
-from trainer.phase_decoder import DecoderConfig, DecoderNet, train_phase_decoder
+from trainer.phase_decoder import (
+    EDITS,
+    DecoderConfig,
+    DecoderNet,
+    scripted_edit,
+    train_phase_decoder,
+)
 
 D_IN, PHASES = 12, 3
 LENGTHS = (20, 25, 20)
@@ -173,3 +181,56 @@ def test_training_refuses_bad_demos() -> None:
         train_phase_decoder([(demo.joints, demo.phases[:-1])], spec, 8, DecoderConfig(steps=1))
     with pytest.raises(ValueError, match="steps: expected >= 1"):
         train_phase_decoder([(demo.joints, demo.phases)], spec, 8, DecoderConfig(steps=0))
+
+
+def _ramp_demo(durations: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A demo whose every joint coordinate is its frame index: edits show as index maps."""
+    phases = np.repeat(np.arange(len(durations)), durations)
+    joints = np.arange(len(phases), dtype=np.float32)[:, None, None] * np.ones((1, 2, 3))
+    return joints.astype(np.float32), phases
+
+
+@settings(max_examples=60, deadline=None)
+@given(durations=st.lists(st.integers(1, 9), min_size=1, max_size=8),
+       kind=st.sampled_from(EDITS), seed=st.integers(0, 2**16))
+def test_scripted_edit_labels_follow_the_frames(durations, kind, seed) -> None:
+    joints, phases = _ramp_demo(durations)
+    out_j, out_p = scripted_edit(joints, phases, kind, np.random.default_rng(seed))
+    k = len(durations)
+    assert len(out_j) == len(out_p) and out_j.shape[1:] == joints.shape[1:]
+    if k < 3 or (kind == "skip" and k < 4):
+        assert out_p is phases and out_j is joints
+        return
+    runs = [int(r) for r in np.flatnonzero(np.diff(out_p) != 0)]
+    order = [int(out_p[0])] + [int(out_p[i + 1]) for i in runs]  # phases in play order
+    assert out_p[-1] == k - 1 and out_j[-1, 0, 0] == len(phases) - 1  # ends as the demo
+    if kind == "skip":  # one inner phase missing, the others in order
+        assert len(order) == k - 1 and order == sorted(order)
+        missing = sorted(set(range(k)) - set(order))
+        assert len(missing) == 1 and 0 < missing[0] < k - 1
+    elif kind == "repeat":  # p, p+1 (started), back through p, p again
+        assert set(order) == set(range(k)) and len(order) == k + 2
+        # Reverse playback and redo are the demo's own frames with its labels.
+        src = out_j[:, 0, 0].astype(np.int64)
+        assert np.array_equal(out_p, phases[src])
+    else:  # restart: phases 0 .. r-1, then the whole demo from phase 0 again
+        assert any(np.array_equal(out_p, np.concatenate([phases[phases < r], phases]))
+                   for r in range(1, k - 1))
+
+
+def test_scripted_edit_rebases_the_moved_phase() -> None:
+    joints, phases = _ramp_demo([3, 4, 5, 3, 4])
+    out_j, out_p = scripted_edit(joints, phases, "skip", np.random.default_rng(1))
+    first = np.flatnonzero(np.diff(out_p))[0] + 1  # first frame after phase 0
+    skipped = int(out_p[first]) - 1
+    # The next phase starts where the skipped one would have (the end of the one before)
+    # and still ends at its own key pose.
+    start = np.flatnonzero(phases == skipped)[0]
+    assert out_j[first, 0, 0] == start
+    end = np.flatnonzero(out_p == out_p[first])[-1]
+    assert out_j[end, 0, 0] == np.flatnonzero(phases == out_p[first])[-1]
+    with pytest.raises(ValueError, match="kind expected"):
+        scripted_edit(joints, phases, "shuffle", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="edit_prob"):
+        train_phase_decoder([(joints, phases)], InputSpec(layout="h2o_hands", fps=30.0), 5,
+                            DecoderConfig(steps=1, edit_prob=1.5))

@@ -26,7 +26,7 @@ from masa_rt.preprocess import InputSpec, frame_features, normalise_joints
 from masa_rt.skeleton import get_layout
 from trainer.data import _pad
 
-__all__ = ["DecoderConfig", "DecoderNet", "train_phase_decoder"]
+__all__ = ["EDITS", "DecoderConfig", "DecoderNet", "scripted_edit", "train_phase_decoder"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ class DecoderConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     augment: AugmentConfig = field(default_factory=_augment)
+    # Share of drawn demos replayed with a scripted deviation first (a skipped, repeated
+    # or restarted phase, ``scripted_edit``), so the decoder has seen what the harness's
+    # perturbed scenarios and real users do; the rest play in order.
+    edit_prob: float = 0.3
 
 
 class DecoderNet(nn.Module):
@@ -81,20 +85,87 @@ class DecoderNet(nn.Module):
         return PhaseDecoder(arrays)
 
 
+EDITS = ("skip", "repeat", "restart")
+
+
+def _runs(phases: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) frame range of each phase, in order (phases appear once each)."""
+    cuts = np.flatnonzero(np.diff(phases)) + 1
+    bounds = [0, *cuts.tolist(), len(phases)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _from_pose(joints: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """``joints`` (n, J, C), one phase's motion, re-based to begin at pose ``start``: the
+    offset fades out linearly, so the phase still ends at its own key pose (how the
+    generator plays a phase that starts from another key pose)."""
+    fade = np.linspace(1.0, 0.0, len(joints), dtype=np.float32)[:, None, None]
+    return joints + fade * (start - joints[0])
+
+
+def scripted_edit(joints: np.ndarray, phases: np.ndarray, kind: str,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled demo played with one scripted deviation, its labels following each frame
+    (as ``synth.generate.Perturbation``; the phase is drawn from ``rng``):
+
+    - ``skip``: an inner phase ``p`` never happens; ``p + 1`` starts from the end of
+      ``p - 1``;
+    - ``repeat``: after ``p``, ``p + 1`` is started (40 %), undone back to the start of
+      ``p`` by reverse playback, and ``p`` is done again;
+    - ``restart``: after phases ``0 .. r - 1``, phase 0 is played again from where the user
+      is, then the whole demo.
+
+    Demos with fewer than three phases (four for ``skip``) come back unchanged.
+    """
+    runs = _runs(phases)
+    k = len(runs)
+    if k < 3 or (kind == "skip" and k < 4):
+        return joints, phases
+    idx = np.arange(len(phases))
+    if kind == "skip":
+        p = int(rng.integers(1, k - 2))
+        (s0, _), (s1, e1) = runs[p], runs[p + 1]
+        moved = _from_pose(joints[s1:e1], joints[s0])
+        parts = [joints[:s0], moved, joints[e1:]]
+        labels = [phases[:s0], phases[s1:e1], phases[e1:]]
+    elif kind == "repeat":
+        p = int(rng.integers(0, k - 1))
+        (s0, e0), (s1, e1) = runs[p], runs[p + 1]
+        into = idx[s1:s1 + max(1, int(0.4 * (e1 - s1)))]
+        back = np.concatenate([into[::-1], idx[s0:e0][::-1]])
+        order = np.concatenate([idx[:e0], into, back, idx[s0:]])
+        return joints[order], phases[order]
+    elif kind == "restart":
+        r = int(rng.integers(1, k - 1))
+        (s0, e0), (sr, _) = runs[0], runs[r]
+        parts = [joints[:sr], _from_pose(joints[s0:e0], joints[sr]), joints[e0:]]
+        labels = [phases[:sr], phases[s0:e0], phases[e0:]]
+    else:
+        raise ValueError(f"scripted_edit: kind expected one of {', '.join(EDITS)}, "
+                         f"found {kind!r}")
+    return np.concatenate(parts), np.concatenate(labels)
+
+
 def _batch(demos: list[tuple[np.ndarray, np.ndarray]], spec: InputSpec,
            cfg: DecoderConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One augmented view of ``batch_size`` demos drawn at random -> inputs (B, M, D) and
-    labels (B, M) (-100 on padding)."""
-    idx = rng.integers(0, len(demos), cfg.batch_size)
-    joints, lengths = _pad([demos[i][0] for i in idx])
+    """One augmented view of ``batch_size`` demos drawn at random (``edit_prob`` of them
+    with a scripted deviation) -> inputs (B, M, D) and labels (B, M) (-100 on padding)."""
+    drawn = []
+    for i in rng.integers(0, len(demos), cfg.batch_size):
+        joints, phases = demos[i]
+        if rng.random() < cfg.edit_prob:
+            joints, phases = scripted_edit(joints, phases, EDITS[rng.integers(len(EDITS))],
+                                           rng)
+        drawn.append((joints, phases))
+    joints, lengths = _pad([j for j, _ in drawn])
     layout = get_layout(spec.layout)
     view, _ = dual_augment(joints, lengths, rng, cfg.augment,
                            mirror_index=np.array(layout.mirror), up_axis=layout.up_axis)
     mask, g = view["mask"], view["g"]
     x = np.where(mask[..., None], frame_features(view["joints"], spec), 0.0)
     y = np.full(g.shape, -100, dtype=np.int64)
-    for b, i in enumerate(idx):
-        y[b, mask[b]] = demos[i][1][g[b, mask[b]]]
+    for b, (_, phases) in enumerate(drawn):
+        y[b, mask[b]] = phases[g[b, mask[b]]]
     return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)
 
 
@@ -109,6 +180,8 @@ def train_phase_decoder(demos: Sequence[tuple[np.ndarray, np.ndarray]], spec: In
     cfg = cfg or DecoderConfig()
     if cfg.steps < 1:
         raise ValueError(f"DecoderConfig.steps: expected >= 1, found {cfg.steps}")
+    if not 0.0 <= cfg.edit_prob <= 1.0:
+        raise ValueError(f"DecoderConfig.edit_prob: expected 0 .. 1, found {cfg.edit_prob}")
     if not spec.uses_joints or spec.feature_dim:
         raise ValueError("phase decoder: needs skeleton-only input (input_kind 'skeleton')")
     normed = []
