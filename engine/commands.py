@@ -27,7 +27,8 @@ def _reference_build(args: argparse.Namespace) -> int:
 
     ref = build_reference(args.demos, args.checkpoint, args.out, name=args.name,
                           policy=args.policy, refine=args.refine,
-                          decoder_steps=args.decoder_steps)
+                          decoder_steps=args.decoder_steps,
+                          decoder_edit_prob=args.decoder_edit_prob)
     how = (f", {ref.meta['policy']} of {len(args.demos)} demos (timeline: "
            f"{ref.meta['demo']})" if len(args.demos) > 1 else "")
     dec = ", phase decoder" if ref.decoder is not None else ""
@@ -65,7 +66,10 @@ def _add_reference(subparsers) -> None:
                         "times (default 0)")
     b.add_argument("--decoder-steps", type=int, default=None, metavar="N",
                    help="training steps of the reference's phase decoder on the demos' "
-                        "labels (default 600, about a minute on one core; 0: none)")
+                        "labels (default 600, a few minutes on one core; 0: none)")
+    b.add_argument("--decoder-edit-prob", type=float, default=None, metavar="P",
+                   help="share of the decoder's training replays with a scripted skipped, "
+                        "repeated or restarted phase (default 0.3)")
     b.set_defaults(func=_reference_build)
 
 

@@ -42,7 +42,8 @@ def _harness(args: argparse.Namespace) -> int:
                          scenarios=scenarios, per_activity=args.per_activity, seed=args.seed,
                          fingerprint=fingerprint, keep_streams=args.engine > 0,
                          reference_demos=args.reference_demos, refine=args.refine,
-                         decoder_steps=_decoder_steps(args.decoder_steps))
+                         decoder_steps=_decoder_steps(args.decoder_steps),
+                         decoder_edit_prob=args.decoder_edit_prob)
     if args.engine > 0:
         streams, preds = report["_streams"], report["_preds"]["learned"]
         picked = [i for i, s in enumerate(streams) if s.scenario in ("clean", "nan_joints")]
@@ -108,4 +109,7 @@ def register(subparsers) -> None:
     p.add_argument("--decoder-steps", type=int, default=None, metavar="N",
                    help="training steps of each reference's phase decoder, as `masa-rt "
                         "reference build` (default: its default, 600; 0: none)")
+    p.add_argument("--decoder-edit-prob", type=float, default=None, metavar="P",
+                   help="share of the decoders' training replays with a scripted skipped, "
+                        "repeated or restarted phase (default: the reference build's, 0.3)")
     p.set_defaults(func=_harness)

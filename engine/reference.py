@@ -232,16 +232,20 @@ def reference_from_demos(demos: Sequence[dict[str, Any]], phase_names: Sequence[
 
 
 def with_phase_decoder(ref: Reference, demos: Sequence[dict[str, Any]], spec: InputSpec,
-                       steps: int | None = None) -> Reference:
+                       steps: int | None = None, edit_prob: float | None = None) -> Reference:
     """``ref`` with a phase decoder trained on the labels of ``demos`` (``embed_demo``
-    dicts); ``steps`` 0 returns ``ref`` unchanged, None takes the default.
+    dicts); ``steps`` 0 returns ``ref`` unchanged; ``steps`` and ``edit_prob`` (the share
+    of replays with a scripted skip, repeat or restart) None take the defaults of
+    ``trainer.phase_decoder.DecoderConfig``.
 
     Training needs torch and the trainer's augmentation: imported here, so the serving
     path, which only reads the decoder's weights, never imports them.
     """
     from trainer.phase_decoder import DecoderConfig, train_phase_decoder
 
-    cfg = DecoderConfig() if steps is None else DecoderConfig(steps=steps)
+    cfg = DecoderConfig()
+    cfg.steps = cfg.steps if steps is None else steps
+    cfg.edit_prob = cfg.edit_prob if edit_prob is None else edit_prob
     if cfg.steps <= 0:
         return ref
     if not spec.uses_joints or spec.feature_dim:
@@ -279,14 +283,17 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
                     checkpoint_path: str | os.PathLike[str] | None,
                     out_path: str | os.PathLike[str], *, name: str | None = None,
                     policy: str = "medoid", refine: int = 0,
-                    decoder_steps: int | None = None) -> Reference:
+                    decoder_steps: int | None = None,
+                    decoder_edit_prob: float | None = None) -> Reference:
     """Embed the demos with the checkpoint's model and save the reference to ``out_path``.
 
     ``checkpoint_path``: a ``.pt`` file or a run folder; None uses the shipped model.
     ``policy``: ``"medoid"`` (average of all demos on the medoid's timeline) or
     ``"first"`` (the first demo; the others are only compared). ``decoder_steps``:
     training steps of the reference's phase decoder on all the demos' labels (None: the
-    default of ``trainer.phase_decoder.DecoderConfig``; 0: no decoder).
+    default of ``trainer.phase_decoder.DecoderConfig``; 0: no decoder);
+    ``decoder_edit_prob``: its share of replays with a scripted skip, repeat or restart
+    (None: the default).
     """
     if not demo_paths:
         raise ReferenceBuildError("no demo given")
@@ -304,7 +311,7 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
         model_fingerprint=fingerprint,
         meta={"checkpoint": str(meta["path"]), "input_spec": spec.to_dict(),
               "masa_rt_version": masa_rt.__version__})
-    ref = with_phase_decoder(ref, demos, spec, decoder_steps)
+    ref = with_phase_decoder(ref, demos, spec, decoder_steps, decoder_edit_prob)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     ref.save(out_path)
     log.info("reference %s: %s, %d frames, %s of %d demos, model %s", out_path, activity,

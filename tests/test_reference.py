@@ -151,12 +151,14 @@ def test_demo_without_phases_is_refused(ckpt, tmp_path):
 def test_cli_reference_build(ckpt, tmp_path, capsys):
     _demo(tmp_path / "d.npz", 20, 30.0, 4)
     assert main(["reference", "build", str(tmp_path / "d.npz"), "--checkpoint", str(ckpt),
-                 "-o", str(tmp_path / "r.npz"), "--decoder-steps", "3"]) == 0
+                 "-o", str(tmp_path / "r.npz"), "--decoder-steps", "3",
+                 "--decoder-edit-prob", "0.5"]) == 0
     assert "pour_milk, 20 frames, 3 phases" in capsys.readouterr().out
     ref = Reference.load(tmp_path / "r.npz")
     assert len(ref) == 20
     assert ref.decoder is not None and ref.decoder.num_phases == 3
     assert ref.meta["phase_decoder"]["steps"] == 3
+    assert ref.meta["phase_decoder"]["edit_prob"] == 0.5
 
 
 def test_cli_reference_build_several_demos(ckpt, tmp_path, capsys):
