@@ -243,9 +243,8 @@ def with_phase_decoder(ref: Reference, demos: Sequence[dict[str, Any]], spec: In
     """
     from trainer.phase_decoder import DecoderConfig, train_phase_decoder
 
-    cfg = DecoderConfig()
-    cfg.steps = cfg.steps if steps is None else steps
-    cfg.edit_prob = cfg.edit_prob if edit_prob is None else edit_prob
+    given = {"steps": steps, "edit_prob": edit_prob}
+    cfg = replace(DecoderConfig(), **{k: v for k, v in given.items() if v is not None})
     if cfg.steps <= 0:
         return ref
     if not spec.uses_joints or spec.feature_dim:

@@ -89,7 +89,8 @@ EDITS = ("skip", "repeat", "restart")
 
 
 def _runs(phases: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) frame range of each phase, in order (phases appear once each)."""
+    """[start, end) frame range of each run of one label, in order (in a demo played in
+    order: one run per phase)."""
     cuts = np.flatnonzero(np.diff(phases)) + 1
     bounds = [0, *cuts.tolist(), len(phases)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
@@ -153,7 +154,9 @@ def _batch(demos: list[tuple[np.ndarray, np.ndarray]], spec: InputSpec,
     drawn = []
     for i in rng.integers(0, len(demos), cfg.batch_size):
         joints, phases = demos[i]
-        if rng.random() < cfg.edit_prob:
+        # No draw at edit_prob 0: the batches are then exactly those of a decoder trained
+        # without edits (the fifth round's).
+        if cfg.edit_prob > 0 and rng.random() < cfg.edit_prob:
             joints, phases = scripted_edit(joints, phases, EDITS[rng.integers(len(EDITS))],
                                            rng)
         drawn.append((joints, phases))
