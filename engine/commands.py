@@ -64,13 +64,18 @@ def _add_reference(subparsers) -> None:
     b.add_argument("--refine", type=int, default=0, metavar="N",
                    help="medoid policy: re-align to the average and re-average N more "
                         "times (default 0)")
-    b.add_argument("--decoder-steps", type=int, default=None, metavar="N",
-                   help="training steps of the reference's phase decoder on the demos' "
+    add_decoder_options(b)
+    b.set_defaults(func=_reference_build)
+
+
+def add_decoder_options(p: argparse.ArgumentParser) -> None:
+    """How a reference's phase decoder is trained (``reference build``, ``harness``)."""
+    p.add_argument("--decoder-steps", type=int, default=None, metavar="N",
+                   help="training steps of each reference's phase decoder on its demos' "
                         "labels (default 600, a few minutes on one core; 0: none)")
-    b.add_argument("--decoder-edit-prob", type=float, default=None, metavar="P",
+    p.add_argument("--decoder-edit-prob", type=float, default=None, metavar="P",
                    help="share of the decoder's training replays with a scripted skipped, "
                         "repeated or restarted phase (default 0.3)")
-    b.set_defaults(func=_reference_build)
 
 
 def register(subparsers) -> None:

@@ -106,10 +106,7 @@ def register(subparsers) -> None:
                         "K training demos (synth seed 0, indices 0..K-1; never val streams)")
     p.add_argument("--refine", type=int, default=0, metavar="N",
                    help="with --reference-demos K > 1: DBA refinement rounds (default 0)")
-    p.add_argument("--decoder-steps", type=int, default=None, metavar="N",
-                   help="training steps of each reference's phase decoder, as `masa-rt "
-                        "reference build` (default: its default, 600; 0: none)")
-    p.add_argument("--decoder-edit-prob", type=float, default=None, metavar="P",
-                   help="share of the decoders' training replays with a scripted skipped, "
-                        "repeated or restarted phase (default: the reference build's, 0.3)")
+    from engine.commands import add_decoder_options  # here: engine.commands imports us
+
+    add_decoder_options(p)  # as `masa-rt reference build`
     p.set_defaults(func=_harness)
