@@ -71,6 +71,7 @@ from engine.harness import (  # noqa: E402
     run_per_activity,
     score,
 )
+from masa_rt.atomic import atomic_write_json  # noqa: E402
 from masa_rt.checkpoint import load_model  # noqa: E402
 from masa_rt.preprocess import frame_features  # noqa: E402
 from masa_rt.synth import ACTIVITIES, CLEAN, HAND_ACTIVITIES, Variation, sequence_rng  # noqa: E402
@@ -239,10 +240,9 @@ def main() -> int:
                 streams.append(_oracle_stream(act, frames, spec, truth, embedders, name, i))
         report["timing"][name] = _evaluate(streams, refs, embedders, args.activities, spec.fps)
     report["run_time_s"] = round(time.perf_counter() - start, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        atomic_write_json(args.out, report)
     return 0
 
 

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.export import resolve_checkpoint  # noqa: E402
 from engine.harness import SCENARIOS, embed_raw, make_references, make_streams  # noqa: E402
+from masa_rt.atomic import atomic_write_json  # noqa: E402
 from masa_rt.checkpoint import load_model  # noqa: E402
 from masa_rt.metrics import streaming_phase_accuracy  # noqa: E402
 from masa_rt.model import MasaConfig, MasaModel  # noqa: E402
@@ -191,10 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                for (sc, seed), st in streams.items()}}
         print(json.dumps({kind: report["results"][kind]}), file=sys.stderr, flush=True)
     report["run_time_s"] = round(time.perf_counter() - start, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        atomic_write_json(args.out, report)
     return 0
 
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.export import resolve_checkpoint  # noqa: E402
 from engine.harness import SCENARIOS, run_harness, run_per_activity, score  # noqa: E402
 from masa_rt.align import AlignerConfig  # noqa: E402
+from masa_rt.atomic import atomic_write_json  # noqa: E402
 from masa_rt.checkpoint import load_model  # noqa: E402
 
 # Values tried for each field, one field at a time, around the current best.
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
               "wall_s": round(time.perf_counter() - start, 1)}
     print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.out, report)
     return 0
 
 
