@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from engine.threads import blas_threads
 from masa_rt import protocol as P
 from masa_rt.atomic import atomic_write
 
@@ -94,7 +95,8 @@ def machine_info() -> dict[str, Any]:
             "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else None, "python": platform.python_version(), "numpy": np.__version__,
             "onnxruntime": onnxruntime.__version__, "pyzmq": zmq.__version__,
-            "libzmq": zmq.zmq_version(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+            "libzmq": zmq.zmq_version(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "blas_threads": blas_threads()}
 
 
 def gpu_info() -> dict[str, Any]:
@@ -118,7 +120,9 @@ def default_factory(cfg: BenchConfig) -> tuple[PipelineFactory, dict[str, Any]]:
     from engine.backends import read_model_info
     from engine.pipeline import Pipeline
     from engine.serve_commands import backend_options, prepare
+    from engine.threads import limit_blas_threads
 
+    limit_blas_threads()  # as `masa-rt serve` runs
     model, refs = prepare(cfg.model, [cfg.reference or cfg.recording])
 
     def factory(backend: str, capacity: int) -> Any:

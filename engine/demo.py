@@ -96,7 +96,9 @@ def build_pipeline(cfg: DemoConfig):
     """The engine for the demo: shipped (or given) model, one reference, chosen backend."""
     from engine.pipeline import Pipeline
     from engine.serve_commands import prepare
+    from engine.threads import limit_blas_threads
 
+    limit_blas_threads()  # as `masa-rt serve` runs
     model, refs = prepare(cfg.model, [str(cfg.reference)])
     return Pipeline.from_files(model, refs, backend=cfg.backend)
 

@@ -118,7 +118,9 @@ def _prepare_in_child() -> None:
 def _serve(args: argparse.Namespace) -> int:
     from engine.pipeline import Pipeline
     from engine.server import Server, ServerConfig, install_signal_handlers
+    from engine.threads import limit_blas_threads
 
+    limit_blas_threads()
     model, references = prepare(args.model, args.reference)
     pipeline = Pipeline.from_files(model, references, backend=args.backend,
                                    **backend_options(args.backend, args.device))

@@ -24,7 +24,8 @@ def test_tiny_bench_writes_json_and_plot(tmp_path, capsys):
     assert run_bench(cfg, factory=lambda backend, capacity: FakePipeline()) == 0
     r = json.loads((tmp_path / "bench.json").read_text())
     assert set(r) >= {"machine", "config", "engine", "e2e", "floors", "verdict"}
-    assert {"platform", "processor", "cpu_count", "onnxruntime"} <= set(r["machine"])
+    assert {"platform", "processor", "cpu_count", "onnxruntime", "blas_threads"} <= set(
+        r["machine"])
     rows = r["engine"]["onnxruntime"]
     assert [e["streams"] for e in rows] == [1, 2]
     for e in rows:
