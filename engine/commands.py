@@ -10,6 +10,7 @@ function plus a lazily importing handler.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from engine import harness_commands, security_commands, serve_commands
 
@@ -27,8 +28,7 @@ def _reference_build(args: argparse.Namespace) -> int:
 
     ref = build_reference(args.demos, args.checkpoint, args.out, name=args.name,
                           policy=args.policy, refine=args.refine,
-                          decoder_steps=args.decoder_steps,
-                          decoder_edit_prob=args.decoder_edit_prob)
+                          decoder=decoder_options(args))
     how = (f", {ref.meta['policy']} of {len(args.demos)} demos (timeline: "
            f"{ref.meta['demo']})" if len(args.demos) > 1 else "")
     dec = ", phase decoder" if ref.decoder is not None else ""
@@ -76,6 +76,15 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-edit-prob", type=float, default=None, metavar="P",
                    help="share of the decoder's training replays with a scripted skipped, "
                         "repeated or restarted phase (default 0.3)")
+    p.add_argument("--decoder-hidden", type=int, default=None, metavar="H",
+                   help="width of the decoder's layers (default 64; each frame of each "
+                        "stream costs about 4x more numpy work at 128)")
+
+
+def decoder_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``add_decoder_options`` flags as ``DecoderConfig`` fields (None: the default)."""
+    return {"steps": args.decoder_steps, "edit_prob": args.decoder_edit_prob,
+            "hidden": args.decoder_hidden}
 
 
 def register(subparsers) -> None:

@@ -46,7 +46,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,8 +208,8 @@ def embed_learned(model: Any) -> Embedder:
 
 def make_references(activities: Sequence[str], spec: InputSpec,
                     embedders: dict[str, Embedder], fingerprint: str = "",
-                    reference_demos: int = 1, refine: int = 0, decoder_steps: int = 0,
-                    decoder_edit_prob: float | None = None,
+                    reference_demos: int = 1, refine: int = 0,
+                    decoder: Mapping[str, Any] | None = None,
                     ) -> tuple[dict[str, dict[str, Reference]], dict[str, np.ndarray]]:
     """``refs[method][activity]`` and each reference's canonical time ``(T,)`` (used to
     map a stream's canonical time onto the reference).
@@ -218,9 +218,9 @@ def make_references(activities: Sequence[str], spec: InputSpec,
     (``engine.reference.reference_from_demos``, the ``masa-rt reference build`` path) of
     K training demos; the medoid is chosen on the first embedder's embeddings and used
     for every method, so all methods share one timeline and one ground truth.
-    ``decoder_steps > 0``: the learned references get a phase decoder trained on the same
-    demos' labels, as ``masa-rt reference build`` trains it (``decoder_edit_prob``: its
-    share of scripted replays, None: the default).
+    ``decoder`` (not None): the learned references get a phase decoder trained on the
+    same demos' labels, as ``masa-rt reference build`` trains it with these options
+    (``engine.reference.with_phase_decoder``; ``{}``: its defaults). None: no decoder.
     """
     if not 1 <= reference_demos <= MAX_REFERENCE_DEMOS:
         raise ValueError(f"reference_demos: expected 1 .. {MAX_REFERENCE_DEMOS} (the train "
@@ -242,12 +242,12 @@ def make_references(activities: Sequence[str], spec: InputSpec,
                     phase_names=list(demo.phase_names), times=np.asarray(demo.timestamps),
                     fps=spec.fps, model_fingerprint=fingerprint if method == "learned" else "",
                     meta={"source": "synth clean demo", "embedding": method})
-        if decoder_steps > 0 and "learned" in refs:
+        if decoder is not None and "learned" in refs:
             from engine.reference import with_phase_decoder
 
             demos = [{"joints": s.joints, "phases": s.phases} for s in seqs]
             refs["learned"][act] = with_phase_decoder(refs["learned"][act], demos, spec,
-                                                      decoder_steps, decoder_edit_prob)
+                                                      decoder)
     return refs, canon
 
 
@@ -468,14 +468,14 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
                 scenarios: Sequence[Scenario] | None = None, per_activity: int = 3,
                 seed: int = 0, config: AlignerConfig | None = None, fingerprint: str = "",
                 keep_streams: bool = False, reference_demos: int = 1,
-                refine: int = 0, decoder_steps: int = 0,
-                decoder_edit_prob: float | None = None) -> dict[str, Any]:
+                refine: int = 0, decoder: Mapping[str, Any] | None = None,
+                ) -> dict[str, Any]:
     """The whole harness: references, streams, aligners, scores; returns the JSON dict.
 
     ``model=None`` skips the learned embedding (raw keypoints only; methods that need it
     are left out). ``keep_streams`` adds the streams and predictions (not JSON) under
     ``"_streams"`` / ``"_preds"`` for tests and the engine check. ``reference_demos``
-    and ``refine``, ``decoder_steps``, ``decoder_edit_prob``: see :func:`make_references`.
+    and ``refine``, ``decoder``: see :func:`make_references`.
     """
     start = time.perf_counter()
     activities = list(activities)
@@ -484,7 +484,7 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
     if model is not None:
         embedders = {"learned": embed_learned(model), **embedders}
     refs, canon = make_references(activities, spec, embedders, fingerprint, reference_demos,
-                                  refine, decoder_steps, decoder_edit_prob)
+                                  refine, decoder)
     streams = make_streams(activities, scenarios, per_activity, seed, spec, canon, embedders)
     t_embed = time.perf_counter() - start
     methods = [m for m in STREAMING_METHODS if m in embedders]

@@ -12,6 +12,7 @@ import sys
 
 
 def _harness(args: argparse.Namespace) -> int:
+    from engine.commands import decoder_options
     from engine.export import resolve_checkpoint
     from engine.harness import (
         SCENARIOS,
@@ -42,8 +43,7 @@ def _harness(args: argparse.Namespace) -> int:
                          scenarios=scenarios, per_activity=args.per_activity, seed=args.seed,
                          fingerprint=fingerprint, keep_streams=args.engine > 0,
                          reference_demos=args.reference_demos, refine=args.refine,
-                         decoder_steps=_decoder_steps(args.decoder_steps),
-                         decoder_edit_prob=args.decoder_edit_prob)
+                         decoder=decoder_options(args))
     if args.engine > 0:
         streams, preds = report["_streams"], report["_preds"]["learned"]
         picked = [i for i, s in enumerate(streams) if s.scenario in ("clean", "nan_joints")]
@@ -66,16 +66,6 @@ def _harness(args: argparse.Namespace) -> int:
               f"max abs diff {ec['progress_max_abs_diff']:.2g}")
     print(f"wrote {json_path} and {md_path} in {report['timing_s']['total']:.0f} s")
     return 0
-
-
-def _decoder_steps(steps: int | None) -> int:
-    if steps is None:
-        from trainer.phase_decoder import DecoderConfig
-
-        return DecoderConfig().steps
-    if steps < 0:
-        raise ValueError(f"--decoder-steps: expected >= 0, found {steps}")
-    return steps
 
 
 def register(subparsers) -> None:

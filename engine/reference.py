@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -232,19 +232,18 @@ def reference_from_demos(demos: Sequence[dict[str, Any]], phase_names: Sequence[
 
 
 def with_phase_decoder(ref: Reference, demos: Sequence[dict[str, Any]], spec: InputSpec,
-                       steps: int | None = None, edit_prob: float | None = None) -> Reference:
+                       options: Mapping[str, Any] | None = None) -> Reference:
     """``ref`` with a phase decoder trained on the labels of ``demos`` (``embed_demo``
-    dicts); ``steps`` 0 returns ``ref`` unchanged; ``steps`` and ``edit_prob`` (the share
-    of replays with a scripted skip, repeat or restart) None take the defaults of
-    ``trainer.phase_decoder.DecoderConfig``.
+    dicts). ``options``: fields of ``trainer.phase_decoder.DecoderConfig`` to change
+    (``steps``, ``hidden``, ``edit_prob`` ...; a None value keeps the default);
+    ``{"steps": 0}`` returns ``ref`` unchanged.
 
     Training needs torch and the trainer's augmentation: imported here, so the serving
     path, which only reads the decoder's weights, never imports them.
     """
-    from trainer.phase_decoder import DecoderConfig, train_phase_decoder
+    from trainer.phase_decoder import decoder_config, train_phase_decoder
 
-    given = {"steps": steps, "edit_prob": edit_prob}
-    cfg = replace(DecoderConfig(), **{k: v for k, v in given.items() if v is not None})
+    cfg = decoder_config(options)
     if cfg.steps <= 0:
         return ref
     if not spec.uses_joints or spec.feature_dim:
@@ -282,17 +281,14 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
                     checkpoint_path: str | os.PathLike[str] | None,
                     out_path: str | os.PathLike[str], *, name: str | None = None,
                     policy: str = "medoid", refine: int = 0,
-                    decoder_steps: int | None = None,
-                    decoder_edit_prob: float | None = None) -> Reference:
+                    decoder: Mapping[str, Any] | None = None) -> Reference:
     """Embed the demos with the checkpoint's model and save the reference to ``out_path``.
 
     ``checkpoint_path``: a ``.pt`` file or a run folder; None uses the shipped model.
     ``policy``: ``"medoid"`` (average of all demos on the medoid's timeline) or
-    ``"first"`` (the first demo; the others are only compared). ``decoder_steps``:
-    training steps of the reference's phase decoder on all the demos' labels (None: the
-    default of ``trainer.phase_decoder.DecoderConfig``; 0: no decoder);
-    ``decoder_edit_prob``: its share of replays with a scripted skip, repeat or restart
-    (None: the default).
+    ``"first"`` (the first demo; the others are only compared). ``decoder``: how the
+    reference's phase decoder is trained on all the demos' labels (``with_phase_decoder``'s
+    ``options``; None: the defaults; ``{"steps": 0}``: no decoder).
     """
     if not demo_paths:
         raise ReferenceBuildError("no demo given")
@@ -310,7 +306,7 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
         model_fingerprint=fingerprint,
         meta={"checkpoint": str(meta["path"]), "input_spec": spec.to_dict(),
               "masa_rt_version": masa_rt.__version__})
-    ref = with_phase_decoder(ref, demos, spec, decoder_steps, decoder_edit_prob)
+    ref = with_phase_decoder(ref, demos, spec, decoder)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     ref.save(out_path)
     log.info("reference %s: %s, %d frames, %s of %d demos, model %s", out_path, activity,

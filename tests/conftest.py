@@ -61,5 +61,5 @@ def tiny_model(request, tmp_path_factory) -> tuple[Path, Path]:
         save_checkpoint(ckpt, MasaModel(cfg).eval(), cfg, InputSpec("h2o_hands", 30.0))
     onnx = export_cached(ckpt, cache)
     if not ref.is_file():
-        build_reference([DEMO], ckpt, ref, decoder_steps=5)  # serving runs the decoder too
+        build_reference([DEMO], ckpt, ref, decoder={"steps": 5})  # serving runs the decoder too
     return onnx, ref

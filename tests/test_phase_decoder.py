@@ -17,6 +17,7 @@ from trainer.phase_decoder import (
     EDITS,
     DecoderConfig,
     DecoderNet,
+    decoder_config,
     scripted_edit,
     train_phase_decoder,
 )
@@ -234,3 +235,14 @@ def test_scripted_edit_rebases_the_moved_phase() -> None:
     with pytest.raises(ValueError, match="edit_prob"):
         train_phase_decoder([(joints, phases)], InputSpec(layout="h2o_hands", fps=30.0), 5,
                             DecoderConfig(steps=1, edit_prob=1.5))
+
+
+def test_decoder_config_applies_and_checks_options() -> None:
+    cfg = decoder_config({"steps": 10, "hidden": 128, "edit_prob": None})
+    assert (cfg.steps, cfg.hidden, cfg.edit_prob) == (10, 128, DecoderConfig().edit_prob)
+    assert decoder_config(None) == DecoderConfig() == decoder_config({"steps": None})
+    assert decoder_config({"steps": 0}).steps == 0  # no decoder: allowed here
+    for bad, match in [({"stpes": 5}, "unknown option.*stpes"), ({"steps": -1}, "steps"),
+                       ({"hidden": 0}, "hidden"), ({"edit_prob": -0.1}, "edit_prob")]:
+        with pytest.raises(ValueError, match=match):
+            decoder_config(bad)

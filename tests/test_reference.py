@@ -47,7 +47,7 @@ def test_reference_holds_the_offline_causal_embeddings(ckpt, tmp_path):
     joints = _demo(tmp_path / "d1.npz", 45, 30.0, 1)
     _demo(tmp_path / "d2.npz", 100, 60.0, 2)  # another rate: resampled to the model's 30 Hz
     ref = build_reference([tmp_path / "d1.npz", tmp_path / "d2.npz"], ckpt,
-                          tmp_path / "pour.npz", policy="first", decoder_steps=0)
+                          tmp_path / "pour.npz", policy="first", decoder={"steps": 0})
     loaded = Reference.load(tmp_path / "pour.npz")
     model, _cfg, spec, meta = load_model(ckpt)
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_medoid_average_of_identical_demos_is_the_demo(ckpt, tmp_path):
     joints = _demo(tmp_path / "a.npz", 40, 30.0, 5)
     _demo(tmp_path / "b.npz", 40, 30.0, 5)  # the same recording twice
     ref = build_reference([tmp_path / "a.npz", tmp_path / "b.npz"], ckpt, tmp_path / "r.npz",
-                          decoder_steps=0)
+                          decoder={"steps": 0})
     loaded = Reference.load(tmp_path / "r.npz")
     model, _cfg, spec, _meta = load_model(ckpt)
     with torch.no_grad():
@@ -137,14 +137,14 @@ def test_demos_of_different_activities_are_refused(ckpt, tmp_path):
     for policy in ("medoid", "first"):
         with pytest.raises(ReferenceBuildError, match="one reference per activity"):
             build_reference([tmp_path / "a.npz", tmp_path / "b.npz"], ckpt,
-                            tmp_path / "r.npz", policy=policy, decoder_steps=0)
+                            tmp_path / "r.npz", policy=policy, decoder={"steps": 0})
     assert not (tmp_path / "r.npz").exists()
 
 
 def test_demo_without_phases_is_refused(ckpt, tmp_path):
     _demo(tmp_path / "d.npz", 20, 30.0, 3, phases=False)
     with pytest.raises(ReferenceBuildError, match="no phase labels"):
-        build_reference([tmp_path / "d.npz"], ckpt, tmp_path / "r.npz", decoder_steps=0)
+        build_reference([tmp_path / "d.npz"], ckpt, tmp_path / "r.npz", decoder={"steps": 0})
     assert not (tmp_path / "r.npz").exists()
 
 
@@ -152,13 +152,14 @@ def test_cli_reference_build(ckpt, tmp_path, capsys):
     _demo(tmp_path / "d.npz", 20, 30.0, 4)
     assert main(["reference", "build", str(tmp_path / "d.npz"), "--checkpoint", str(ckpt),
                  "-o", str(tmp_path / "r.npz"), "--decoder-steps", "3",
-                 "--decoder-edit-prob", "0.5"]) == 0
+                 "--decoder-edit-prob", "0.5", "--decoder-hidden", "8"]) == 0
     assert "pour_milk, 20 frames, 3 phases" in capsys.readouterr().out
     ref = Reference.load(tmp_path / "r.npz")
     assert len(ref) == 20
     assert ref.decoder is not None and ref.decoder.num_phases == 3
     assert ref.meta["phase_decoder"]["steps"] == 3
     assert ref.meta["phase_decoder"]["edit_prob"] == 0.5
+    assert ref.meta["phase_decoder"]["hidden"] == 8 == ref.decoder.hidden
 
 
 def test_cli_reference_build_several_demos(ckpt, tmp_path, capsys):

@@ -12,8 +12,9 @@ at the end; ``tests/test_phase_decoder.py`` checks the two agree.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ from masa_rt.preprocess import InputSpec, frame_features, normalise_joints
 from masa_rt.skeleton import get_layout
 from trainer.data import _pad
 
-__all__ = ["EDITS", "DecoderConfig", "DecoderNet", "scripted_edit", "train_phase_decoder"]
+__all__ = ["EDITS", "DecoderConfig", "DecoderNet", "decoder_config", "scripted_edit",
+           "train_phase_decoder"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,25 @@ class DecoderConfig:
     # or restarted phase, ``scripted_edit``), so the decoder has seen what the harness's
     # perturbed scenarios and real users do; the rest play in order.
     edit_prob: float = 0.3
+
+
+def decoder_config(options: Mapping[str, Any] | None = None) -> DecoderConfig:
+    """``DecoderConfig`` with ``options`` (field: value; None keeps the default) applied,
+    checked: a CLI flag or a caller's typo fails here with the field's name."""
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = sorted(set(given) - {f.name for f in fields(DecoderConfig)})
+    if unknown:
+        raise ValueError(f"phase decoder: unknown option(s) {unknown}; known: "
+                         f"{', '.join(f.name for f in fields(DecoderConfig))}")
+    cfg = replace(DecoderConfig(), **given)
+    if cfg.steps < 0:
+        raise ValueError(f"DecoderConfig.steps: expected >= 0 (0: no decoder), found {cfg.steps}")
+    if cfg.hidden < 1 or cfg.layers < 1:
+        raise ValueError(f"DecoderConfig: hidden and layers must be >= 1, found {cfg.hidden}, "
+                         f"{cfg.layers}")
+    if not 0.0 <= cfg.edit_prob <= 1.0:
+        raise ValueError(f"DecoderConfig.edit_prob: expected 0 .. 1, found {cfg.edit_prob}")
+    return cfg
 
 
 class DecoderNet(nn.Module):
