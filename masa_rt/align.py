@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from masa_rt.atomic import atomic_write
-from masa_rt.phase_decoder import PhaseDecoder
+from masa_rt.phase_decoder import DecoderStack, PhaseDecoder
 
 __all__ = [
     "REFERENCE_FORMAT_VERSION",
@@ -505,20 +505,42 @@ class _Model:
         # divided by lam so it weighs like a cost; skips are free: it is a detector.
         self.lam = 1.0 - 1.0 / cfg.relocalise_memory
         self.reloc_stay = cfg.stay_penalty / self.lam
-        # Phase decoders: reference k's state is columns dec_slots[k] of a session's flat
-        # decoder state; its log-probabilities land on the columns of its frames.
-        self.decoders = [(k, r.decoder) for k, r in enumerate(refs)
-                         if r.decoder is not None and cfg.decoder_weight > 0]
-        dims = {d.input_dim for _, d in self.decoders}
+        self._compile_decoders(refs, cfg)
+
+    def _compile_decoders(self, refs: list[Reference], cfg: AlignerConfig) -> None:
+        """Phase decoders of one shape form one ``DecoderStack``, stepped in one pass.
+
+        Group g's recurrent state is columns ``dec_slots[g]`` of a session's flat decoder
+        state (its (K_g, L, H) block); column ``dec_cols[g][i]`` of the aligner's row gets
+        the group's log-probability ``dec_gather[g][i]`` (of its flattened (K_g * P_max)
+        output): its reference's, of its frame's phase.
+        """
+        with_dec = [(k, r.decoder) for k, r in enumerate(refs)
+                    if r.decoder is not None and cfg.decoder_weight > 0]
+        dims = {d.input_dim for _, d in with_dec}
         if len(dims) > 1:
             raise ValueError(f"Aligner: the references' phase decoders take different "
                              f"inputs (dims {sorted(dims)}); build them with one model")
         self.input_dim = dims.pop() if dims else 0
-        sizes = [d.layers * d.hidden for _, d in self.decoders]
-        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.dec_slots = [slice(int(a), int(b))
-                          for a, b in zip(starts[:-1], starts[1:], strict=True)]
-        self.dec_size = max(int(starts[-1]), 1)
+        groups: dict[tuple[int, int], list[tuple[int, PhaseDecoder]]] = {}
+        for k, d in with_dec:
+            groups.setdefault((d.hidden, d.layers), []).append((k, d))
+        self.decoders: list[DecoderStack] = []
+        self.dec_slots: list[slice] = []
+        self.dec_cols: list[np.ndarray] = []
+        self.dec_gather: list[np.ndarray] = []
+        start = 0
+        for members in groups.values():
+            stack = DecoderStack([d for _, d in members])
+            width = max(stack.num_phases)
+            cols = [np.arange(self.ref_cols[k].start, self.ref_cols[k].stop) for k, _ in members]
+            self.decoders.append(stack)
+            self.dec_slots.append(slice(start, start + stack.k * stack.layers * stack.hidden))
+            self.dec_cols.append(np.concatenate(cols))
+            self.dec_gather.append(np.concatenate(
+                [g * width + self.phases[c] for g, c in enumerate(cols)]))
+            start = self.dec_slots[-1].stop
+        self.dec_size = max(start, 1)
 
 
 # Per-session fields: name -> (shape after the session axis, dtype, value after reset).
@@ -734,12 +756,13 @@ class _Sessions:
         live = np.flatnonzero(ok)
         if not live.size:
             return added
-        for (k, dec), cols in zip(M.decoders, M.dec_slots, strict=True):
-            old = state[live, cols].reshape(len(live), dec.layers, dec.hidden)
-            logp, new = dec.step(x[live], old)
-            state[live, cols] = new.reshape(len(live), dec.layers * dec.hidden)
-            frames = M.ref_cols[k]
-            added[live, frames] = -M.cfg.decoder_weight * logp[:, M.phases[frames]]
+        n = len(live)
+        for stack, slots, cols, gather in zip(M.decoders, M.dec_slots, M.dec_cols,
+                                              M.dec_gather, strict=True):
+            old = state[live, slots].reshape(n, stack.k, stack.layers, stack.hidden)
+            logp, new = stack.step(x[live], old)
+            state[live, slots] = new.reshape(n, -1)
+            added[live[:, None], cols] = -M.cfg.decoder_weight * logp.reshape(n, -1)[:, gather]
         self.dec[rows] = state
         cost += added
         return added

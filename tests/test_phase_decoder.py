@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from masa_rt.align import Aligner, AlignerBank, AlignerConfig, Reference, ReferenceFormatError
-from masa_rt.phase_decoder import PhaseDecoder, PhaseDecoderError
+from masa_rt.phase_decoder import DecoderStack, PhaseDecoder, PhaseDecoderError
 from masa_rt.preprocess import InputSpec, frame_features
 from masa_rt.synth.generate import generate
 from trainer.phase_decoder import (
@@ -97,6 +97,48 @@ def test_reference_refuses_decoder_of_other_phase_count(tmp_path) -> None:
     np.savez(tmp_path / "bad.npz", **data)
     with pytest.raises(ReferenceFormatError, match="bad.npz: phase decoder: wo"):
         Reference.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("max_rows", [1 << 20, 1])  # the stacked pass, one by one
+def test_stack_equals_its_decoders_one_by_one(max_rows: int) -> None:
+    decs = [random_decoder(k, phases=p) for k, p in enumerate((3, 5, 2))]
+    stack = DecoderStack(decs)
+    stack.max_rows = max_rows
+    x = np.random.default_rng(4).standard_normal((12, 4, D_IN)).astype(np.float32)
+    state, states = stack.initial_state(4), [d.initial_state(4) for d in decs]
+    for t in range(12):
+        logp, state = stack.step(x[t], state)
+        for k, d in enumerate(decs):
+            want, states[k] = d.step(x[t], states[k])
+            np.testing.assert_allclose(logp[:, k, :d.num_phases], want, atol=1e-5)
+            assert np.isneginf(logp[:, k, d.num_phases:]).all()  # padding: never chosen
+            np.testing.assert_allclose(state[:, k], states[k], atol=1e-5)
+    with pytest.raises(PhaseDecoderError, match="different shapes"):
+        DecoderStack([random_decoder(0), random_decoder(1, hidden=4)])
+
+
+def test_aligner_adds_every_references_decoder_term_to_its_own_columns() -> None:
+    """Decoders of two shapes (two stacks) and a reference without one, in one aligner."""
+    decs = [random_decoder(0), random_decoder(1, hidden=4), None, random_decoder(2)]
+    refs = [make_reference(d) for d in decs]
+    for k, r in enumerate(refs):
+        r.name = r.activity = f"act{k}"
+    w = 0.05
+    al = Aligner(refs, AlignerConfig(decoder_weight=w))
+    model = al._model
+    assert len(model.decoders) == 2  # hidden 8 (two references) and hidden 4
+    x = np.random.default_rng(5).standard_normal((8, D_IN)).astype(np.float32)
+    states = [d.initial_state(1) if d is not None else None for d in decs]
+    for t in range(8):
+        al.step(refs[0].embeddings[t], t / 30.0, inputs=x[t])
+        added = al._sessions.dec_added[0]
+        for k, d in enumerate(decs):
+            cols = model.ref_cols[k]
+            if d is None:
+                assert not added[cols].any()
+                continue
+            logp, states[k] = d.step(x[t][None], states[k])
+            np.testing.assert_allclose(added[cols], -w * logp[0, refs[k].phases], atol=1e-5)
 
 
 def _query(ref: Reference, n: int) -> np.ndarray:
