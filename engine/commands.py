@@ -77,8 +77,8 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
                    help="share of the decoder's training replays with a scripted skipped, "
                         "repeated or restarted phase (default 0.3)")
     p.add_argument("--decoder-hidden", type=int, default=None, metavar="H",
-                   help="width of the decoder's layers (default 64; each frame of each "
-                        "stream costs about 4x more numpy work at 128)")
+                   help="width of the decoder's layers (default 64; at 128 the decoders "
+                        "take 2.5-4x longer per frame, see docs/aligner.md)")
 
 
 def decoder_options(args: argparse.Namespace) -> dict[str, Any]:
