@@ -511,9 +511,10 @@ class _Model:
         """Phase decoders of one shape form one ``DecoderStack``, stepped in one pass.
 
         Group g's recurrent state is columns ``dec_slots[g]`` of a session's flat decoder
-        state (its (K_g, L, H) block); column ``dec_cols[g][i]`` of the aligner's row gets
-        the group's log-probability ``dec_gather[g][i]`` (of its flattened (K_g * P_max)
-        output): its reference's, of its frame's phase.
+        state (its (K_g, L, H) block); ``dec_targets[g][i]`` is the column range of the
+        group's i-th reference and the phase of each of its frames, where that decoder's
+        log-probabilities go. (Column ranges, not one index array: assigning a (B, frames)
+        block through two index arrays took 25x as long.)
         """
         with_dec = [(k, r.decoder) for k, r in enumerate(refs)
                     if r.decoder is not None and cfg.decoder_weight > 0]
@@ -527,18 +528,14 @@ class _Model:
             groups.setdefault((d.hidden, d.layers), []).append((k, d))
         self.decoders: list[DecoderStack] = []
         self.dec_slots: list[slice] = []
-        self.dec_cols: list[np.ndarray] = []
-        self.dec_gather: list[np.ndarray] = []
+        self.dec_targets: list[list[tuple[slice, np.ndarray]]] = []
         start = 0
         for members in groups.values():
             stack = DecoderStack([d for _, d in members])
-            width = max(stack.num_phases)
-            cols = [np.arange(self.ref_cols[k].start, self.ref_cols[k].stop) for k, _ in members]
             self.decoders.append(stack)
             self.dec_slots.append(slice(start, start + stack.k * stack.layers * stack.hidden))
-            self.dec_cols.append(np.concatenate(cols))
-            self.dec_gather.append(np.concatenate(
-                [g * width + self.phases[c] for g, c in enumerate(cols)]))
+            self.dec_targets.append([(self.ref_cols[k], self.phases[self.ref_cols[k]])
+                                     for k, _ in members])
             start = self.dec_slots[-1].stop
         self.dec_size = max(start, 1)
 
@@ -757,12 +754,12 @@ class _Sessions:
         if not live.size:
             return added
         n = len(live)
-        for stack, slots, cols, gather in zip(M.decoders, M.dec_slots, M.dec_cols,
-                                              M.dec_gather, strict=True):
+        for stack, slots, targets in zip(M.decoders, M.dec_slots, M.dec_targets, strict=True):
             old = state[live, slots].reshape(n, stack.k, stack.layers, stack.hidden)
             logp, new = stack.step(x[live], old)
             state[live, slots] = new.reshape(n, -1)
-            added[live[:, None], cols] = -M.cfg.decoder_weight * logp.reshape(n, -1)[:, gather]
+            for i, (cols, phases) in enumerate(targets):
+                added[live, cols] = -M.cfg.decoder_weight * logp[:, i, phases]
         self.dec[rows] = state
         cost += added
         return added
