@@ -39,8 +39,9 @@ def limit_blas_threads(threads: int | None = None) -> int | None:
     pool's thread count afterwards."""
     chosen = [v for v in BLAS_THREAD_VARIABLES if os.environ.get(v)]
     if chosen:
-        log.info("BLAS threads: %s set, left at %s", chosen[0], blas_threads())
-        return blas_threads()
+        now = blas_threads()
+        log.info("BLAS threads: %s set, left at %s", chosen[0], now)
+        return now
     if threads is None:
         from engine.backends.onnxruntime_backend import default_threads
 
