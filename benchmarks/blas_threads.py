@@ -16,13 +16,13 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 from threadpoolctl import threadpool_limits
 
 
 def run(streams: int, iters: int, arms: tuple[int, ...], warmup: int = 40) -> dict:
-    """Round times (ms) of ``streams`` streams, BLAS pool size alternating over ``arms``."""
-    from engine.bench import BenchConfig, default_factory, load_frames
+    """Round time percentiles (µs) of ``streams`` streams, BLAS pool size alternating
+    over ``arms``."""
+    from engine.bench import BenchConfig, default_factory, load_frames, percentiles_us
 
     cfg = BenchConfig()
     factory, _ = default_factory(cfg)
@@ -40,9 +40,8 @@ def run(streams: int, iters: int, arms: tuple[int, ...], warmup: int = 40) -> di
             pipe.step()
             dt = time.perf_counter() - t0
         if it >= warmup:
-            times[k].append(dt * 1e3)
-    return {str(k): {"p50_ms": float(np.median(v)), "p99_ms": float(np.percentile(v, 99))}
-            for k, v in times.items()}
+            times[k].append(dt)
+    return {str(k): percentiles_us(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                "runs": {n: run(n, args.iters, arms) for n in args.streams}}
     for n, r in results["runs"].items():
         for k, v in r.items():
-            print(f"{n:4d} streams, BLAS {k} thread(s): p50 {v['p50_ms']:7.2f} ms, "
-                  f"p99 {v['p99_ms']:7.2f} ms")
+            print(f"{n:4d} streams, BLAS {k} thread(s): p50 {v['p50_us'] / 1e3:7.2f} ms, "
+                  f"p99 {v['p99_us'] / 1e3:7.2f} ms")
     if args.out:
         from masa_rt.atomic import atomic_write_json
 

@@ -52,6 +52,7 @@ def shipped_decoders(hidden: int | None) -> list:
 
 
 def run(decs: list, batch: int, iters: int) -> dict[str, dict[str, float]]:
+    from engine.bench import percentiles_us
     from masa_rt.phase_decoder import DecoderStack
 
     stacked, default = DecoderStack(decs), DecoderStack(decs)
@@ -69,8 +70,7 @@ def run(decs: list, batch: int, iters: int) -> dict[str, dict[str, float]]:
             t0 = time.perf_counter()
             _, states[name] = stack.step(x, states[name])
             times[name].append(time.perf_counter() - t0)
-    return {k: {"p50_ms": 1e3 * float(np.median(v)), "p99_ms": 1e3 * float(np.percentile(v, 99))}
-            for k, v in times.items()}
+    return {k: percentiles_us(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                "runs": {n: run(decs, n, args.iters) for n in args.streams}}
     for n, r in results["runs"].items():
         print(f"{n:4d} streams, {len(decs)} decoders (H {decs[0].hidden}): " + ", ".join(
-            f"{k} {v['p50_ms']:.3f} / {v['p99_ms']:.3f} ms" for k, v in r.items()))
+            f"{k} {v['p50_us'] / 1e3:.3f} / {v['p99_us'] / 1e3:.3f} ms" for k, v in r.items()))
     if args.out:
         from masa_rt.atomic import atomic_write_json
 

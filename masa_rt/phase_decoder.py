@@ -41,6 +41,22 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow warnings for large |x|
 
 
+def _gru_cell(gi: np.ndarray, gh: np.ndarray, h_prev: np.ndarray) -> np.ndarray:
+    """PyTorch's GRU update from the input and hidden projections ``(..., 3H)`` (gates r,
+    z, n in that order) and the previous state ``(..., H)``."""
+    h = h_prev.shape[-1]
+    r = _sigmoid(gi[..., :h] + gh[..., :h])
+    z = _sigmoid(gi[..., h:2 * h] + gh[..., h:2 * h])
+    n = np.tanh(gi[..., 2 * h:] + r * gh[..., 2 * h:])
+    return (1.0 - z) * n + z * h_prev
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Over the last axis, in place on ``logits``; -inf entries stay -inf."""
+    logits -= logits.max(axis=-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+
+
 class PhaseDecoder:
     """Weights (float32) and the batched step; the state is the caller's ``(B, L, H)``."""
 
@@ -118,16 +134,8 @@ class PhaseDecoder:
         h_in = e
         for i, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.gru):
             h = state[:, i]
-            gi, gh = h_in @ w_ih.T + b_ih, h @ w_hh.T + b_hh
-            n_h = self.hidden
-            r = _sigmoid(gi[:, :n_h] + gh[:, :n_h])
-            z = _sigmoid(gi[:, n_h:2 * n_h] + gh[:, n_h:2 * n_h])
-            n = np.tanh(gi[:, 2 * n_h:] + r * gh[:, 2 * n_h:])
-            new[:, i] = h_in = (1.0 - z) * n + z * h
-        logits = h_in @ self.wo.T + self.bo
-        logits -= logits.max(axis=1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        return logp.astype(np.float32), new
+            new[:, i] = h_in = _gru_cell(h_in @ w_ih.T + b_ih, h @ w_hh.T + b_hh, h)
+        return _log_softmax(h_in @ self.wo.T + self.bo).astype(np.float32), new
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """A whole stream ``(T, D)`` from a fresh state -> ``(T, P)`` log-probabilities."""
@@ -197,14 +205,8 @@ class DecoderStack:
         new = np.empty((self.k, b, self.layers, h), dtype=np.float32)
         for i, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.gru):
             h_old = state[:, :, i].transpose(1, 0, 2)
-            gi, gh = h_in @ w_ih + b_ih, h_old @ w_hh + b_hh
-            r = _sigmoid(gi[..., :h] + gh[..., :h])
-            z = _sigmoid(gi[..., h:2 * h] + gh[..., h:2 * h])
-            n = np.tanh(gi[..., 2 * h:] + r * gh[..., 2 * h:])
-            new[:, :, i] = h_in = (1.0 - z) * n + z * h_old
-        logits = h_in @ self.wo + self.bo  # (K, B, P_max)
-        logits -= logits.max(axis=2, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+            new[:, :, i] = h_in = _gru_cell(h_in @ w_ih + b_ih, h_old @ w_hh + b_hh, h_old)
+        logp = _log_softmax(h_in @ self.wo + self.bo)  # (K, B, P_max)
         return (logp.transpose(1, 0, 2).astype(np.float32),
                 new.transpose(1, 0, 2, 3).copy())
 
