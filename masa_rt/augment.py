@@ -274,7 +274,8 @@ def _spatial(
     R = _random_rotation(rng, B, C, up_axis, cfg)  # (B, C, C)
     scale = rng.uniform(*cfg.scale_range, B)  # (B,)
     shift = rng.normal(0.0, cfg.translate_std, (B, C))  # (B, C)
-    y = scale[:, None, None, None] * np.einsum("bij,bmkj->bmki", R, joints)
+    # x @ R^T rather than einsum: a batched matmul, several times faster on these shapes.
+    y = scale[:, None, None, None] * (joints @ np.swapaxes(R, -1, -2)[:, None])
     y = y + shift[:, None, None, :]
     if cfg.joint_noise_std > 0:
         y = y + rng.normal(0.0, cfg.joint_noise_std, y.shape)
@@ -328,7 +329,7 @@ def _part_jitter(
         y = x - centre
         if C == 3 and cfg.part_jitter_deg > 0:
             R = _axis_angle(drift(np.radians(cfg.part_jitter_deg), 3))  # (B, M, 3, 3)
-            y = np.einsum("bmij,bmkj->bmki", R, y)
+            y = y @ np.swapaxes(R, -1, -2)  # per frame: (B, M, j, C) @ (B, M, C, C)
         out[:, :, part] = y + centre + drift(cfg.part_jitter_std, C)[:, :, None, :]
     return out
 
@@ -376,6 +377,39 @@ def dual_augment(
     Outputs are torch tensors when ``x`` is one, numpy arrays otherwise.
     """
     cfg = cfg or AugmentConfig()
+    x, feats, lengths, mi, is_torch = _checked_batch(x, lengths, features, mirror_index,
+                                                     up_axis)
+    maps1, maps2, crops1, crops2 = _index_maps(rng, lengths, cfg)
+    views = [_view(rng, x, feats, maps, crops, cfg, mi, up_axis, is_torch)
+             for maps, crops in ((maps1, crops1), (maps2, crops2))]
+    return views[0], views[1]
+
+
+def augment_view(
+    x: Any,
+    lengths: Any,
+    rng: np.random.Generator,
+    cfg: AugmentConfig | None = None,
+    mirror_index: np.ndarray | None = None,
+    up_axis: int = 1,
+    features: Any | None = None,
+) -> dict[str, Any]:
+    """One augmented view of a padded batch, for callers that need no pair (a reference's
+    phase decoder): the same transform and dict as a view of :func:`dual_augment`, at
+    half its cost."""
+    cfg = cfg or AugmentConfig()
+    x, feats, lengths, mi, is_torch = _checked_batch(x, lengths, features, mirror_index,
+                                                     up_axis)
+    crops = [_crop(rng, int(T), cfg) for T in lengths]
+    maps = [_view_map(rng, a, b, cfg) for a, b in crops]
+    return _view(rng, x, feats, maps, np.array(crops, np.int64).reshape(-1, 2), cfg, mi,
+                 up_axis, is_torch)
+
+
+def _checked_batch(
+    x: Any, lengths: Any, features: Any | None, mirror_index: np.ndarray | None, up_axis: int,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None, bool]:  # fmt: skip
+    """The batch as numpy, checked: x, features, lengths, mirror index, whether x was torch."""
     is_torch = type(x).__module__.startswith("torch")
     x = _numpy(x)
     feats = None if features is None else _numpy(features)
@@ -386,23 +420,28 @@ def dual_augment(
     if C not in (2, 3) or not 0 <= up_axis < C:
         raise ValueError(f"need 2D or 3D joints and 0 <= up_axis < C; got C={C}, up_axis={up_axis}")
     mi = None if mirror_index is None else _check_mirror(_numpy(mirror_index), J)
-    maps1, maps2, crops1, crops2 = _index_maps(rng, lengths, cfg)
-    views = []
-    for maps, crops in ((maps1, crops1), (maps2, crops2)):
-        g, mask = _pad_maps(maps)
-        joints, params = _spatial(rng, _gather(x, g, mask), mask, cfg, mi, up_axis)
-        if cfg.joint_dropout > 0:
-            joints = _drop_joints(rng, joints, mask, cfg.joint_dropout, mi)
-        f = None
-        if feats is not None:
-            f = _gather(feats, g, mask)
-            if cfg.feature_noise_std > 0:
-                noise = rng.normal(0.0, cfg.feature_noise_std, f.shape)
-                f = np.where(mask[..., None], f + noise, 0.0).astype(np.float32)
-        view = dict(joints=joints, features=f, mask=mask, g=g, lengths=mask.sum(1),
-                    crop=crops, **params)  # fmt: skip
-        views.append(_to_torch(view) if is_torch else view)
-    return views[0], views[1]
+    return x, feats, lengths, mi, is_torch
+
+
+def _view(
+    rng: np.random.Generator, x: np.ndarray, feats: np.ndarray | None,
+    maps: list[np.ndarray], crops: np.ndarray, cfg: AugmentConfig,
+    mi: np.ndarray | None, up_axis: int, is_torch: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """One view from its index maps: gather, spatial transform, dropout, features."""
+    g, mask = _pad_maps(maps)
+    joints, params = _spatial(rng, _gather(x, g, mask), mask, cfg, mi, up_axis)
+    if cfg.joint_dropout > 0:
+        joints = _drop_joints(rng, joints, mask, cfg.joint_dropout, mi)
+    f = None
+    if feats is not None:
+        f = _gather(feats, g, mask)
+        if cfg.feature_noise_std > 0:
+            noise = rng.normal(0.0, cfg.feature_noise_std, f.shape)
+            f = np.where(mask[..., None], f + noise, 0.0).astype(np.float32)
+    view = dict(joints=joints, features=f, mask=mask, g=g, lengths=mask.sum(1),
+                crop=crops, **params)  # fmt: skip
+    return _to_torch(view) if is_torch else view
 
 
 def _numpy(a: Any) -> np.ndarray:

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masa_rt.augment import AugmentConfig, dual_augment, mirror_joints
+from masa_rt.augment import AugmentConfig, augment_view, dual_augment, mirror_joints
 
 MIRROR = np.array([3, 4, 2, 0, 1])  # joints 0<->3, 1<->4, 2 on the midline
 J = len(MIRROR)
@@ -47,8 +47,9 @@ def test_views_are_consistent_with_index_maps(data):
     x, lengths, cfg, seed, C = data
     features = np.random.default_rng(seed + 1).normal(size=x.shape[:2] + (4,))
     views = dual_augment(x, lengths, np.random.default_rng(seed), cfg, MIRROR, 1, features)
+    single = augment_view(x, lengths, np.random.default_rng(seed), cfg, MIRROR, 1, features)
     B = len(lengths)
-    for view in views:
+    for view in (*views, single):  # the one-view path makes the same kind of view
         g, mask, n = view["g"], view["mask"], view["lengths"]
         M = g.shape[1]
         assert view["joints"].shape == (B, M, J, C) and mask.shape == (B, M)

@@ -2,7 +2,7 @@
 
 The demonstrations of a reference carry phase labels; that is all the supervision there
 is, one or a few performances. Each step replays a batch of them through the trainer's own
-augmentation (``masa_rt.augment.dual_augment``, one view): per-segment speed changes and
+augmentation (``masa_rt.augment.augment_view``: one view of the pair): per-segment speed changes and
 pauses, rotation about the vertical, mirror, per-hand offsets that drift, joint dropout and
 noise. The labels follow each augmented frame through its index map ``g``, so they stay
 exact. The torch module below has the numpy decoder's exact layout and is converted to it
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from masa_rt.augment import AugmentConfig, dual_augment
+from masa_rt.augment import AugmentConfig, augment_view
 from masa_rt.phase_decoder import PhaseDecoder
 from masa_rt.preprocess import InputSpec, frame_features, normalise_joints
 from masa_rt.skeleton import get_layout
@@ -185,8 +185,8 @@ def _batch(demos: list[tuple[np.ndarray, np.ndarray]], spec: InputSpec,
         drawn.append((joints, phases))
     joints, lengths = _pad([j for j, _ in drawn])
     layout = get_layout(spec.layout)
-    view, _ = dual_augment(joints, lengths, rng, cfg.augment,
-                           mirror_index=np.array(layout.mirror), up_axis=layout.up_axis)
+    view = augment_view(joints, lengths, rng, cfg.augment,
+                        mirror_index=np.array(layout.mirror), up_axis=layout.up_axis)
     mask, g = view["mask"], view["g"]
     x = np.where(mask[..., None], frame_features(view["joints"], spec), 0.0)
     y = np.full(g.shape, -100, dtype=np.int64)
