@@ -72,7 +72,7 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
     """How a reference's phase decoder is trained (``reference build``, ``harness``)."""
     p.add_argument("--decoder-steps", type=int, default=None, metavar="N",
                    help="training steps of each reference's phase decoder on its demos' "
-                        "labels (default 1200, about 10 min at 1 thread on a 2-core VM; 0: none)")
+                        "labels (default 1200, 5-7 min at 1 thread on a 2-core VM; 0: none)")
     p.add_argument("--decoder-edit-prob", type=float, default=None, metavar="P",
                    help="share of the decoder's training replays with a scripted skipped, "
                         "repeated or restarted phase (default 0.3)")
