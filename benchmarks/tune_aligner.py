@@ -12,6 +12,11 @@ seed 1, whose val streams are disjoint from seed 0's), then check the result wit
 
     OMP_NUM_THREADS=1 python benchmarks/tune_aligner.py [--checkpoint RUN_OR_PT] [--seed 1]
         [--scenarios clean pause skip] [--per-activity 4] [--rounds 2] [--out best.json]
+        [--references examples]
+
+``--references DIR`` tunes against ``DIR/<activity>.npz`` (``examples``: the shipped
+references, with their phase decoders) instead of the harness's decoder-free references
+(each must be the activity's clean demo embedded by this model: checked).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.export import resolve_checkpoint  # noqa: E402
 from engine.harness import SCENARIOS, run_harness, run_per_activity, score  # noqa: E402
-from masa_rt.align import AlignerConfig  # noqa: E402
+from masa_rt.align import AlignerConfig, Reference  # noqa: E402
 from masa_rt.atomic import atomic_write_json  # noqa: E402
 from masa_rt.checkpoint import load_model  # noqa: E402
 
@@ -46,6 +51,7 @@ GRID: dict[str, list[Any]] = {
     "relocalise_cost_margin": [0.04, 0.08, 0.15, 0.3],
     "relocalise_patience": [2, 4, 8],
     "relocalise_memory": [4.0, 8.0, 16.0],
+    "decoder_weight": [0.01, 0.02, 0.05, 0.1],  # moves nothing without decoders
 }
 
 
@@ -57,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-activity", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write the best config here (JSON)")
+    ap.add_argument("--references", default=None, metavar="DIR",
+                    help="DIR/<activity>.npz instead of the harness's references (e.g. "
+                         "examples: the shipped ones, with their phase decoders)")
     args = ap.parse_args(argv)
 
     model, _cfg, spec, _meta = load_model(resolve_checkpoint(args.checkpoint))
@@ -64,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                       per_activity=args.per_activity, seed=args.seed, keep_streams=True)
     streams, refs = rep["_streams"], rep["_refs"]["learned"]
     activities = rep["activities"]
+    if args.references:
+        refs = {a: _same_reference(Path(args.references) / f"{a}.npz", refs[a])
+                for a in activities}
 
     def evaluate(cfg: AlignerConfig) -> dict[str, list[float]]:
         out = {}
@@ -103,6 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         atomic_write_json(args.out, report)
     return 0
+
+
+def _same_reference(path: Path, harness_ref: Reference) -> Reference:
+    """The reference at ``path``, refused unless it is ``harness_ref``'s demo embedded by
+    the same model (the harness's ground truth maps onto that demo's frames)."""
+    if not path.is_file():
+        raise SystemExit(f"--references: no {path}")
+    ref = Reference.load(path)
+    same = (len(ref) == len(harness_ref)
+            and np.allclose(ref.embeddings, harness_ref.embeddings, atol=1e-4))
+    if not same:
+        raise SystemExit(f"{path}: not the harness's reference for {harness_ref.activity} "
+                         "(another demo or another model); build it with `masa-rt reference "
+                         f"build examples/demos/{harness_ref.activity}.npz --checkpoint ...`")
+    return ref
 
 
 if __name__ == "__main__":
