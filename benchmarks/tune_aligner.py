@@ -51,7 +51,7 @@ GRID: dict[str, list[Any]] = {
     "relocalise_cost_margin": [0.04, 0.08, 0.15, 0.3],
     "relocalise_patience": [2, 4, 8],
     "relocalise_memory": [4.0, 8.0, 16.0],
-    "decoder_weight": [0.01, 0.02, 0.05, 0.1],  # moves nothing without decoders
+    "decoder_weight": [0.01, 0.02, 0.05, 0.1],  # only tried when the references have decoders
 }
 
 
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"trial": "defaults", "result": best_res}), flush=True)
     for rnd in range(args.rounds):
         for field, values in GRID.items():
+            if field == "decoder_weight" and not any(r.decoder for r in refs.values()):
+                continue  # every trial would score as the current best
             for value in values:
                 if getattr(best, field) == value:
                     continue
