@@ -9,13 +9,16 @@ constant memory and percentiles are still available on request (``stats`` messag
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Counters", "LatencyHistogram", "format_table"]
+__all__ = ["Counters", "LatencyHistogram", "LogLimiter", "RejectionSummary", "format_table"]
 
 
 class LatencyHistogram:
@@ -111,6 +114,9 @@ class Counters:
     sessions_expired: int = 0
     messages_in: int = 0
     frames_lost: int = 0  # seq gaps: frames the client numbered but that never arrived
+    # Seq gaps wider than ServerConfig.max_seq_gap: a client that renumbered (or a hostile
+    # seq), counted once each instead of as billions of lost frames.
+    seq_jumps: int = 0
     published: int = 0
     loop_errors: int = 0  # server bugs caught by the loop's last line of defence
     # Of rejected['overloaded']: frames that arrived already older than the server's
@@ -140,3 +146,52 @@ def format_table(counters: dict[str, int], latency: dict[str, float] | None = No
             rows.append((f"latency.{k}", shown))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v:>10}" for k, v in rows)
+
+
+class LogLimiter:
+    """At most ``burst`` lines per event per ``period_s``; the rest are counted and the
+    count is logged when the event's next window opens.
+
+    A peer repeating one message (a hello flood, a key that is not the session's owner)
+    must not flood the server's log, and nothing may vanish from it either. Events are
+    names fixed in the code, so the map stays small."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 20, period_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.burst, self.period_s, self.clock = logger, burst, period_s, clock
+        self._windows: dict[str, list] = {}  # event -> [window start, lines, suppressed]
+
+    def log(self, level: int, event: str, fmt: str, *args: object) -> None:
+        """Log ``fmt % args`` unless ``event`` already used its lines in this window."""
+        now = self.clock()
+        window = self._windows.get(event)
+        if window is None or now - window[0] >= self.period_s:
+            if window is not None and window[2]:
+                self.logger.log(level, "event=%s suppressed=%d over=%.0fs", event, window[2],
+                                now - window[0])
+            window = self._windows[event] = [now, 0, 0]
+        if window[1] < self.burst:
+            window[1] += 1
+            self.logger.log(level, fmt, *args)
+        else:
+            window[2] += 1
+
+
+class RejectionSummary:
+    """One INFO line per ``period_s`` with the rejections by reason since the last line.
+
+    Each rejection is logged at DEBUG (a hostile peer can cause thousands a second); this
+    keeps them visible at the default level without one line each."""
+
+    def __init__(self, logger: logging.Logger, period_s: float, now: float) -> None:
+        self.logger, self.period_s = logger, period_s
+        self._since, self._seen = now, Counter()
+
+    def maybe_log(self, rejected: Counter[str], now: float) -> None:
+        if now - self._since < self.period_s:
+            return
+        new = {k: v - self._seen[k] for k, v in sorted(rejected.items()) if v > self._seen[k]}
+        if new:
+            self.logger.info("event=rejected_summary over=%.0fs total=%d %s", now - self._since,
+                             sum(new.values()), " ".join(f"{k}={v}" for k, v in new.items()))
+        self._since, self._seen = now, Counter(rejected)

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import zmq
 
-from engine.counters import Counters, LatencyHistogram, format_table
+from engine.counters import Counters, LatencyHistogram, LogLimiter, RejectionSummary, format_table
 from engine.security import apply_server_curve, plain_mode_warning, start_authenticator
 from masa_rt import protocol as P
 
@@ -92,6 +92,13 @@ class ServerConfig:
     tcp_buffer_bytes: int = 65_536
     pub_hwm: int = 1_000  # per subscriber: a slow dashboard loses estimates, never blocks us
     sweep_s: float = 0.25  # how often idle sessions and stale frames are swept
+    # Rejections are logged at DEBUG one by one and at INFO as one summary line per this
+    # many seconds (by reason), so they show at the default level without flooding it.
+    log_summary_s: float = 10.0
+    # A seq gap wider than this (about 3 h at 90 Hz) is a client that renumbered, not
+    # frames lost on the way: counted once as 'seq_jumps'. Summing such gaps as lost
+    # frames overflowed the 64-bit counters and broke every later 'stats' reply.
+    max_seq_gap: int = 1_000_000
     # Encoder rounds per loop, for pipelines whose step() takes ``max_rounds``: one round
     # answers every session's oldest frame; a backlogged session gets its next frame in the
     # next loop, so its backlog never holds the other sessions' answers. None: all rounds.
@@ -180,12 +187,17 @@ class Session:
     last_seen: float
     info: dict = field(default_factory=dict)  # what open_session said (model, window, ...)
     last_seq: int = -1
+    # Capture time of the last accepted frame: a frame's ``t`` must exceed it, or the
+    # resampler would drop the frame without an answer ('out_of_order' instead).
+    last_t: float = -math.inf
     counters: Counters = field(default_factory=Counters)
     in_flight: dict[int, float] = field(default_factory=dict)  # seq -> t_server_recv
     # Accepted frames not yet handed to the engine (a subset of in_flight), oldest first.
     pending: deque[tuple[int, float, np.ndarray]] = field(default_factory=deque)
     lag: TransitDelay | None = None  # capture -> receipt delay, to spot queued frames
-    shed_seq: int = -1  # highest seq shed on arrival (arrived, so not counted as lost)
+    # Highest seq above last_seq that was refused (shed, bad shape, rate limited, ...):
+    # those frames arrived, so the next accepted one does not count them as lost.
+    refused_seq: int = -1
 
     @property
     def in_engine(self) -> int:
@@ -220,6 +232,8 @@ class Server:
         self._in_flight = 0
         self._engine_busy = True
         self._backlogged = False  # True while the last drain stopped with messages still queued
+        self._logs = LogLimiter(log)  # session events and refusals a peer can repeat at will
+        self._summary = RejectionSummary(log, self.config.log_summary_s, self.clock())
         self._next_sweep = 0.0
         # Pipelines that can stop after a few rounds (engine.pipeline.Pipeline) are asked
         # to; a pipeline whose step() takes no argument (a test fake) is called as is.
@@ -347,26 +361,35 @@ class Server:
         now = self.clock()
         if now >= self._next_sweep:
             self._sweep(now)
+            self._summary.maybe_log(self.counters.rejected, now)
             self._next_sweep = now + self.config.sweep_s
 
     def _drain(self) -> None:
-        """Handle queued messages without blocking, up to ``max_batch`` or ``drain_budget_s``."""
+        """Handle queued messages without blocking, up to ``max_batch`` or ``drain_budget_s``.
+
+        ``_backlogged`` is set at the end, from this drain: it says whether the *previous*
+        drain stopped with messages still queued, and only then are frames shed on arrival
+        and the transit-delay window held (set before the loop, it was True for every
+        message, and one clock step of a client made its frames 'stale' for good)."""
         end = self.clock() + self.config.drain_budget_s
-        self._backlogged = True  # unless the queue runs dry below: more is waiting
-        for i in range(self.config.max_batch):
-            if i % 16 == 15 and self.clock() > end:
-                return
-            try:
-                # --secure needs the frames (not bytes) for their ZAP User-Id property.
-                parts = self._router.recv_multipart(zmq.NOBLOCK, copy=not self._bound)
-            except zmq.Again:
-                self._backlogged = False
-                return
-            user = None
-            if self._bound:
-                user = parts[-1].get("User-Id")
-                parts = [p.bytes for p in parts]
-            self._handle(parts, self.clock(), user)
+        ran_dry = False
+        try:
+            for i in range(self.config.max_batch):
+                if i % 16 == 15 and self.clock() > end:
+                    return
+                try:
+                    # --secure needs the frames (not bytes) for their ZAP User-Id property.
+                    parts = self._router.recv_multipart(zmq.NOBLOCK, copy=not self._bound)
+                except zmq.Again:
+                    ran_dry = True
+                    return
+                user = None
+                if self._bound:
+                    user = parts[-1].get("User-Id")
+                    parts = [p.bytes for p in parts]
+                self._handle(parts, self.clock(), user)
+        finally:
+            self._backlogged = not ran_dry
 
     def _handle(self, parts: list[bytes], t_recv: float, user: str | None = None) -> None:
         """Validate and dispatch one message; nothing raised here escapes the loop.
@@ -447,9 +470,10 @@ class Server:
             elif len(self.sessions) >= self.config.max_sessions:
                 raise P.ProtocolError("overloaded", f"max_sessions={self.config.max_sessions}")
             session = self._open(peer, msg, t_recv)
-        log.info("event=session_%s session=%s layout=%s fps=%g last_seq=%d",
-                 "resume" if resumed else "open", sid, session.layout, session.fps,
-                 session.last_seq)
+        self._logs.log(logging.INFO, "session_open",
+                       "event=session_%s session=%s layout=%s fps=%g last_seq=%d",
+                       "resume" if resumed else "open", sid, session.layout, session.fps,
+                       session.last_seq)
         self._send(peer.ident, P.encode(self._welcome(session, resumed)))
 
     def _check_owner(self, s: Session, peer: Peer, what: str, seq: int | None = None) -> None:
@@ -459,8 +483,9 @@ class Server:
         session (a headset that reconnected has a new routing id and must get it back)."""
         if not self._bound or peer.key == s.owner:
             return
-        log.warning("event=session_owner session=%s message=%s client_key=%s", s.id, what,
-                    peer.key.decode("ascii", "replace"))
+        self._logs.log(logging.WARNING, "session_owner",
+                       "event=session_owner session=%s message=%s client_key=%s", s.id, what,
+                       peer.key.decode("ascii", "replace"))
         exc = P.ProtocolError("session_owner", f"session {s.id} belongs to another client")
         exc.seq, exc.session = seq, s.id  # a frame's refusal names its seq (client streams on)
         raise exc
@@ -469,8 +494,9 @@ class Server:
         """One client holds at most ``max_sessions_per_client`` sessions at once."""
         limit = self.config.max_sessions_per_client
         if self._owned[key] >= limit:
-            log.warning("event=too_many_sessions client=%s held=%d",
-                        key.decode("ascii", "replace"), self._owned[key])
+            self._logs.log(logging.WARNING, "too_many_sessions",
+                           "event=too_many_sessions client=%s held=%d",
+                           key.decode("ascii", "replace"), self._owned[key])
             raise P.ProtocolError("too_many_sessions", f"max_sessions_per_client={limit}")
 
     def _resume(self, s: Session, peer: Peer, fps: float, t_recv: float) -> None:
@@ -537,8 +563,10 @@ class Server:
         # nor learn its last seq from a 'duplicate' / 'out_of_order' answer.
         self._check_owner(s, peer, "frame", seq)
         s.last_seen = t_recv
-        reason = self._frame_problem(s, seq, joints, t_recv, self.config.max_in_flight)
+        reason = self._frame_problem(s, seq, msg["t"], joints, t_recv, self.config.max_in_flight)
         if reason is not None:
+            if seq > s.last_seq:  # validated, in order: it arrived, so it is not lost
+                s.refused_seq = max(s.refused_seq, seq)
             self._reject(peer.ident, reason[0], reason[1], seq=seq, session=s)
             return
         if self._shed_if_queued(peer, s, seq, msg["t"], t_recv):
@@ -549,11 +577,8 @@ class Server:
         # another peer replaying the session's seq) must not divert the session's
         # estimates away from its headset (tests/test_hostile.py).
         s.identity = peer.ident
-        seen = max(s.last_seq, s.shed_seq) if s.shed_seq < seq else s.last_seq
-        if seen >= 0 and seq > seen + 1:  # gaps: frames lost on the way (shed ones arrived)
-            self.counters.frames_lost += seq - seen - 1
-            s.counters.frames_lost += seq - seen - 1
-        s.last_seq = seq
+        self._count_gap(s, seq)
+        s.last_seq, s.last_t = seq, msg["t"]
         self.counters.frames_in += 1
         s.counters.frames_in += 1
         # Queued here, not in the engine: _feed hands it over when the session's earlier
@@ -562,14 +587,29 @@ class Server:
         s.in_flight[seq] = t_recv
         self._in_flight += 1
 
+    def _count_gap(self, s: Session, seq: int) -> None:
+        """Frames the client numbered that never arrived (shed ones did arrive)."""
+        seen = max(s.last_seq, s.refused_seq) if s.refused_seq < seq else s.last_seq
+        gap = seq - seen - 1
+        if seen < 0 or gap <= 0:
+            return
+        if gap > self.config.max_seq_gap:
+            self.counters.seq_jumps += 1
+            s.counters.seq_jumps += 1
+            return
+        self.counters.frames_lost += gap
+        s.counters.frames_lost += gap
+
     @staticmethod
-    def _frame_problem(s: Session, seq: int, joints: np.ndarray, now: float,
+    def _frame_problem(s: Session, seq: int, t: float, joints: np.ndarray, now: float,
                        max_in_flight: int) -> tuple[str, str] | None:
         """Why this frame cannot be accepted, as (reason, detail), or None."""
         if seq == s.last_seq:
             return "duplicate", f"seq {seq} already accepted"
         if seq < s.last_seq:
             return "out_of_order", f"seq {seq} < last accepted {s.last_seq}"
+        if not t > s.last_t:
+            return "out_of_order", f"capture time {t!r} not after the last accepted {s.last_t!r}"
         if joints.shape != s.shape:
             return "bad_shape", f"joints {list(joints.shape)} != {list(s.shape)} for {s.layout}"
         if not s.bucket.take(now):
@@ -593,7 +633,8 @@ class Server:
         s = self.sessions.get(raw.get("session")) if isinstance(raw.get("session"), str) else None
         seq, t = raw.get("seq"), raw.get("t")
         if (s is None or (self._bound and peer.key != s.owner) or type(seq) is not int
-                or seq <= s.last_seq or type(t) is not float or not math.isfinite(t)):
+                or not s.last_seq < seq <= P.MAX_SEQ or type(t) is not float
+                or not math.isfinite(t) or not t > s.last_t):
             return False
         s.last_seen = t_recv
         return self._shed_if_queued(peer, s, seq, t, t_recv)
@@ -608,7 +649,7 @@ class Server:
         # Not last_seq: the frame was never validated, and a hostile seq must not move the
         # session's ordering (fuzz: one shed frame with a huge seq made every later frame
         # 'out_of_order'). Only the loss count skips it: it arrived.
-        s.shed_seq = max(s.shed_seq, seq)
+        s.refused_seq = max(s.refused_seq, seq)
         self.counters.queued_too_long += 1
         s.counters.queued_too_long += 1
         self._reject(peer.ident, "overloaded", f"stale: queued {queued:.2f} s on the way",
@@ -748,8 +789,9 @@ class Server:
             self.counters.sessions_expired += 1
         else:
             self.counters.sessions_closed += 1
-        log.info("event=session_close session=%s why=%s frames_in=%d estimates_out=%d",
-                 s.id, why, s.counters.frames_in, s.counters.estimates_out)
+        self._logs.log(logging.INFO, "session_close",
+                       "event=session_close session=%s why=%s frames_in=%d estimates_out=%d",
+                       s.id, why, s.counters.frames_in, s.counters.estimates_out)
 
     def _sweep(self, now: float) -> None:
         """Expire silent sessions; drop frames waited on too long (a stalled engine feeds

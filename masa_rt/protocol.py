@@ -341,7 +341,10 @@ def encode(msg: Mapping[str, Any]) -> bytes:
     clean = validate(dict(msg))
     if clean["type"] == "frame":
         clean["joints"] = joints_to_wire(clean["joints"])
-    data = msgpack.packb(clean, use_bin_type=True, default=_default)
+    try:
+        data = msgpack.packb(clean, use_bin_type=True, default=_default)
+    except (OverflowError, TypeError, ValueError) as exc:  # e.g. a counter over 2**64 - 1
+        raise ProtocolError("malformed", f"cannot pack {clean['type']}: {exc}") from None
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError("too_large", f"{len(data)} > {MAX_MESSAGE_BYTES} bytes")
     return data

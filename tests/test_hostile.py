@@ -509,7 +509,7 @@ def _run_real_pipeline_cases(srv: Server, hostile: Peer, good: Peer) -> None:
         assert outcome(peer.replies(1)[0]) == "welcome"
     with np.load(EXAMPLE) as f:
         poses = f["joints"].astype(np.float32)
-    state = {"good_seq": 0, "bad_seq": 0, "sent": 0}
+    state = {"good_seq": 0, "bad_seq": 0, "sent": 0, "last_t": -np.inf}
 
     @settings(max_examples=60, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow])
@@ -530,9 +530,16 @@ def _run_real_pipeline_cases(srv: Server, hostile: Peer, good: Peer) -> None:
         for p in payloads:
             hostile.send(p)
         answers = [outcome(r) for r in hostile.replies(len(payloads), timeout=20)]
-        # A stamp far behind the session's usual capture->receipt delay reads as a frame
-        # that queued on the way: shed as 'overloaded' (ServerConfig.max_queue_delay_s).
-        assert set(answers) <= {"estimate", "overloaded"}, answers
+        # A stamp not after the last accepted one is 'out_of_order' (docs/protocol.md,
+        # "Sessions" 3); one far behind the session's usual capture->receipt delay reads as
+        # a frame that queued on the way: shed as 'overloaded' (max_queue_delay_s).
+        assert set(answers) <= {"estimate", "overloaded", "out_of_order"}, answers
+        late = 0
+        for t in stamps:
+            late += not t > state["last_t"]
+            state["last_t"] = max(state["last_t"], t)
+        if "overloaded" not in answers:  # a shed frame does not move last_t
+            assert answers.count("out_of_order") == late, (stamps, answers)
         seq = state["good_seq"]
         good.send(P.encode(P.frame("good", seq, seq / 30.0, poses[seq % len(poses)])))
         (est,) = good.replies(1)
@@ -542,10 +549,11 @@ def _run_real_pipeline_cases(srv: Server, hostile: Peer, good: Peer) -> None:
 
     case()
     counters = srv.stats()["counters"]
-    shed = counters["rejected"]  # only stamps that read as queued on the way
+    shed = counters.get("rejected.overloaded", 0)  # stamps that read as queued on the way
+    late = counters.get("rejected.out_of_order", 0)  # stamps not after the last accepted
     assert counters["loop_errors"] == 0
-    assert shed == counters.get("rejected.overloaded", 0) == counters["queued_too_long"]
-    assert counters["frames_in"] + shed == state["sent"] + state["good_seq"]
+    assert counters["rejected"] == shed + late and shed == counters["queued_too_long"]
+    assert counters["frames_in"] + shed + late == state["sent"] + state["good_seq"]
     assert srv._thread.is_alive()
 
 

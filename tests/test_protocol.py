@@ -206,3 +206,10 @@ def test_numpy_scalars_encode_as_numbers():
     msg = P.pong(1.5, 2.0)
     msg["client_time"], msg["server_time"] = np.float32(1.5), np.int64(2)  # as an engine might
     assert P.decode(P.encode(msg))["client_time"] == 1.5
+
+
+def test_encode_refuses_what_msgpack_cannot_pack():
+    """A counter over 2**64 - 1 is a ProtocolError (the server answers it), not a crash."""
+    with pytest.raises(P.ProtocolError) as info:
+        P.encode(P.stats_reply(1.0, {"frames_lost": 2**64}, None, None))
+    assert info.value.reason == "malformed" and "cannot pack" in info.value.detail

@@ -620,9 +620,11 @@ def test_frames_that_queued_on_the_way_are_shed_before_the_engine(ctx):
     c = Client(ctx, srv.address)
     try:
         c.hello("s1")
-        c.frame("s1", 0)
+        t0 = time.perf_counter()
+        c.frame("s1", 0, t=t0)
         assert c.expect("estimate")["seq"] == 0
-        c.frame("s1", 1, t=time.perf_counter() - 3.0)  # captured 3 s ago
+        time.sleep(0.8)
+        c.frame("s1", 1, t=t0 + 0.01)  # captured just after frame 0, arrives 0.8 s late
         err = c.expect("error")
         assert (err["reason"], err["seq"]) == ("overloaded", 1) and "queued" in err["detail"]
         c.frame("s1", 2)
@@ -672,13 +674,151 @@ def test_a_shed_frame_does_not_move_the_session_seq(ctx):
     c = Client(ctx, srv.address)
     try:
         c.hello("s1")
-        c.frame("s1", 0)
+        t0 = time.perf_counter()
+        c.frame("s1", 0, t=t0)
         c.expect("estimate")
-        c.frame("s1", 1 << 40, t=time.perf_counter() - 3.0)
+        time.sleep(0.8)
+        c.frame("s1", 1 << 40, t=t0 + 0.01)  # arrives 0.8 s late: shed
         assert c.expect("error")["reason"] == "overloaded"
         c.frame("s1", 1)
         assert c.expect("estimate")["seq"] == 1
         assert srv.stats()["counters"]["frames_lost"] == 0
+    finally:
+        c.sock.close()
+        srv.stop()
+
+
+# --------------------------------------------------------------------------- seq and time
+
+
+def test_capture_time_must_increase(ctx):
+    """A frame whose t is not after the last accepted frame's is 'out_of_order' with its seq
+    (the resampler would otherwise drop it unanswered); the session streams on."""
+    srv, _pipe = make_server()
+    c = Client(ctx, srv.address)
+    try:
+        c.hello("s1")
+        c.frame("s1", 0, t=10.0)
+        assert c.expect("estimate")["seq"] == 0
+        for seq, t in ((1, 10.0), (2, 9.5)):
+            c.frame("s1", seq, t=t)
+            err = c.expect("error")
+            assert (err["reason"], err["seq"]) == ("out_of_order", seq)
+            assert "capture time" in err["detail"]
+        c.frame("s1", 3, t=10.1)
+        assert c.expect("estimate")["seq"] == 3
+        counters = srv.stats()["counters"]
+        assert counters["rejected.out_of_order"] == 2 and counters["frames_in"] == 2
+        assert counters["frames_lost"] == 0  # seq 1 and 2 arrived: refused, not lost
+    finally:
+        c.sock.close()
+        srv.stop()
+
+
+def test_a_seq_jump_is_counted_once_and_stats_survive(ctx):
+    """Seq gaps wider than max_seq_gap are a renumbering, not lost frames: summed as lost,
+    three jumps to 2**63 - 1 overflowed the 64-bit counters and broke every 'stats'."""
+    srv, _pipe = make_server()
+    c = Client(ctx, srv.address)
+    try:
+        for i in range(3):
+            c.hello("s1")  # restart: last_seq -1
+            c.frame("s1", 0, t=10.0 * i + 1.0)
+            c.expect("estimate")
+            c.frame("s1", P.MAX_SEQ, t=10.0 * i + 2.0)
+            assert c.expect("estimate")["seq"] == P.MAX_SEQ
+        c.frame("s1", 0, t=100.0)  # below last_seq: refused, nothing moves
+        assert c.expect("error")["reason"] == "out_of_order"
+        c.send(P.stats())
+        reply = c.expect("stats_reply")
+        assert reply["counters"]["seq_jumps"] == 3 and reply["counters"]["frames_lost"] == 0
+    finally:
+        c.sock.close()
+        srv.stop()
+
+
+def test_an_idle_server_is_not_backlogged(ctx):
+    """Frames are shed on arrival, and the transit-delay window held, only while the
+    previous drain left messages queued; a quiet session never sees that path (the flag
+    used to be True for every message, so one client clock step made frames stale for
+    good)."""
+    srv, _pipe = make_server()
+    seen: list[bool] = []
+    handle = srv._handle
+
+    def spy(*args, **kw):
+        seen.append(srv._backlogged)
+        return handle(*args, **kw)
+
+    srv._handle = spy
+    c = Client(ctx, srv.address)
+    try:
+        c.hello("s1")
+        for seq in range(5):
+            c.frame("s1", seq)
+            c.expect("estimate")
+        assert len(seen) == 6 and not any(seen)
+    finally:
+        c.sock.close()
+        srv.stop()
+
+
+def test_the_shed_path_leaves_bad_headers_to_validation():
+    """Under backlog a frame is judged from its header; a seq above MAX_SEQ or a stamp not
+    after the last accepted one must take the normal path and get its own reason."""
+    srv = Server(FakePipeline(), ServerConfig())
+    from engine.server import Peer, Session, TokenBucket
+
+    s = Session(id="s1", identity=b"a", owner=b"a", layout="h2o_hands", fps=30.0,
+                shape=SHAPE, bucket=TokenBucket(60.0, 60.0, 0.0), last_seen=0.0,
+                last_seq=3, last_t=5.0)
+    srv.sessions["s1"] = s
+    peer = Peer(b"a", b"a")
+    frame = {"type": "frame", "session": "s1"}
+    for seq, t in ((P.MAX_SEQ + 1, 6.0), (4, 5.0), (4, 4.0), (3, 6.0)):
+        assert srv._shed_on_arrival(peer, {**frame, "seq": seq, "t": t}, 100.0) is False
+    assert s.lag is None and s.refused_seq == -1  # nothing recorded for them
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def test_log_limiter_counts_what_it_holds_back(caplog):
+    import logging
+
+    from engine.counters import LogLimiter
+
+    now = [0.0]
+    logger = logging.getLogger("test.limiter")
+    limiter = LogLimiter(logger, burst=3, period_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="test.limiter"):
+        for i in range(50):
+            limiter.log(logging.INFO, "hello", "event=hello n=%d", i)
+        limiter.log(logging.INFO, "other", "event=other")  # its own budget
+        now[0] = 10.0
+        limiter.log(logging.INFO, "hello", "event=hello n=%d", 50)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["event=hello n=0", "event=hello n=1", "event=hello n=2", "event=other",
+                     "event=hello suppressed=47 over=10s", "event=hello n=50"]
+
+
+def test_rejections_are_summarised_at_info(ctx, caplog):
+    """Each rejection logs at DEBUG; the server adds one INFO line per log_summary_s with
+    the counts by reason, so a flood of bad messages shows without one line each."""
+    import logging
+
+    srv, _pipe = make_server(log_summary_s=0.2, sweep_s=0.05)
+    c = Client(ctx, srv.address)
+    try:
+        with caplog.at_level(logging.INFO, logger="masa_rt.server"):
+            for _ in range(5):
+                c.send(b"\x00 not msgpack")
+                assert c.expect("error")["reason"] == "malformed"
+            c.send(P.frame("nobody", 0, 1.0, np.zeros(SHAPE, np.float32)))
+            assert c.expect("error")["reason"] == "unknown_session"
+            wait_for(lambda: any("rejected_summary" in r.getMessage() for r in caplog.records))
+        (line,) = [r.getMessage() for r in caplog.records if "rejected_summary" in r.getMessage()]
+        assert "total=6 malformed=5 unknown_session=1" in line
     finally:
         c.sock.close()
         srv.stop()
