@@ -19,7 +19,8 @@ export PYTHONUNBUFFERED=1
   python3 -c "import sys, torch, onnxruntime as o; print('python', sys.version.split()[0], \
 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), \
 'onnxruntime', o.__version__, o.get_available_providers())"
-  python3 -m pip list 2>/dev/null | grep -iE "^(cuda|tensorrt|onnx|pyzmq|msgpack|numpy) "
+  python3 -m pip list 2>/dev/null | grep -iE \
+    "^(cuda[-_a-z0-9]*|nvidia-cuda-nvrtc[-_a-z0-9]*|tensorrt[-_a-z0-9]*|onnx[-_a-z0-9]*|torch|pyzmq|msgpack|numpy) "
 } 2>&1 | tee "$OUT/env.txt"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \

@@ -139,6 +139,10 @@ class Pipeline:
             s.bank.remove(session_id)
             self.bank.close(session_id)
 
+    def close(self) -> None:
+        """Free the backend's device resources (TensorRT); the pipeline is done."""
+        self.bank.backend.close()
+
     def reset_session(self, session_id: str) -> None:
         """Forget the session's history (encoder window, resampling grid, alignment)."""
         s = self._session(session_id)

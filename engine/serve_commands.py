@@ -129,7 +129,10 @@ def _serve(args: argparse.Namespace) -> int:
                           idle_timeout_s=args.idle_timeout, keydir=args.secure)
     server = Server(pipeline, config)
     install_signal_handlers(server)
-    server.run()
+    try:
+        server.run()
+    finally:
+        pipeline.close()
     print(server.report())
     return 0
 

@@ -76,6 +76,11 @@ class Backend(Protocol):
         """Bytes of per-stream state held for all ``capacity`` slots (constant)."""
         ...
 
+    def close(self) -> None:
+        """Free what the garbage collector cannot (device memory, CUDA graphs); idempotent.
+        A no-op for the CPU backends."""
+        ...
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -227,6 +232,9 @@ class PooledSlots:
 
     def reset(self, slots: np.ndarray) -> None:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Nothing to free by hand (backends holding device resources override this)."""
 
 
 def check_frames(frames: np.ndarray, n: int, input_dim: int) -> np.ndarray:
