@@ -47,8 +47,8 @@ def _backend(args: argparse.Namespace, onnx_path: Path, ckpt: Path, capacity: in
     from engine.serve_commands import backend_options
 
     if args.backend == "torch":
-        return get_backend("torch", onnx_path, capacity, checkpoint=ckpt,
-                           **backend_options("torch", args.device))
+        return get_backend("torch", onnx_path, capacity,
+                           **{**backend_options("torch", args.device), "checkpoint": ckpt})
     return get_backend("onnxruntime", onnx_path, capacity, intra_op_threads=args.threads)
 
 

@@ -35,3 +35,13 @@ def new_socket(ctx: zmq.Context, kind: int, *, curve: CurveKeys | None = None,
         sock.curve_publickey = curve.public
         sock.curve_secretkey = curve.secret
     return sock
+
+
+def connect(sock: zmq.Socket, address: str) -> None:
+    """``sock.connect(address)``; a malformed address is a ValueError naming it (libzmq's
+    own error says only 'Invalid argument')."""
+    try:
+        sock.connect(address)
+    except zmq.ZMQError as exc:
+        raise ValueError(f"cannot connect to {address!r}: {exc.strerror} (expected e.g. "
+                         "tcp://127.0.0.1:5555)") from None

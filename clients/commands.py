@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from masa_rt.cli_types import positive_float, positive_int
+
 
 def _replay(args: argparse.Namespace) -> int:
     from clients.replay import replay, write_report
@@ -30,11 +32,13 @@ def _add_replay(subparsers) -> None:
     p = subparsers.add_parser("replay", help="simulated headsets: stream a recording in real time")
     p.add_argument("file", help="a .npz sequence (joints, layout, fps)")
     p.add_argument("--address", default="tcp://127.0.0.1:5555", help="server ROUTER endpoint")
-    p.add_argument("--rate", type=float, default=None, metavar="HZ",
+    p.add_argument("--rate", type=positive_float, default=None, metavar="HZ",
                    help="frames per second per client (default: the file's fps)")
-    p.add_argument("--clients", type=int, default=1, metavar="N", help="simultaneous headsets")
+    p.add_argument("--clients", type=positive_int, default=1, metavar="N",
+                   help="simultaneous headsets")
     p.add_argument("--loop", action="store_true", help="repeat the recording (needs --duration)")
-    p.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S s")
+    p.add_argument("--duration", type=positive_float, default=None, metavar="S",
+                   help="stop after S s")
     p.add_argument("--reference", default=None, help="reference activity to align against")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the report")
     p.set_defaults(func=_replay)

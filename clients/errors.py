@@ -6,6 +6,8 @@ from __future__ import annotations
 class MasaClientError(Exception):
     """Base class for everything the client library raises on purpose."""
 
+    user_facing = True  # the masa-rt CLI prints these as one line (masa_rt.cli)
+
 
 class ConnectionLost(MasaClientError):
     """The server did not answer within the deadline (not started, gone, or unreachable)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import zmq
 
-from clients._sockets import CurveKeys, new_socket
+from clients._sockets import CurveKeys, connect, new_socket
 from clients.clock import local_clock
 from masa_rt.protocol import EstimateMsg, ProtocolError, decode, topic
 
@@ -68,7 +68,7 @@ class EstimateInlet:
         self._sock = new_socket(self._ctx, zmq.SUB, curve=curve, linger_ms=0)
         self._sock.setsockopt(zmq.RCVHWM, hwm)
         self._sock.setsockopt(zmq.SUBSCRIBE, self._topic or b"")
-        self._sock.connect(address)
+        connect(self._sock, address)
 
     def pull(self, timeout: float = 0.0) -> Estimate | None:
         """The next estimate, waiting up to ``timeout`` seconds; None if none arrived."""

@@ -23,7 +23,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from clients._sockets import CurveKeys, new_socket
+from clients._sockets import CurveKeys, connect, new_socket
 from clients.clock import ClockOffset, local_clock
 from clients.errors import ConnectionLost, MasaClientError, ServerError
 from clients.inlet import Estimate
@@ -95,7 +95,7 @@ class PoseOutlet:
             if self._curve is not None:  # a refused key is reported, not taken for no server
                 events |= zmq.EVENT_HANDSHAKE_FAILED_AUTH
             self._monitor = self._sock.get_monitor_socket(events)
-            self._sock.connect(self.address)
+            connect(self._sock, self.address)
         try:
             self._handshake(local_clock() + timeout, resume)
         except MasaClientError:

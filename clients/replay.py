@@ -46,14 +46,32 @@ def load_recording(source: str | Path | Any) -> Recording:
     wire protocol only, not on ``masa_rt.sequence``.
     """
     if isinstance(source, str | Path):
-        with np.load(source, allow_pickle=False) as f:
-            activity = str(f["activity"]) if "activity" in f.files else None
-            source = Recording(f["joints"], str(f["layout"]), float(f["fps"]), activity)
+        source = _read_npz(Path(source))
     joints = np.ascontiguousarray(source.joints, dtype=np.float32)
     if joints.ndim != 3 or len(joints) == 0:
         raise ValueError(f"joints must be a non-empty (T, J, C) array, got {joints.shape}")
     return Recording(joints, str(source.layout), float(source.fps),
                      getattr(source, "activity", None))
+
+
+def _read_npz(path: Path) -> Recording:
+    """The recording in ``path``, or a ValueError saying what the file is instead."""
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:  # not a zip, or pickled objects
+        if isinstance(exc, FileNotFoundError | IsADirectoryError):
+            raise
+        raise ValueError(f"{path}: not a .npz sequence file ({exc})") from None
+    with f:
+        missing = [k for k in ("joints", "layout", "fps") if k not in f.files]
+        if "embeddings" in f.files:
+            raise ValueError(f"{path} is a built reference, not a recording: replay the demo "
+                             "it was built from (e.g. examples/demos/pour_milk.npz)")
+        if missing:
+            raise ValueError(f"{path}: not a sequence file, missing {', '.join(missing)} "
+                             f"(has {', '.join(f.files) or 'nothing'})")
+        activity = str(f["activity"]) if "activity" in f.files else None
+        return Recording(f["joints"], str(f["layout"]), float(f["fps"]), activity)
 
 
 @dataclass
@@ -113,7 +131,7 @@ def replay(source: str | Path | Any, address: str = DEFAULT_ADDRESS, rate_hz: fl
     (or ends a loop). ``on_estimate(client_index, estimate)`` sees every answer.
     """
     rec = load_recording(source)
-    rate = float(rate_hz or rec.fps)
+    rate = float(rec.fps if rate_hz is None else rate_hz)
     if clients < 1 or rate <= 0:
         raise ValueError("need clients >= 1 and a positive rate")
     frames = None if loop else len(rec.joints)

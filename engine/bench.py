@@ -50,7 +50,7 @@ class BenchConfig:
 
     streams: tuple[int, ...] = (1, 8, 64, 256)
     backends: tuple[str, ...] = ("onnxruntime",)
-    device: str = "cpu"  # the torch backend's device (cuda: CUDA graphs); others ignore it
+    device: str | None = None  # the torch backend's (default cpu; cuda: CUDA graphs)
     iters: int = 300  # timed engine steps per stream count
     warmup: int = 20  # untimed steps first (allocation, ORT arena, caches)
     model: str | None = None  # ONNX or checkpoint; None: the shipped model
@@ -126,7 +126,7 @@ def default_factory(cfg: BenchConfig) -> tuple[PipelineFactory, dict[str, Any]]:
     model, refs = prepare(cfg.model, [cfg.reference or cfg.recording])
 
     def factory(backend: str, capacity: int) -> Any:
-        opts = backend_options(backend, cfg.device) if backend == "torch" else {}
+        opts = backend_options(backend, cfg.device, cfg.model) if backend == "torch" else {}
         return Pipeline.from_files(model, refs, backend=backend, capacity=capacity, **opts)
 
     return factory, read_model_info(model).masa_config

@@ -95,12 +95,13 @@ def score(truth: Sequence, estimates: dict[int, Estimate], report: ReplayReport)
 def build_pipeline(cfg: DemoConfig):
     """The engine for the demo: shipped (or given) model, one reference, chosen backend."""
     from engine.pipeline import Pipeline
-    from engine.serve_commands import prepare
+    from engine.serve_commands import backend_options, prepare
     from engine.threads import limit_blas_threads
 
     limit_blas_threads()  # as `masa-rt serve` runs
     model, refs = prepare(cfg.model, [str(cfg.reference)])
-    return Pipeline.from_files(model, refs, backend=cfg.backend)
+    return Pipeline.from_files(model, refs, backend=cfg.backend,
+                               **backend_options(cfg.backend, None, cfg.model))
 
 
 def run_demo(cfg: DemoConfig, pipeline=None) -> int:

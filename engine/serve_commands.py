@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from masa_rt.cli_types import nonnegative_int, positive_float, positive_int
+
 log = logging.getLogger("masa_rt.serve")
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
@@ -25,14 +27,20 @@ BACKENDS = ("onnxruntime", "tensorrt", "torch")
 DEVICES = ("cpu", "cuda")
 
 
-def backend_options(backend: str, device: str) -> dict[str, object]:
-    """What ``get_backend`` needs beyond the model for ``--device``: only the torch backend
-    has a choice (CUDA runs with CUDA graphs); ONNX Runtime here is the CPU build and
-    TensorRT is the GPU by definition, so asking them for another device is an error."""
+def backend_options(backend: str, device: str | None,
+                    model: str | None = None) -> dict[str, object]:
+    """What ``get_backend`` needs beyond the model for ``--device`` (None: the backend's
+    own device) and ``--model``: only the torch backend has a choice of device (CUDA runs
+    with CUDA graphs); ONNX Runtime here is the CPU build and TensorRT is the GPU by
+    definition, so asking them for another device is an error. The torch backend runs a
+    checkpoint: ``--model`` when it is one, else the shipped model."""
     if backend == "torch":
-        return {"device": device, "cuda_graphs": device.startswith("cuda")}
+        device = device or "cpu"
+        checkpoint = model if model is not None and not model.endswith(".onnx") else None
+        return {"device": device, "cuda_graphs": device.startswith("cuda"),
+                "checkpoint": checkpoint}
     wanted = {"onnxruntime": "cpu", "tensorrt": "cuda"}[backend]
-    if device != wanted:
+    if device is not None and device != wanted:
         raise ValueError(f"--device {device} does not apply to --backend {backend} (it runs "
                          f"on {wanted}); use --backend torch --device cuda for torch on a GPU")
     return {}
@@ -52,8 +60,11 @@ def is_reference_file(path: str | Path) -> bool:
     """A built reference (embeddings) rather than a recording (joints)?"""
     import numpy as np
 
-    with np.load(path, allow_pickle=False) as f:
-        return "embeddings" in f.files
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return "embeddings" in f.files
+    except ValueError as exc:  # not a zip archive, or pickled objects: name the file
+        raise ValueError(f"{path}: not a reference or recording .npz ({exc})") from None
 
 
 def prepare(model: str | None, references: list[str]) -> tuple[Path, list[Path]]:
@@ -67,6 +78,9 @@ def prepare(model: str | None, references: list[str]) -> tuple[Path, list[Path]]
     process itself never imports torch.
     """
     for path in references:
+        if Path(path).is_dir():
+            raise ValueError(f"reference {path} is a directory: pass a reference .npz "
+                             "(masa-rt reference build) or a demo recording")
         if not Path(path).is_file():
             raise FileNotFoundError(f"reference {path} not found")
     demos = [r for r in references if not is_reference_file(r)]
@@ -123,7 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
     limit_blas_threads()
     model, references = prepare(args.model, args.reference)
     pipeline = Pipeline.from_files(model, references, backend=args.backend,
-                                   **backend_options(args.backend, args.device))
+                                   **backend_options(args.backend, args.device, args.model))
     config = ServerConfig(bind=args.bind, pub_bind=args.pub, max_sessions=args.max_sessions,
                           max_sessions_per_client=args.max_sessions_per_client,
                           idle_timeout_s=args.idle_timeout, keydir=args.secure)
@@ -146,11 +160,14 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from engine.demo import DemoConfig, run_demo
+    from engine.demo import EXAMPLES, DemoConfig, run_demo
 
+    # The shipped reference was built by the shipped model: another --model gets the demo
+    # recording, embedded by that model, unless --reference says otherwise.
+    reference = args.reference or (EXAMPLES / "demos" / "pour_milk.npz" if args.model else None)
     return run_demo(DemoConfig(duration=args.duration, watch=not args.no_watch,
                                seed=args.seed, model=args.model, backend=args.backend,
-                               **({"reference": args.reference} if args.reference else {})))
+                               **({"reference": reference} if reference else {})))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -158,7 +175,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(streams=tuple(args.streams), backends=tuple(args.backend or
                       ("onnxruntime",)), iters=args.iters, model=args.model, device=args.device,
-                      **({"reference": args.reference} if args.reference else {}),
+                      # None: the recording, embedded by --model (the shipped reference
+                      # fits only the shipped model)
+                      **({"reference": args.reference} if args.reference or args.model
+                         else {}),
                       e2e_clients=args.e2e_clients, rate_hz=args.rate, seconds=args.seconds,
                       casa=not args.no_casa, out=args.out, plot=args.plot)
     return run_bench(cfg)
@@ -171,15 +191,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="reference recording (repeat for several activities)")
     p.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model)")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
-    p.add_argument("--device", choices=DEVICES, default="cpu",
-                   help="where the torch backend runs (cuda: with CUDA graphs)")
+    p.add_argument("--device", choices=DEVICES,
+                   help="where the torch backend runs (default cpu; cuda: with CUDA graphs)")
     p.add_argument("--bind", default=DEFAULT_BIND, help="ROUTER endpoint for headsets")
     p.add_argument("--pub", default=DEFAULT_PUB, help="PUB endpoint for dashboards")
-    p.add_argument("--max-sessions", type=int, default=256)
-    p.add_argument("--max-sessions-per-client", type=int, default=16, metavar="N",
+    p.add_argument("--max-sessions", type=positive_int, default=256)
+    p.add_argument("--max-sessions-per-client", type=positive_int, default=16, metavar="N",
                    help="sessions one client may hold (its CURVE key with --secure, "
                         "else its connection)")
-    p.add_argument("--idle-timeout", type=float, default=10.0, metavar="S")
+    p.add_argument("--idle-timeout", type=positive_float, default=10.0, metavar="S")
     p.add_argument("--secure", metavar="KEYDIR",
                    help="CURVE encryption + client allow-list (docs/security.md)")
     p.set_defaults(func=_serve)
@@ -187,13 +207,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("watch", help="live terminal dashboard of the estimates")
     p.add_argument("session", nargs="?", help="one session id (default: all)")
     p.add_argument("--address", default=DEFAULT_PUB, help="the server's PUB endpoint")
-    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--duration", type=positive_float, metavar="S", help="stop after S seconds")
     p.add_argument("--clock-offset", type=float, metavar="S",
                    help="server-minus-headset clock offset (0 on one machine): e2e latency")
     p.set_defaults(func=_watch)
 
     p = subparsers.add_parser("demo", help="server + simulated headset + dashboard")
-    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--duration", type=positive_float, metavar="S", help="stop after S seconds")
     p.add_argument("--no-watch", action="store_true", help="no dashboard, summary only")
     p.add_argument("--seed", type=int, default=7, help="seed of the held-out pour")
     p.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model)")
@@ -205,17 +225,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="engine, end-to-end and floor latency benchmark")
     p.add_argument("--out", default="bench.json", help="JSON results")
     p.add_argument("--plot", default="bench.png", help="PNG plot (latency vs streams)")
-    p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64, 256])
+    p.add_argument("--streams", type=positive_int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--backend", action="append", choices=BACKENDS,
                    help="backend(s) to bench (repeat; default onnxruntime)")
-    p.add_argument("--device", choices=DEVICES, default="cpu",
-                   help="where the torch backend runs (cuda: with CUDA graphs)")
-    p.add_argument("--iters", type=int, default=300, help="engine steps per stream count")
+    p.add_argument("--device", choices=DEVICES,
+                   help="where the torch backend runs (default cpu; cuda: with CUDA graphs)")
+    p.add_argument("--iters", type=positive_int, default=300, help="engine steps per stream count")
     p.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model)")
     p.add_argument("--reference", metavar="NPZ",
                    help="reference or recording (default: the shipped examples/pour_milk.npz)")
-    p.add_argument("--e2e-clients", type=int, default=8, metavar="N")
-    p.add_argument("--rate", type=float, default=90.0, metavar="HZ")
-    p.add_argument("--seconds", type=float, default=10.0, metavar="T")
+    p.add_argument("--e2e-clients", type=nonnegative_int, default=8, metavar="N")
+    p.add_argument("--rate", type=positive_float, default=90.0, metavar="HZ")
+    p.add_argument("--seconds", type=positive_float, default=10.0, metavar="T")
     p.add_argument("--no-casa", action="store_true", help="skip the torch baseline")
     p.set_defaults(func=_bench)

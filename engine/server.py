@@ -860,7 +860,13 @@ def _bind(sock: zmq.Socket, endpoint: str) -> str:
     """Bind and return the actual endpoint (``tcp://127.0.0.1:0`` picks a free port)."""
     if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
         endpoint = endpoint[:-2] + ":*"
-    sock.bind(endpoint)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:  # as an OSError: the CLI reports it as one line
+        hint = (" (another masa-rt serve? choose a port with --bind / --pub)"
+                if exc.errno == zmq.EADDRINUSE else
+                " (expected e.g. tcp://127.0.0.1:5555 or ipc:///tmp/masa.sock)")
+        raise OSError(exc.errno, f"cannot bind {endpoint}: {exc.strerror}{hint}") from None
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 

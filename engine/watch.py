@@ -72,7 +72,8 @@ def render(latest: dict[str, Estimate], cfg: WatchConfig) -> list[str]:
     """Header plus one line per session, sorted by id; a footnote explains '*'."""
     lines = [HEADER] + [render_line(latest[s], cfg) for s in sorted(latest)]
     if not latest:
-        lines.append("(no estimates yet)")
+        lines.append(f"(no estimates yet from {cfg.address}: is `masa-rt serve` running "
+                     "and publishing there? see --address)")
     if cfg.clock_offset is None:
         lines.append("* server-side latency (receive -> send); pass --clock-offset for e2e")
     return lines

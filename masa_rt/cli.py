@@ -17,7 +17,18 @@ from masa_rt import __version__
 
 
 class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit status 2."""
+    """A user-facing failure: printed as one line, exit status 2.
+
+    So are ValueError, OSError (a missing file, a directory where a file was expected, a
+    port in use, no permission) and any exception whose class sets ``user_facing = True``
+    (the engine's BackendError and ExportError, the client's errors): plugins mark their
+    own error types that way, since this core module never imports them."""
+
+
+def is_user_facing(exc: BaseException) -> bool:
+    """Bad input or a bad environment, to be reported as one line rather than a traceback."""
+    return (isinstance(exc, (CommandError, ValueError, OSError))
+            or getattr(type(exc), "user_facing", False) is True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,12 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
-    except (CommandError, ValueError, FileNotFoundError) as exc:
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if not is_user_facing(exc):
+            raise  # a bug: the traceback is what we need
         # Bad input is reported as one line naming what was wrong, never a traceback.
         print(f"masa-rt {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":

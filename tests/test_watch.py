@@ -48,8 +48,10 @@ def test_render_lines_for_given_estimates():
                                 "0.91", "tracking", "1.50", "ms"]
     assert lines[2].split()[:3] == ["b", "pour_milk", "-"] and "waiting" in lines[2]
     assert len(lines) == 3  # offset known: no footnote
-    assert render({}, WatchConfig())[1:] == [
-        "(no estimates yet)",
+    cfg = WatchConfig()
+    assert render({}, cfg)[1:] == [
+        f"(no estimates yet from {cfg.address}: is `masa-rt serve` running and publishing "
+        "there? see --address)",
         "* server-side latency (receive -> send); pass --clock-offset for e2e"]
 
 

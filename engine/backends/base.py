@@ -37,6 +37,8 @@ STEP_ABI = 2  # the step signature these backends run (engine.export.STEP_ABI)
 class BackendError(RuntimeError):
     """A backend was used wrongly (unknown slot, bad frame shape) or failed."""
 
+    user_facing = True  # masa_rt.cli prints it as one line: it names what to install or fix
+
 
 class BackendUnavailable(BackendError):
     """The backend's runtime (TensorRT, CUDA, torch) is not installed or has no device."""
@@ -116,7 +118,11 @@ def read_model_info(path: str | Path) -> ModelInfo:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"model: no such file: {p}")
-    proto = onnx.load(str(p), load_external_data=False)
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises its own DecodeError types
+        raise BackendError(f"{p}: not an ONNX model ({type(exc).__name__}); export one "
+                           "with masa-rt export") from None
     meta = {prop.key: prop.value for prop in proto.metadata_props}
     missing = [k for k in ("masa_config", "input_spec", "model_fingerprint") if k not in meta]
     if missing:

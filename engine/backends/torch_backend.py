@@ -50,14 +50,17 @@ class TorchBackend(PooledSlots):
         from masa_rt.checkpoint import load_model
         from masa_rt.model import StreamingEncoder
 
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            # Before loading: map_location='cuda' without a GPU reads as a corrupt file.
+            raise BackendUnavailable(f"torch backend: --device {device} asked for, but torch "
+                                     "sees no CUDA GPU (torch.cuda.is_available() is False)")
         self.info = read_model_info(onnx_path)
         model, _cfg, _spec, meta = load_model(checkpoint, map_location=device)
         if meta.get("model_fingerprint") != self.info.fingerprint:
-            raise BackendError(f"checkpoint {meta['path']} is model "
-                               f"{meta.get('model_fingerprint')}, {onnx_path} is model "
-                               f"{self.info.fingerprint}: pass the matching --checkpoint")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailable("torch backend: CUDA requested but not available")
+            raise BackendError(f"the torch backend runs a checkpoint, and {meta['path']} is "
+                               f"model {meta.get('model_fingerprint')} while {onnx_path} is "
+                               f"model {self.info.fingerprint}: pass the checkpoint (.pt or "
+                               "run folder) as --model instead of its .onnx export")
         self.device = torch.device(device)
         self.encoder = StreamingEncoder(model).eval().to(self.device)
         self.input_dim, self.embed_dim = self.info.input_dim, self.info.embed_dim

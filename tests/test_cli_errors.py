@@ -1,0 +1,113 @@
+"""The CLI's answer to bad input and a bad environment: one line naming what was wrong and
+exit status 2, never a traceback (masa_rt.cli.main), for the serving-side commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from masa_rt.cli import is_user_facing, main
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "examples" / "pour_milk.npz"
+RECORDING = ROOT / "examples" / "demos" / "pour_milk.npz"
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    """Exit status and stderr of ``masa-rt ARGV`` (argparse errors exit through SystemExit)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_user_facing_errors_are_marked_or_builtin():
+    class Marked(RuntimeError):
+        user_facing = True
+
+    assert is_user_facing(ValueError()) and is_user_facing(IsADirectoryError())
+    assert is_user_facing(Marked()) and not is_user_facing(RuntimeError("a bug"))
+    from clients.errors import ConnectionLost
+    from engine.backends.base import BackendError
+
+    assert is_user_facing(ConnectionLost()) and is_user_facing(BackendError())
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch):
+    import engine.serve_commands as sc
+
+    def boom(*_a, **_k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(sc, "prepare", boom)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["serve", "--reference", str(REFERENCE)])
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["replay", RECORDING, "--duration", "0"], "--duration: expected a finite number > 0"),
+    (["replay", RECORDING, "--rate", "0"], "--rate: expected a finite number > 0"),
+    (["replay", RECORDING, "--clients", "0"], "--clients: expected an integer >= 1"),
+    (["serve", "--reference", REFERENCE, "--max-sessions", "0"], "--max-sessions"),
+    (["serve", "--reference", REFERENCE, "--idle-timeout", "-1"], "--idle-timeout"),
+    (["bench", "--streams", "0"], "--streams: expected an integer >= 1"),
+    (["bench", "--iters", "x"], "--iters: expected an integer >= 1, found 'x'"),
+    (["demo", "--duration", "nan"], "--duration: expected a finite number > 0"),
+])
+def test_bad_numbers_are_refused_by_name(capsys, argv, said):
+    code, err = run(capsys, *argv)
+    assert code == 2 and said in err
+
+
+def test_replaying_a_reference_says_what_it_is(capsys):
+    code, err = run(capsys, "replay", REFERENCE)
+    assert code == 2 and "is a built reference, not a recording" in err
+    assert "Traceback" not in err
+
+
+def test_files_that_are_not_what_they_claim(capsys, tmp_path):
+    text = tmp_path / "notes.npz"
+    text.write_text("hello")
+    code, err = run(capsys, "replay", text)
+    assert code == 2 and f"{text}: not a .npz sequence file" in err
+    keyless = tmp_path / "keyless.npz"
+    np.savez(keyless, x=np.zeros(3))
+    code, err = run(capsys, "export-raw", keyless, tmp_path / "out.masaraw")
+    assert code == 2 and "missing joints, layout, fps (has x)" in err
+    fake = tmp_path / "fake.onnx"
+    fake.write_text("not protobuf")
+    code, err = run(capsys, "serve", "--model", fake, "--reference", REFERENCE)
+    assert code == 2 and "not an ONNX model" in err
+    code, err = run(capsys, "serve", "--reference", tmp_path)
+    assert code == 2 and "is a directory" in err
+
+
+def test_bad_addresses_and_ports_in_use(capsys):
+    code, err = run(capsys, "replay", RECORDING, "--address", "nonsense")
+    assert code == 2 and "cannot connect to 'nonsense'" in err
+    ctx = zmq.Context()
+    taken = ctx.socket(zmq.ROUTER)
+    try:
+        port = taken.bind_to_random_port("tcp://127.0.0.1")
+        code, err = run(capsys, "serve", "--reference", REFERENCE,
+                        "--bind", f"tcp://127.0.0.1:{port}", "--pub", "tcp://127.0.0.1:0")
+        assert code == 2 and "cannot bind" in err and "Address already in use" in err
+    finally:
+        taken.close(0)
+        ctx.term()
+
+
+def test_gpu_backends_without_a_gpu_say_so(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: nothing to refuse")
+    code, err = run(capsys, "serve", "--reference", REFERENCE, "--backend", "torch",
+                    "--device", "cuda")
+    assert code == 2 and "torch sees no CUDA GPU" in err
+    # --device is not given: TensorRT's own device, so the answer is about TensorRT
+    code, err = run(capsys, "serve", "--reference", REFERENCE, "--backend", "tensorrt")
+    assert code == 2 and "--device" not in err and "TensorRT" in err
