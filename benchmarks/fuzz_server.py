@@ -330,8 +330,10 @@ class Hostile:
             return data, "estimate"
         dup = bool(self.rng.integers(2))
         seq = last if dup else int(self.rng.integers(0, last))
+        # The stamp its seq had: a replayed frame. (With t = 1.0, a repeat of a valid frame
+        # the server had refused, e.g. rate_limited, is 'out_of_order' by its capture time.)
         return _raw({"v": 1, "type": "frame", "session": self.sid["seq"], "seq": seq,
-                     "t": 1.0, "joints": _joints(self.zero)}), \
+                     "t": 1.0 + seq / 30.0, "joints": _joints(self.zero)}), \
             ("duplicate" if dup else "out_of_order")
 
     def unknown_session(self):
