@@ -250,6 +250,7 @@ class Server:
             self._open_sockets()
         except BaseException as exc:
             self._error = exc
+            self._close_sockets()  # a failed bind must not leave libzmq's threads running
             self._ready.set()
             raise
         self._ready.set()

@@ -43,7 +43,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from multiprocessing import Pool
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -206,7 +206,10 @@ def _run_jobs(jobs: list[tuple[str, str]], workers: int, progress: bool) -> Iter
     if workers <= 1:
         yield from tqdm(map(_convert_one, jobs), **bar)
         return
-    with Pool(workers) as pool:
+    # spawn, not fork: a forked child of a process with threads (a zmq context, ONNX
+    # Runtime's pool, a test run's servers) can inherit a lock some thread held and wait
+    # on it for ever (the test suite hung that way in import-penn's pool).
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
         yield from tqdm(pool.imap(_convert_one, jobs, chunksize=16), **bar)
 
 
