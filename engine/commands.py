@@ -13,6 +13,7 @@ import argparse
 from typing import Any
 
 from engine import harness_commands, security_commands, serve_commands
+from masa_rt.cli_types import nonnegative_int, positive_float, positive_int, probability
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -42,8 +43,10 @@ def _add_export(subparsers) -> None:
     p.add_argument("--checkpoint", default=None, metavar="RUN_OR_PT",
                    help="checkpoint .pt (default: the shipped model)")
     p.add_argument("--out", required=True, help="output .onnx file")
-    p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--atol", type=float, default=1e-4,
+    # Only 18: the exporter writes opset 18 whatever it is asked for (engine.export).
+    p.add_argument("--opset", type=int, choices=(18,), default=18,
+                   help="ONNX opset (only 18, the one the step is exported and checked at)")
+    p.add_argument("--atol", type=positive_float, default=1e-4,
                    help="refuse the export if ONNX Runtime differs from torch by more")
     p.set_defaults(func=_export)
 
@@ -61,7 +64,7 @@ def _add_reference(subparsers) -> None:
                    help="medoid (default): DTW-average all demos on the timeline of the "
                         "medoid demo; first: the first demo as it is, the others only "
                         "compared")
-    b.add_argument("--refine", type=int, default=0, metavar="N",
+    b.add_argument("--refine", type=nonnegative_int, default=0, metavar="N",
                    help="medoid policy: re-align to the average and re-average N more "
                         "times (default 0)")
     add_decoder_options(b)
@@ -70,13 +73,13 @@ def _add_reference(subparsers) -> None:
 
 def add_decoder_options(p: argparse.ArgumentParser) -> None:
     """How a reference's phase decoder is trained (``reference build``, ``harness``)."""
-    p.add_argument("--decoder-steps", type=int, default=None, metavar="N",
+    p.add_argument("--decoder-steps", type=nonnegative_int, default=None, metavar="N",
                    help="training steps of each reference's phase decoder on its demos' "
                         "labels (default 1200, 5-7 min at 1 thread on a 2-core VM; 0: none)")
-    p.add_argument("--decoder-edit-prob", type=float, default=None, metavar="P",
+    p.add_argument("--decoder-edit-prob", type=probability, default=None, metavar="P",
                    help="share of the decoder's training replays with a scripted skipped, "
                         "repeated or restarted phase (default 0.3)")
-    p.add_argument("--decoder-hidden", type=int, default=None, metavar="H",
+    p.add_argument("--decoder-hidden", type=positive_int, default=None, metavar="H",
                    help="width of the decoder's layers (default 64; at 128 the decoders "
                         "take 2.5-4.5x longer per frame, see docs/aligner.md)")
 

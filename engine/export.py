@@ -24,8 +24,9 @@ then a zero-copy view for every layer, and the graph needs no ``Split`` (a singl
 ``(B, L, ...)`` input would be copied once per step just to take the layers apart). ABI 1
 (shift-by-concat caches in and out) copied the cache about four times per step.
 
-An export that ONNX Runtime does not reproduce within ``atol`` is refused: no file is
-written (the write is atomic, so a previous file stays as it was).
+An export that ONNX Runtime does not reproduce within ``atol``, or whose outputs are not
+finite, is refused: no file is written (the write is atomic, so a previous file stays as it
+was).
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ from torch import Tensor, nn
 import masa_rt
 from masa_rt.atomic import atomic_write
 from masa_rt.checkpoint import load_model, model_fingerprint
+from masa_rt.cli_types import check_output_path
 from masa_rt.model import MasaModel, StreamingEncoder
 
 __all__ = [
     "INPUT_NAMES",
     "OUTPUT_NAMES",
     "STEP_ABI",
+    "SUPPORTED_OPSETS",
     "ExportError",
     "RingStep",
     "export_cached",
@@ -77,6 +80,15 @@ INPUT_NAMES = input_names(4)  # the shipped size; ``input_names(L)`` for others
 
 class ExportError(RuntimeError):
     """The model cannot be exported, or the exported graph disagrees with torch."""
+
+    # masa_rt.cli prints exceptions of a class with user_facing = True as one line
+    # ("masa-rt export: error: ..."), not as a traceback.
+    user_facing = True
+
+
+# The opset the step is exported at and checked in (torch.onnx.export(dynamo=True) writes
+# its graph at 18 whatever else it is asked for; the backends are tested on 18).
+SUPPORTED_OPSETS = (18,)
 
 
 class RingStep(nn.Module):
@@ -135,6 +147,20 @@ def _export_program(step: RingStep, opset: int) -> Any:
         )
 
 
+def _check_opset(opset: int) -> None:
+    if opset not in SUPPORTED_OPSETS:
+        raise ValueError(f"opset: expected one of {', '.join(map(str, SUPPORTED_OPSETS))} "
+                         f"(the opset the step is exported and checked at), found {opset}")
+
+
+def _written_opset(proto: Any) -> int:
+    """The default-domain opset the graph really imports (what the metadata records)."""
+    versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise ExportError("the exported graph imports no ai.onnx opset")
+    return int(versions[0])
+
+
 def _metadata(model: MasaModel, spec: Any, fingerprint: str, opset: int) -> dict[str, str]:
     cfg = model.cfg
     return {
@@ -154,11 +180,15 @@ def onnx_bytes(model: MasaModel, spec: Any, fingerprint: str, opset: int = 18) -
     """The serialised ONNX step model with metadata (no check, nothing written)."""
     import onnx
 
+    _check_opset(opset)
     _check_exportable(model)
     step = RingStep(model).eval()
     program = _export_program(step, opset)
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, _metadata(model, spec, fingerprint, opset))
+    written = _written_opset(proto)
+    if written != opset:
+        raise ExportError(f"asked for opset {opset}, the exporter wrote opset {written}")
+    onnx.helper.set_model_props(proto, _metadata(model, spec, fingerprint, written))
     return proto.SerializeToString()
 
 
@@ -179,8 +209,15 @@ def _run_both(step: RingStep, session: Any, batch: int, steps: int,
         age = step.encoder.ages(torch.from_numpy(ptr)).numpy()
         feed = (frame, *k, *v, age, valid)
         o_out = session.run(list(OUTPUT_NAMES), dict(zip(names, feed, strict=True)))
-        for a, b in zip(t_out, o_out, strict=True):
-            worst = max(worst, float(np.abs(a.numpy() - b).max()))
+        for name, a, b in zip(OUTPUT_NAMES, t_out, o_out, strict=True):
+            a = a.numpy()
+            # max() would drop a NaN difference (max(0.0, nan) is 0.0): a NaN model would
+            # then pass the check with a difference of 0.
+            if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                who = "torch" if not np.isfinite(a).all() else "ONNX Runtime"
+                raise ExportError(f"{who} gives non-finite values (NaN/inf) in {name!r} for "
+                                  "finite input; refusing to write the model")
+            worst = max(worst, float(np.abs(a - b).max()))
         if S:
             k[:, rows, :, ptr], v[:, rows, :, ptr] = o_out[1], o_out[2]
             valid[rows, ptr] = True
@@ -211,6 +248,22 @@ def resolve_checkpoint(path: str | os.PathLike[str] | None) -> Path | None:
     return p / "last.pt" if p.is_dir() else p
 
 
+def _check_replaceable(out: Path) -> None:
+    """An existing ``out`` is replaced only if it is an ONNX model (a previous export)."""
+    if not out.exists():
+        return
+    import onnx
+
+    try:
+        proto = onnx.load(str(out), load_external_data=False)
+        ok = proto.ir_version > 0 and len(proto.graph.node) > 0
+    except Exception:  # noqa: BLE001 - protobuf raises its own DecodeError and others
+        ok = False
+    if not ok:
+        raise ValueError(f"output {out} exists and is not an ONNX model; refusing to replace "
+                         "it: remove it first or choose another --out")
+
+
 def export_onnx(
     checkpoint_path: str | os.PathLike[str] | None,
     out_path: str | os.PathLike[str],
@@ -222,10 +275,22 @@ def export_onnx(
     """Export ``checkpoint_path`` (None = the shipped model) to ``out_path``; returns it.
 
     With ``check`` the graph is run in ONNX Runtime against torch for batch 1 and 5 over
-    ``W + 3`` steps (caches fed back); a max abs difference above ``atol`` raises
-    :class:`ExportError` and nothing is written.
+    ``W + 3`` steps (caches fed back); a max abs difference above ``atol``, or any NaN/inf
+    output, raises :class:`ExportError` and nothing is written. So does a checkpoint with
+    non-finite weights. ``out_path`` must not be a directory or the checkpoint itself, and
+    an existing file there is replaced only if it is an ONNX model (ValueError otherwise).
     """
-    model, _cfg, spec, meta = load_model(resolve_checkpoint(checkpoint_path))
+    _check_opset(opset)
+    ckpt = resolve_checkpoint(checkpoint_path)
+    out = check_output_path(out_path, [ckpt])
+    _check_replaceable(out)
+    model, _cfg, spec, meta = load_model(ckpt)
+    bad = [n for n, t in model.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ExportError(f"checkpoint {meta['path']}: weights are not finite (NaN/inf in "
+                          f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); a diverged "
+                          "training run? Export an earlier checkpoint")
     fingerprint = meta.get("model_fingerprint") or model_fingerprint(meta["path"])
     data = onnx_bytes(model, spec, fingerprint, opset)
     if check:
@@ -234,7 +299,6 @@ def export_onnx(
             raise ExportError(f"ONNX Runtime differs from torch by {diff:.3g} > atol {atol:g}; "
                               "refusing to write the model")
         log.info("export check: max |ORT - torch| = %.2e (atol %.0e)", diff, atol)
-    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, "wb") as f:
         f.write(data)

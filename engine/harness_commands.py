@@ -10,6 +10,8 @@ import argparse
 import shlex
 import sys
 
+from masa_rt.cli_types import nonnegative_int, positive_int
+
 
 def _harness(args: argparse.Namespace) -> int:
     from engine.commands import decoder_options
@@ -76,9 +78,9 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", default=None, metavar="RUN_OR_PT",
                    help="checkpoint .pt or run folder (default: the shipped model "
                         "masa_rt/assets/masa_hands_causal.pt)")
-    p.add_argument("--per-activity", type=int, default=4, metavar="N",
+    p.add_argument("--per-activity", type=positive_int, default=4, metavar="N",
                    help="val streams per activity and scenario (default 4)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=nonnegative_int, default=0,
                    help="val seed; streams come from seed namespace 10000 + SEED")
     p.add_argument("--out", default="docs", metavar="DIR",
                    help="writes DIR/streaming_results.{json,md} (default docs)")
@@ -87,14 +89,14 @@ def register(subparsers) -> None:
     p.add_argument("--scenarios", nargs="+", default=None, metavar="NAME",
                    help="scenarios (default: all): clean same_view pause skip repeat restart "
                         "dropped nan_joints")
-    p.add_argument("--engine", type=int, default=0, metavar="K",
+    p.add_argument("--engine", type=nonnegative_int, default=0, metavar="K",
                    help="also run K clean / NaN-joint streams through the ONNX serving "
                         "pipeline and compare with the harness frame by frame")
-    p.add_argument("--reference-demos", type=int, default=1, metavar="K",
+    p.add_argument("--reference-demos", type=positive_int, default=1, metavar="K",
                    help="1 (default): each activity's reference is the generator's clean "
                         "demo; K > 1: the medoid average (as `masa-rt reference build`) of "
                         "K training demos (synth seed 0, indices 0..K-1; never val streams)")
-    p.add_argument("--refine", type=int, default=0, metavar="N",
+    p.add_argument("--refine", type=nonnegative_int, default=0, metavar="N",
                    help="with --reference-demos K > 1: DBA refinement rounds (default 0)")
     from engine.commands import add_decoder_options  # here: engine.commands imports us
 

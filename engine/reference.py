@@ -39,6 +39,7 @@ from engine.export import resolve_checkpoint
 from engine.streams import Resampler
 from masa_rt.align import Reference, offline_dtw
 from masa_rt.checkpoint import load_model, model_fingerprint
+from masa_rt.cli_types import check_output_path
 from masa_rt.model import MasaModel
 from masa_rt.preprocess import InputSpec, frame_features
 from masa_rt.sequence import Sequence as PoseSequence
@@ -294,7 +295,11 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
         raise ReferenceBuildError("no demo given")
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, found {policy!r}")
-    model, _cfg, spec, meta = load_model(resolve_checkpoint(checkpoint_path))
+    if refine < 0:
+        raise ValueError(f"refine: expected >= 0, found {refine}")
+    ckpt = resolve_checkpoint(checkpoint_path)
+    check_output_path(out_path, [*demo_paths, ckpt])  # never overwrite a demo with the result
+    model, _cfg, spec, meta = load_model(ckpt)
     fingerprint = meta.get("model_fingerprint") or model_fingerprint(meta["path"])
     seqs = [load_sequence(p) for p in demo_paths]
     labels = [str(p) for p in demo_paths]

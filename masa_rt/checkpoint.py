@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +127,19 @@ def save_checkpoint(
     return fingerprint
 
 
+def _load_failure(exc: BaseException) -> str:
+    """The useful line of a torch.load failure (weights_only errors bury it in advice)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    reason = lines[0] if lines else ""
+    for i, line in enumerate(lines):
+        _, sep, tail = line.partition("Unpickler error:")
+        if sep:
+            reason = tail.strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            break
+    reason = reason.split(" Please use ")[0]  # "Unsupported global: ... by default."
+    return f"{type(exc).__name__}: {reason}"[:200] if reason else type(exc).__name__
+
+
 def load_checkpoint(path: str | os.PathLike[str],
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (one-line errors otherwise)."""
@@ -137,14 +148,13 @@ def load_checkpoint(path: str | os.PathLike[str],
         raise FileNotFoundError(f"checkpoint: no such file: {p}")
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
-            ValueError) as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        # torch's weights_only errors put the useful line last, after advice paragraphs
-        useful = [ln for ln in lines if "error:" in ln.lower()] or lines or [type(exc).__name__]
-        reason = useful[-1][:200]
-        raise CheckpointError(f"checkpoint {p}: unreadable (corrupt or truncated?): "
-                              f"{reason}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the unpickler trips on
+        # Besides RuntimeError / UnpicklingError / BadZipFile for damaged files, a text or
+        # other non-checkpoint file makes torch's legacy unpickler fail with KeyError: 105,
+        # UnicodeDecodeError, ...: all are one line naming the file, never a traceback.
+        raise CheckpointError(f"checkpoint {p}: unreadable: not a masa-rt checkpoint, or a "
+                              f"corrupt or truncated one ({_load_failure(exc)}); give a .pt "
+                              "written by masa-rt train, or a run folder") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {p}: not a masa-rt checkpoint")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:

@@ -83,8 +83,8 @@ def check_output_path(out: str | os.PathLike[str],
     """
     path = Path(out)
     if path.is_dir():
-        raise ValueError(f"output {path} is a directory; give a file path, e.g. "
-                         f"{path / 'out'}")
+        raise ValueError(f"output {path} is a directory, not a file: give a file path "
+                         "(inside it, or elsewhere)")
     target = path.resolve()
     for item in inputs:
         if item is not None and Path(item).resolve() == target:

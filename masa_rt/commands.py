@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from masa_rt.cli_types import float_range, nonnegative_int, positive_int
+
 
 def _synth(args: argparse.Namespace) -> int:
     from masa_rt.synth import run_cli
@@ -33,12 +35,14 @@ def register(subparsers) -> None:
         "synth", help="generate a synthetic multi-activity dataset with exact ground truth"
     )
     p.add_argument("--out", required=True, help="output dataset folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--activities", nargs="+", default=None,
                    help="activity names, or 'hands' / 'body' (default: all)")
-    p.add_argument("--per-activity", type=int, default=20, help="sequences per activity")
-    p.add_argument("--val-fraction", type=float, default=0.25)
-    p.add_argument("--features", type=int, default=0, metavar="F",
+    p.add_argument("--per-activity", type=positive_int, default=20,
+                   help="sequences per activity")
+    p.add_argument("--val-fraction", type=float_range(0.0, 1.0, hi_open=True), default=0.25,
+                   help="share of each activity's sequences in the val split (0 <= F < 1)")
+    p.add_argument("--features", type=nonnegative_int, default=0, metavar="F",
                    help="also emit an F-dim per-frame feature vector (stands in for RGB features)")
     p.add_argument("--examples", default="examples/demos",
                    help="folder for the clean demonstrations (pour_milk.npz, ...); '' to skip")

@@ -13,6 +13,7 @@ batch with no such sample gives 0.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -122,6 +123,14 @@ class MasaLoss:
     eps: float = 1e-7
     stop_gradient: bool = True
     restrict_to_overlap: bool = False
+
+    def __post_init__(self) -> None:
+        # "field: ..." messages, which trainer.config reports as "config key 'loss.field'".
+        for name, lo, open_lo in (("tau", 0.0, True), ("p", 0.0, True), ("eps", 0.0, False)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > lo if open_lo else value >= lo)):
+                raise ValueError(f"{name}: expected a finite number {'>' if open_lo else '>='} "
+                                 f"{lo:g}, found {value!r}")
 
     @classmethod
     def from_model_config(cls, model_cfg, **overrides) -> MasaLoss:

@@ -226,6 +226,10 @@ _CHOICES = {
     "positions": ("relative", "absolute_sine"),
     "norm": ("pre", "post"),
 }
+# Smallest value of each integer field (dims 0 would build empty layers or divide by zero).
+_MIN_INT = {"num_joints": 1, "joint_dims": 1, "feature_dim": 0, "d_model": 1, "n_heads": 1,
+            "ffn_dim": 1, "n_layers": 1, "window": 1, "proj_dim": 1, "proj_layers": 1,
+            "predictor_layers": 0}
 
 
 @dataclass
@@ -262,17 +266,30 @@ class MasaConfig:
     stop_gradient: bool = True
 
     def __post_init__(self) -> None:
+        # Messages start with the field name ("tau: ..."): trainer.config turns that into
+        # "config key 'model.tau': ...". Checked here, not where the value is used: tau=0
+        # trains every step with a NaN loss, n_heads=0 ends in ZeroDivisionError.
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
+                raise ValueError(f"{name}: expected one of {allowed}, found "
+                                 f"{getattr(self, name)!r}")
+        for name, lo in _MIN_INT.items():
+            value = getattr(self, name)
+            if not value >= lo:
+                raise ValueError(f"{name}: expected an integer >= {lo}, found {value!r}")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise ValueError(f"tau: expected a finite number > 0 (the softmax temperature, "
+                             f"Eq. 2), found {self.tau!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected 0 <= dropout < 1, found {self.dropout!r}")
         if self.input_kind != "skeleton" and self.feature_dim <= 0:
             raise ValueError(f"input_kind={self.input_kind!r} needs feature_dim > 0")
         if not (self.use_self_attention or self.use_cross_attention):
             raise ValueError("at least one of use_self_attention/use_cross_attention is needed")
-        if self.d_model % self.n_heads or self.proj_dim % self.n_heads:
-            raise ValueError("d_model and proj_dim must be divisible by n_heads")
-        if self.window < 1 or self.n_layers < 1 or self.proj_layers < 1:
-            raise ValueError("window, n_layers and proj_layers must be >= 1")
+        for name in ("d_model", "proj_dim"):
+            if getattr(self, name) % self.n_heads:
+                raise ValueError(f"{name}: expected a multiple of n_heads={self.n_heads}, "
+                                 f"found {getattr(self, name)}")
 
     @property
     def input_dim(self) -> int:

@@ -165,6 +165,10 @@ class _Checker:
 
     def check(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Validate ``raw`` and return canonical fields (dtypes cast, strings as str)."""
+        if "joints" not in raw and "embeddings" in raw:  # masa_rt.align.Reference.save's keys
+            raise SequenceFormatError(self.name, None, "a recording (joints, layout, fps)",
+                                      "a built reference (embeddings, no joints): give the "
+                                      "demo recording it was built from")
         for field in ("format_version", "joints", "layout", "fps"):
             if field not in raw:
                 raise self.fail(field, "a value (required field)", "none")

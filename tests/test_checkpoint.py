@@ -80,6 +80,18 @@ def test_corrupt_file_gives_one_line_error(tmp_path, content):
     assert "\n" not in msg and str(path) in msg and "unreadable" in msg
 
 
+@pytest.mark.parametrize("content", [b"hello world, some notes\n", "caf\u00e9 \u2603\n".encode()])
+def test_a_text_file_is_not_a_checkpoint(tmp_path, content):
+    """torch's unpickler fails on text with whatever it trips on (KeyError: 105, ...)."""
+    path = tmp_path / "afile.txt"
+    path.write_bytes(content)
+    with pytest.raises(ck.CheckpointError) as info:
+        ck.load_model(path)
+    msg = str(info.value)
+    assert f"checkpoint {path}: unreadable: not a masa-rt checkpoint" in msg
+    assert "\n" not in msg and "Error: " in msg  # the unpickler's own reason, one line
+
+
 def test_not_a_checkpoint_and_missing_file(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ck.CheckpointError, match="not a masa-rt checkpoint"):

@@ -140,3 +140,20 @@ def test_eval_command_with_the_clock_baseline(hands, tmp_path, capsys):
     tau = report["metrics"]["kendalls_tau"]
     assert tau["tau"] == pytest.approx(tau["clock"])
     assert "eval: report in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value", [("--max-videos", "0"), ("--max-videos", "-1"),
+                                         ("--stride", "0")])
+def test_eval_refuses_counts_below_one(hands, flag, value, capsys):
+    from masa_rt.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--data", str(hands.root), "--baseline", "clock", flag, value])
+    assert info.value.code == 2
+    assert f"argument {flag}: expected an integer >= 1, found '{value}'" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_max_videos_zero(hands, tmp_path):
+    with pytest.raises(ValueError, match="max_videos: expected >= 1"):
+        evaluate(ClockEmbedder(), hands.root, tmp_path / "r", max_videos=0)
+    assert not (tmp_path / "r").exists()

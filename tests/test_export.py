@@ -65,10 +65,10 @@ def test_refuses_a_graph_that_differs_and_leaves_no_file(exported, tmp_path, mon
     monkeypatch.setattr(export, "onnx_bytes", lambda *a, **k: path.read_bytes())
     monkeypatch.setattr(export, "check_against_torch", lambda *a, **k: 0.5)
     out = tmp_path / "m.onnx"
-    out.write_bytes(b"previous")
+    out.write_bytes(path.read_bytes())  # a previous export (a non-ONNX file is refused)
     with pytest.raises(export.ExportError, match="differs from torch by 0.5"):
         export.export_onnx(ckpt, out)
-    assert out.read_bytes() == b"previous"
+    assert out.read_bytes() == path.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temp litter
 
 
@@ -121,3 +121,63 @@ def test_graph_only_reads_the_caches(exported, tmp_path):
     for name in export.input_names(4)[1:9]:
         users = [n.op_type for n in graph.node if name in n.input]
         assert users in (["MatMul"], ["FusedMatMul"]), (name, users)
+
+
+def test_export_error_is_user_facing():
+    assert export.ExportError.user_facing is True
+
+
+def test_a_nan_output_fails_the_check():
+    """max(worst, nan) is worst: a NaN difference must not pass as 0."""
+    cfg = MasaConfig(num_joints=21, joint_dims=3, d_model=16, n_heads=2, ffn_dim=32,
+                     n_layers=2, window=4, proj_dim=16, proj_layers=1)
+    step = export.RingStep(MasaModel(cfg).eval()).eval()
+
+    class NanSession:
+        def run(self, names, feed):
+            b = feed["frame"].shape[0]
+            return [np.full((b, 16), np.nan, np.float32), np.zeros((b, 2, 2, 8), np.float32),
+                    np.zeros((b, 2, 2, 8), np.float32)]
+
+    with pytest.raises(export.ExportError, match="ONNX Runtime gives non-finite values"):
+        export._run_both(step, NanSession(), 2, 2, np.random.default_rng(0))
+
+
+def test_refuses_a_checkpoint_with_nan_weights(tmp_path, capsys):
+    ckpt = _ckpt(tmp_path / "m.pt")
+    c = torch.load(ckpt, weights_only=True)
+    for t in c["model_state"].values():
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+    torch.save(c, ckpt)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "weights are not finite" in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_only_opset_18(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--out", str(tmp_path / "m.onnx"), "--opset", "5"])
+    assert "--opset: invalid choice: 5" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="opset: expected one of 18"):
+        export.export_onnx(None, tmp_path / "m.onnx", opset=5)
+
+
+def test_metadata_opset_is_the_graphs(exported):
+    proto = onnx.load(str(exported[1]))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["opset"] == str(export._written_opset(proto)) == "18"
+
+
+def test_refuses_outputs_that_would_destroy_something(tmp_path, capsys):
+    ckpt = _ckpt(tmp_path / "m.pt")
+    text = tmp_path / "afile.txt"
+    text.write_text("notes")
+    (tmp_path / "adir").mkdir()
+    for out, said in [(text, "exists and is not an ONNX model; refusing to replace it"),
+                      (tmp_path / "adir", "is a directory"),
+                      (ckpt, "is also an input")]:
+        assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+        assert said in capsys.readouterr().err
+    assert text.read_text() == "notes" and (tmp_path / "m.pt").stat().st_size > 1000

@@ -126,3 +126,13 @@ def test_cli_prints_summary_and_plots(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("masa-rt inspect: error: no such") and "\n" not in err
+
+
+def test_a_reference_is_named_as_such(tmp_path, capsys):
+    """A built reference (masa_rt.align.Reference.save's keys) is not a recording."""
+    np.savez(tmp_path / "ref.npz", format_version=np.int64(1), name=np.str_("r"),
+             embeddings=np.zeros((4, 8), np.float32), model_fingerprint=np.str_("ab"))
+    assert main(["inspect", str(tmp_path / "ref.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "found a built reference (embeddings, no joints)" in err
+    assert "field 'joints'" not in err and "\n" not in err.strip()

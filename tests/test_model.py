@@ -240,3 +240,19 @@ def test_streaming_refuses_full_and_missing_position():
     k, v, ptr, valid = stream.initial_state(1)
     with pytest.raises(ValueError, match="position"):
         stream(torch.zeros(1, 15), k, v, stream.ages(ptr), valid)
+
+
+@pytest.mark.parametrize("kw, said", [
+    (dict(tau=0.0), "tau: expected a finite number > 0"),
+    (dict(tau=float("nan")), "tau: expected a finite number > 0"),
+    (dict(n_heads=0), "n_heads: expected an integer >= 1, found 0"),
+    (dict(d_model=-4), "d_model: expected an integer >= 1, found -4"),
+    (dict(d_model=18, n_heads=4), "d_model: expected a multiple of n_heads=4, found 18"),
+    (dict(ffn_dim=0), "ffn_dim: expected an integer >= 1"),
+    (dict(dropout=-0.1), "dropout: expected 0 <= dropout < 1"),
+])
+def test_config_refuses_values_that_cannot_train(kw, said):
+    """Refused when built, not as a ZeroDivisionError or a NaN loss later on."""
+    with pytest.raises(ValueError) as info:
+        MasaConfig(**kw)
+    assert str(info.value).startswith(said)

@@ -175,3 +175,35 @@ def test_cli_reference_build_several_demos(ckpt, tmp_path, capsys):
     assert len(ref) in (30, 36, 24) and ref.meta["demo"] in out
     assert "2 refinement rounds" in ref.meta["policy_detail"]
     assert len(ref.meta["demos"]) == 3 and sum(d["medoid"] for d in ref.meta["demos"]) == 1
+
+
+def test_output_that_is_an_input_or_a_folder_is_refused(ckpt, tmp_path, monkeypatch, capsys):
+    _demo(tmp_path / "d.npz", 30, 30.0, 4)
+    before = (tmp_path / "d.npz").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for out, said in [("./d.npz", "output d.npz is also an input (d.npz)"),
+                      (str(ckpt), "is also an input"), (".", "is a directory")]:
+        assert main(["reference", "build", "d.npz", "--checkpoint", str(ckpt), "-o", out]) == 2
+        assert said in capsys.readouterr().err
+    assert (tmp_path / "d.npz").read_bytes() == before
+    with pytest.raises(ValueError, match="refine: expected >= 0"):
+        build_reference([tmp_path / "d.npz"], ckpt, tmp_path / "r.npz", refine=-2)
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--refine", "-2", "expected an integer >= 0, found '-2'"),
+    ("--decoder-steps", "-1", "expected an integer >= 0"),
+    ("--decoder-edit-prob", "1.5", "expected a finite number >= 0 and <= 1"),
+    ("--decoder-hidden", "0", "expected an integer >= 1"),
+])
+def test_reference_build_refuses_bad_numbers(tmp_path, capsys, flag, value, said):
+    with pytest.raises(SystemExit) as info:
+        main(["reference", "build", "d.npz", "-o", "r.npz", flag, value])
+    assert info.value.code == 2 and f"argument {flag}: {said}" in capsys.readouterr().err
+
+
+def test_a_reference_given_as_a_demo_says_what_it_is(ckpt, tmp_path):
+    _demo(tmp_path / "d.npz", 30, 30.0, 4)
+    build_reference([tmp_path / "d.npz"], ckpt, tmp_path / "r.npz", decoder={"steps": 0})
+    with pytest.raises(ValueError, match="found a built reference"):
+        build_reference([tmp_path / "r.npz"], ckpt, tmp_path / "r2.npz", decoder={"steps": 0})

@@ -308,3 +308,18 @@ def test_examples_and_cli(tmp_path, capsys):
     assert run_cli(args) == 0
     assert len(Dataset(tmp_path / "ds").files("val")) == len(BODY_ACTIVITIES)
     assert "body25" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--per-activity", "0", "argument --per-activity: expected an integer >= 1, found '0'"),
+    ("--val-fraction", "1", "argument --val-fraction: expected a finite number >= 0 and < 1"),
+    ("--features", "-1", "argument --features: expected an integer >= 0"),
+])
+def test_cli_names_the_flag(tmp_path, capsys, flag, value, said):
+    from masa_rt.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["synth", "--out", str(tmp_path / "ds"), flag, value])
+    assert info.value.code == 2 and said in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--per-activity"):
+        write_dataset(tmp_path / "ds", 0, ["pour_milk"], per_activity=0)

@@ -111,10 +111,102 @@ def test_unknown_key_is_one_line_listing_valid_keys():
         load_run_config(None, ["optim.lr=1"])
     with pytest.raises(ConfigError, match="expected int"):
         load_run_config(None, ["train.epochs=ten"])
-    with pytest.raises(ConfigError, match="batch_size: expected > 0"):
+    with pytest.raises(ConfigError, match="'train.batch_size': expected > 0"):
         load_run_config(None, ["train.batch_size=0"])
     with pytest.raises(ConfigError, match="key=value"):
         load_run_config(None, ["train.epochs"])
+
+
+@pytest.mark.parametrize("override, said", [
+    ("model.tau=0", "'model.tau': expected a finite number > 0"),
+    ("loss.tau=-1", "'model.tau': expected a finite number > 0"),  # loss.tau is an alias
+    ("model.n_heads=0", "'model.n_heads': expected an integer >= 1, found 0"),
+    ("model.d_model=-4", "'model.d_model': expected an integer >= 1, found -4"),
+    ("model.d_model=30", "'model.d_model': expected a multiple of n_heads=4, found 30"),
+    ("model.window=0", "'model.window': expected an integer >= 1"),
+    ("model.dropout=1", "'model.dropout': expected 0 <= dropout < 1"),
+    ("loss.p=0", "'loss.p': expected a finite number > 0"),
+    ("train.lr=.inf", "'train.lr': expected > 0, found inf"),
+    ("train.epochs=-1", "'train.epochs': expected >= 0"),
+    ("train.seed=-1", "'train.seed': expected >= 0"),
+    ("train.max_minutes=.nan", "'train.max_minutes': expected a finite number >= 0"),
+    ("train.device=gpu", "'train.device': expected cpu, cuda, cuda:N or mps, found 'gpu'"),
+])
+def test_bad_values_are_refused_naming_the_key(override, said):
+    with pytest.raises(ConfigError) as info:
+        load_run_config(None, [override])
+    assert said in str(info.value) and str(info.value).startswith("config key ")
+
+
+def test_a_device_torch_cannot_use_is_refused_before_training(data, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: nothing to refuse")
+    code = cli.main(["train", "--data", str(data), "--out", str(tmp_path / "r"),
+                     "--set", "train.device=cuda"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "'train.device': 'cuda' asked for" in err and "sees no CUDA GPU" in err
+    assert not (tmp_path / "r").exists()
+
+
+def _nan_from_step(monkeypatch, first_bad: int):
+    """Make the loss of step ``first_bad`` (0-based) and later NaN."""
+    import trainer.train as tt
+
+    real, calls = tt.masa_loss, []
+
+    def loss(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) > first_bad:
+            out = {key: v * float("nan") for key, v in out.items()}
+        return out
+
+    monkeypatch.setattr(tt, "masa_loss", loss)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    # 8 train clips, batch 4: 2 steps an epoch; epoch 1 is checkpointed, step 3 is NaN.
+    _nan_from_step(monkeypatch, 2)
+    from trainer.train import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged) as info:
+        _run(data, tmp_path / "r", "train.epochs=3")
+    msg = str(info.value)
+    assert "step 3: the loss is not finite (L=nan" in msg and "train.lr" in msg
+    assert "last.pt keeps the last good weights" in msg and "\n" not in msg
+    ckpt = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
+    assert all(torch.isfinite(t).all() for t in ckpt["model_state"].values()
+               if t.is_floating_point())
+    assert [r["step"] for r in _log(tmp_path / "r")] == [1, 2]  # the NaN step is not logged
+
+
+def test_non_finite_loss_on_the_cli_is_one_line(data, tmp_path, monkeypatch, capsys):
+    _nan_from_step(monkeypatch, 0)
+    monkeypatch.setattr("trainer.train.plot_curves", lambda *a, **k: None)
+    code = cli.main(["train", "--data", str(data), "--out", str(tmp_path / "r"),
+                     *[a for kv in TINY for a in ("--set", kv)]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "step 1: the loss is not finite" in err and "\n" not in err
+    assert "no checkpoint was written" in err and not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_non_finite_weights_are_never_checkpointed(data, tmp_path, monkeypatch):
+    import trainer.train as tt
+
+    real = tt.train_step
+
+    def step(run, idx, n):
+        terms = real(run, idx, n)
+        if n == 3:  # epoch 2's last step: a finite loss, but an update that broke weights
+            with torch.no_grad():
+                next(run.model.parameters()).fill_(float("inf"))
+        return terms
+
+    monkeypatch.setattr(tt, "train_step", step)
+    with pytest.raises(tt.TrainingDiverged, match="step 4: weights are not finite"):
+        _run(data, tmp_path / "r", "train.epochs=2")
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["epoch"] == 1
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from masa_rt.cli_types import float_range, nonnegative_int
 from trainer import eval_commands
 
 TRAIN_EPILOG = """\
@@ -32,8 +33,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set model.tau=1 (repeatable)")
     parser.add_argument("--resume", action="store_true",
                         help="continue RUN/last.pt exactly where it stopped")
-    parser.add_argument("--seed", type=int, default=None, help="same as --set train.seed=S")
-    parser.add_argument("--max-minutes", type=float, default=None,
+    parser.add_argument("--seed", type=nonnegative_int, default=None,
+                        help="same as --set train.seed=S")
+    parser.add_argument("--max-minutes", type=float_range(0.0), default=None,
                         help="time budget; stop cleanly with a checkpoint when it runs out")
 
 

@@ -38,6 +38,7 @@ tau = 1 (paper as is)    ``--set model.tau=1``
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -59,6 +60,7 @@ __all__ = [
     "RunConfig",
     "TrainAugmentConfig",
     "TrainConfig",
+    "check_device",
     "dump_run_config",
     "fill_from_dataset",
     "load_run_config",
@@ -75,6 +77,9 @@ LOSS_ALIASES = {"tau": "tau", "stop_gradient": "stop_gradient"}  # loss.X -> mod
 
 class ConfigError(ValueError):
     """A bad config file or override; the message is one line naming the key."""
+
+
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")  # what train.device may name
 
 
 @dataclass
@@ -127,14 +132,21 @@ class TrainConfig:
         positive = ("lr", "lr_halve_every", "batch_size", "max_len", "log_every",
                     "ckpt_every_epochs")
         for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected > 0, found {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: expected > 0, found {value}")
+        if self.seed < 0:
+            raise ValueError(f"seed: expected >= 0, found {self.seed}")
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device: expected cpu, cuda, cuda:N or mps, found {self.device!r}")
         if self.positions not in ("view", "source"):
             raise ValueError(f"positions: expected 'view' or 'source', found {self.positions!r}")
         if self.clip_len is not None and self.clip_len < 8:
             raise ValueError(f"clip_len: expected >= 8 or null, found {self.clip_len}")
-        if self.epochs < 0 or (self.max_minutes is not None and self.max_minutes < 0):
-            raise ValueError(f"epochs / max_minutes: expected >= 0, found {self.epochs} / "
+        if self.epochs < 0:  # 0 is allowed: the run writes its initial weights
+            raise ValueError(f"epochs: expected >= 0, found {self.epochs}")
+        if self.max_minutes is not None and not 0 <= self.max_minutes < math.inf:
+            raise ValueError(f"max_minutes: expected a finite number >= 0 or null, found "
                              f"{self.max_minutes}")
 
 
@@ -224,7 +236,11 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
     kwargs = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()}
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        # The dataclasses' checks start their messages with the field: "tau: expected > 0".
+        key, sep, rest = str(exc).partition(":")
+        if sep and key in names:
+            raise ConfigError(f"config key '{name}.{key}':{rest}") from None
         raise ConfigError(f"config section {name!r}: {exc}") from None
 
 
@@ -325,6 +341,27 @@ def load_run_config(path: str | os.PathLike[str] | None = None,
         if not isinstance(base, dict):
             raise ConfigError(f"config {p}: expected a mapping of sections")
     return run_config_from_dict(_merge(base, parse_overrides(overrides or [])))
+
+
+# ---------------------------------------------------------------------------- device
+
+def check_device(name: str) -> None:
+    """Refuse a ``train.device`` this machine's torch cannot use, before any work is done
+    (otherwise: torch's ``AssertionError: Torch not compiled with CUDA enabled`` mid-setup)."""
+    import torch
+
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"config key 'train.device': {name!r} asked for, but this torch "
+                              f"({torch.__version__}) sees no CUDA GPU; use train.device=cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            raise ConfigError(f"config key 'train.device': {name!r} asked for, but torch sees "
+                              f"{count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("config key 'train.device': 'mps' asked for, but this torch has no "
+                          "usable Apple MPS device; use train.device=cpu")
 
 
 # ---------------------------------------------------------------------------- dataset + output

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from masa_rt.cli_types import nonnegative_int, positive_int
+
 __all__ = ["add_eval_arguments", "register", "run_cli"]
 
 EVAL_EPILOG = """\
@@ -32,13 +34,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         "else reports/eval_<embedder>_<data>)")
     parser.add_argument("--baseline", choices=("raw", "random", "clock"), default=None,
                         help="evaluate a baseline instead of the checkpoint")
-    parser.add_argument("--stride", type=int, default=2,
+    parser.add_argument("--stride", type=positive_int, default=2,
                         help="frame stride for tau and retrieval (CASA: 2)")
     parser.add_argument("--pool", choices=("concat", "mean"), default="concat",
                         help="how action recognition pools its 16 frames")
-    parser.add_argument("--max-videos", type=int, default=None, metavar="N",
+    parser.add_argument("--max-videos", type=positive_int, default=None, metavar="N",
                         help="first N videos per activity and split (faster, less precise)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
                         help="seed of the random encoder, KMeans and t-SNE")
     parser.add_argument("--no-tsne", dest="tsne", action="store_false",
                         help="skip the t-SNE picture (the slowest picture)")

@@ -464,6 +464,8 @@ def evaluate(embedder: Embedder, data_dir: str | os.PathLike[str],
     """
     if stride < 1:
         raise ValueError(f"evaluate: stride: expected >= 1, found {stride}")
+    if max_videos is not None and max_videos < 1:  # 0 would give an empty report
+        raise ValueError(f"evaluate: max_videos: expected >= 1 or None (all), found {max_videos}")
     start, timings = time.perf_counter(), {}
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     ds = Dataset(data_dir)

@@ -53,6 +53,7 @@ from masa_rt.sequence import Dataset
 from trainer.config import (
     ConfigError,
     RunConfig,
+    check_device,
     fill_from_dataset,
     load_run_config,
     run_config_to_dict,
@@ -62,11 +63,18 @@ from trainer.data import SequenceSet, epoch_batches, load_sequences, make_batch
 from trainer.diagnostics import collapse_stats, encode_split
 from trainer.plots import plot_curves, read_log
 
-__all__ = ["Dist", "Position", "Run", "build_run", "init_distributed", "main", "run_cli", "train",
-           "train_step"]
+__all__ = ["Dist", "Position", "Run", "TrainingDiverged", "build_run", "init_distributed", "main",
+           "run_cli", "train", "train_step"]
 
 CKPT_NAME, LOG_NAME, CONFIG_NAME = "last.pt", "log.jsonl", "config.yaml"
 logger = logging.getLogger("trainer.train")
+
+
+class TrainingDiverged(ValueError):
+    """The loss (or the weights) stopped being finite: training stops, and the last
+    checkpoint, written before, is kept. ``masa_rt.cli`` prints such errors as one line."""
+
+    user_facing = True
 
 
 @dataclass
@@ -201,8 +209,20 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
+def _check_finite_weights(run: Run, pos: Position) -> None:
+    """Refuse to checkpoint NaN/inf weights (a finite loss with an infinite gradient can
+    still make them): the previous ``last.pt`` is worth more. Same answer on every rank."""
+    bad = [name for name, t in run.model.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise TrainingDiverged(f"step {pos.step}: weights are not finite ({', '.join(bad[:3])}"
+                               f"{', ...' if len(bad) > 3 else ''}); not writing a checkpoint. "
+                               "Lower train.lr")
+
+
 def _save(run: Run, pos: Position) -> None:
     """Rank 0 writes ``RUN/last.pt`` (atomically); every rank waits for it."""
+    _check_finite_weights(run, pos)
     if run.dist.is_main:
         save_checkpoint(
             run.out / CKPT_NAME, run.model, run.rc.model, run.spec,
@@ -319,11 +339,20 @@ def train_step(run: Run, idx: np.ndarray, step: int) -> torch.Tensor:
     out = run.net(batch.x1, batch.m1, batch.x2, batch.m2, pos1=batch.g1 if source else None,
                   pos2=batch.g2 if source else None)
     losses = masa_loss(out, batch.loss_inputs(), run.rc.loss)
+    # Averaged before the update, so every rank sees the same values and a NaN on any rank
+    # stops them all before it reaches the weights.
+    terms = _all_mean(torch.stack([losses[k].detach() for k in ("L", "L_m", "L_c")]).cpu(),
+                      run.dist)
+    if not torch.isfinite(terms).all():
+        L, L_m, L_c = terms.tolist()
+        raise TrainingDiverged(
+            f"step {step + 1}: the loss is not finite (L={L:.4g}, L_m={L_m:.4g}, L_c={L_c:.4g}); "
+            "training stopped before this step's update. Lower train.lr, check model.tau "
+            "and the data (NaN/inf in joints or features)")
     run.optimizer.zero_grad(set_to_none=True)
     losses["L"].backward()
     run.optimizer.step()
-    terms = torch.stack([losses[k].detach() for k in ("L", "L_m", "L_c")]).cpu()
-    return _all_mean(terms, run.dist)
+    return terms
 
 
 @contextmanager
@@ -411,6 +440,7 @@ def _summary(run: Run, pos: Position, status: str, data_dir: Path) -> dict:
 def train(rc: RunConfig, data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
           resume: bool = False) -> Path:
     """Train (or resume) a run in ``out_dir``; returns the path of ``RUN/last.pt``."""
+    check_device(rc.train.device)
     dist = init_distributed(rc.train.device)
     try:
         return _train(rc, Path(data_dir), Path(out_dir), resume, dist)
@@ -443,6 +473,11 @@ def _train(rc: RunConfig, data_dir: Path, out: Path, resume: bool, dist: Dist) -
     log = _Log(out / LOG_NAME, dist.is_main, pos.step if resume else None)
     try:
         status = _loop(run, pos, log)
+    except TrainingDiverged as exc:
+        ckpt = out / CKPT_NAME
+        kept = (f"{ckpt} keeps the last good weights" if ckpt.exists()
+                else f"no checkpoint was written to {ckpt}")
+        raise TrainingDiverged(f"{exc}; {kept}") from None
     finally:
         log.close()
     if not (out / CKPT_NAME).exists():  # zero epochs asked for: still leave a checkpoint

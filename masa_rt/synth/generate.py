@@ -405,9 +405,12 @@ def write_dataset(out: str | Path, seed: int, activities: Iterable[str] | None =
     if len(layouts) > 1:
         raise ValueError(f"activities: expected one layout per dataset, found {layouts}; "
                          "select one group or use write_datasets (one folder per group)")
-    if per_activity < 1 or not 0 <= val_fraction < 1:
-        raise ValueError(f"per_activity >= 1 and 0 <= val_fraction < 1 expected, found "
-                         f"{per_activity} and {val_fraction}")
+    # Named as the synth command's flags: the command checks them too, this guards the API.
+    if per_activity < 1:
+        raise ValueError(f"--per-activity (per_activity): expected >= 1, found {per_activity}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction (val_fraction): expected 0 <= F < 1, found "
+                         f"{val_fraction}")
 
     def items() -> Iterator[tuple[str, Sequence, str]]:
         for name in names:
