@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 import masa_rt
 from masa_rt.atomic import atomic_write
-from masa_rt.checkpoint import load_model, model_fingerprint
+from masa_rt.checkpoint import load_model, model_fingerprint, non_finite_weights
 from masa_rt.cli_types import check_output_path
 from masa_rt.model import MasaModel, StreamingEncoder
 
@@ -285,12 +285,9 @@ def export_onnx(
     out = check_output_path(out_path, [ckpt])
     _check_replaceable(out)
     model, _cfg, spec, meta = load_model(ckpt)
-    bad = [n for n, t in model.state_dict().items()
-           if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
+    if bad := non_finite_weights(model):
         raise ExportError(f"checkpoint {meta['path']}: weights are not finite (NaN/inf in "
-                          f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); a diverged "
-                          "training run? Export an earlier checkpoint")
+                          f"{bad}); a diverged training run? Export an earlier checkpoint")
     fingerprint = meta.get("model_fingerprint") or model_fingerprint(meta["path"])
     data = onnx_bytes(model, spec, fingerprint, opset)
     if check:

@@ -140,6 +140,14 @@ def _load_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {reason}"[:200] if reason else type(exc).__name__
 
 
+def non_finite_weights(model: torch.nn.Module) -> str:
+    """Names of the model's tensors holding NaN/inf ('' when all are finite), shortened
+    for a message: a diverged run must not be saved or exported."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    return ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+
+
 def load_checkpoint(path: str | os.PathLike[str],
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (one-line errors otherwise)."""

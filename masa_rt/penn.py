@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-import multiprocessing
 from pathlib import Path
 
 import numpy as np

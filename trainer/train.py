@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from masa_rt.atomic import atomic_write, atomic_write_json
-from masa_rt.checkpoint import load_checkpoint, save_checkpoint
+from masa_rt.checkpoint import load_checkpoint, non_finite_weights, save_checkpoint
 from masa_rt.losses import masa_loss
 from masa_rt.model import MasaModel
 from masa_rt.preprocess import InputSpec
@@ -212,12 +212,9 @@ def _rng_state(device: torch.device) -> dict:
 def _check_finite_weights(run: Run, pos: Position) -> None:
     """Refuse to checkpoint NaN/inf weights (a finite loss with an infinite gradient can
     still make them): the previous ``last.pt`` is worth more. Same answer on every rank."""
-    bad = [name for name, t in run.model.state_dict().items()
-           if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise TrainingDiverged(f"step {pos.step}: weights are not finite ({', '.join(bad[:3])}"
-                               f"{', ...' if len(bad) > 3 else ''}); not writing a checkpoint. "
-                               "Lower train.lr")
+    if bad := non_finite_weights(run.model):
+        raise TrainingDiverged(f"step {pos.step}: weights are not finite ({bad}); not writing "
+                               "a checkpoint. Lower train.lr")
 
 
 def _save(run: Run, pos: Position) -> None:
