@@ -75,13 +75,13 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
     """How a reference's phase decoder is trained (``reference build``, ``harness``)."""
     p.add_argument("--decoder-steps", type=nonnegative_int, default=None, metavar="N",
                    help="training steps of each reference's phase decoder on its demos' "
-                        "labels (default 1200, 5-7 min at 1 thread on a 2-core VM; 0: none)")
+                        "labels (default 1200, 7-11 min at 1 thread on a 2-core VM; 0: none)")
     p.add_argument("--decoder-edit-prob", type=probability, default=None, metavar="P",
                    help="share of the decoder's training replays with a scripted skipped, "
                         "repeated or restarted phase (default 0.3)")
     p.add_argument("--decoder-hidden", type=positive_int, default=None, metavar="H",
-                   help="width of the decoder's layers (default 64; at 128 the decoders "
-                        "take 2.5-4.5x longer per frame, see docs/aligner.md)")
+                   help="width of the decoder's layers (default 128; 64 steps 2.5-4.5x "
+                        "faster per frame for 1.1 points less, see docs/aligner.md)")
 
 
 def decoder_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,7 +4,7 @@
 #   masa_rt/assets/masa_hands_causal.onnx  its streaming step, so serving needs no torch
 #   examples/demos/<activity>.npz          clean synthetic demonstrations (joints + phases)
 #   examples/<activity>.npz                references built from them by the shipped model,
-#                                          each with its phase decoder (1,200 steps, 5-7 min)
+#                                          each with its phase decoder (1,200 steps, 7-11 min)
 # Training takes ~60 min on one CPU core in one stage (configs/hands_shipped.yaml says why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
