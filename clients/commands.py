@@ -6,13 +6,18 @@ Handlers import their modules lazily so ``masa-rt --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 
-from masa_rt.cli_types import positive_float, positive_int
+from masa_rt.cli_types import check_output_path, positive_float, positive_int
 
 
 def _replay(args: argparse.Namespace) -> int:
     from clients.replay import replay, write_report
 
+    if args.json:  # before the replay, not after a minute of it
+        folder = check_output_path(args.json, [args.file]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ValueError(f"--json {args.json}: cannot write into {folder}")
     report = replay(args.file, address=args.address, rate_hz=args.rate, clients=args.clients,
                     loop=args.loop, duration=args.duration, reference=args.reference)
     print(report.summary())

@@ -111,3 +111,10 @@ def test_gpu_backends_without_a_gpu_say_so(capsys):
     # --device is not given: TensorRT's own device, so the answer is about TensorRT
     code, err = run(capsys, "serve", "--reference", REFERENCE, "--backend", "tensorrt")
     assert code == 2 and "--device" not in err and "TensorRT" in err
+
+
+def test_replay_checks_its_report_path_before_replaying(capsys, tmp_path):
+    code, err = run(capsys, "replay", RECORDING, "--json", tmp_path / "no" / "such" / "r.json")
+    assert code == 2 and "cannot write into" in err
+    code, err = run(capsys, "replay", RECORDING, "--json", RECORDING)
+    assert code == 2 and "also an input" in err
