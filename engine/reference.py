@@ -278,6 +278,21 @@ def check_same_activity(seqs: Sequence[PoseSequence], labels: Sequence[str],
     return activity
 
 
+def _check_replaceable(out: Path) -> None:
+    """An existing ``out`` is replaced only if it is a reference (a previous build): a
+    recording or any other file there is refused, before minutes of building."""
+    if not out.exists():
+        return
+    try:
+        with np.load(out, allow_pickle=False) as f:
+            ok = "embeddings" in f.files
+    except (ValueError, OSError):  # not an .npz at all
+        ok = False
+    if not ok:
+        raise ValueError(f"output {out} exists and is not a reference; refusing to replace "
+                         "it: remove it first or choose another -o")
+
+
 def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
                     checkpoint_path: str | os.PathLike[str] | None,
                     out_path: str | os.PathLike[str], *, name: str | None = None,
@@ -299,6 +314,7 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
         raise ValueError(f"refine: expected >= 0, found {refine}")
     ckpt = resolve_checkpoint(checkpoint_path)
     check_output_path(out_path, [*demo_paths, ckpt])  # never overwrite a demo with the result
+    _check_replaceable(Path(out_path))
     model, _cfg, spec, meta = load_model(ckpt)
     fingerprint = meta.get("model_fingerprint") or model_fingerprint(meta["path"])
     seqs = [load_sequence(p) for p in demo_paths]

@@ -186,6 +186,10 @@ def test_output_that_is_an_input_or_a_folder_is_refused(ckpt, tmp_path, monkeypa
         assert main(["reference", "build", "d.npz", "--checkpoint", str(ckpt), "-o", out]) == 2
         assert said in capsys.readouterr().err
     assert (tmp_path / "d.npz").read_bytes() == before
+    _demo(tmp_path / "other.npz", 30, 30.0, 4)  # another recording: not replaced either
+    assert main(["reference", "build", "d.npz", "--checkpoint", str(ckpt), "-o",
+                 "other.npz"]) == 2
+    assert "exists and is not a reference" in capsys.readouterr().err
     with pytest.raises(ValueError, match="refine: expected >= 0"):
         build_reference([tmp_path / "d.npz"], ckpt, tmp_path / "r.npz", refine=-2)
 
