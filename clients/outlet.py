@@ -66,6 +66,7 @@ class PoseOutlet:
         self._connected = self._ever_connected = False
         self._refused = False  # CURVE: the server's ZAP handler refused our key
         self._next_seq = 0
+        self._last_stamp = float("-inf")  # capture times must increase (docs/protocol.md)
         self._pending: deque[Estimate] = deque(maxlen=10_000)
         self._unanswered_since: float | None = None
         self._last_ping = float("-inf")
@@ -82,26 +83,29 @@ class PoseOutlet:
         Raises ``ServerError`` if the server refuses the session and ``ConnectionLost`` if
         no welcome arrives within ``timeout`` seconds.
         """
-        if self._sock is None:
-            self._sock = new_socket(self._ctx, zmq.DEALER, curve=self._curve)
-            # No queueing towards a link that is not up: frames would arrive stale.
-            self._sock.setsockopt(zmq.IMMEDIATE, 1)
-            self._sock.setsockopt(zmq.SNDHWM, self._sndhwm)
-            # A small kernel send buffer: when the server falls behind, frames back up in
-            # the SNDHWM queue, where push() sees it and counts them ('hwm_full'), not in
-            # megabytes of loopback TCP buffer that nobody can count.
-            self._sock.setsockopt(zmq.SNDBUF, self._sndbuf)
-            events = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-            if self._curve is not None:  # a refused key is reported, not taken for no server
-                events |= zmq.EVENT_HANDSHAKE_FAILED_AUTH
-            self._monitor = self._sock.get_monitor_socket(events)
-            connect(self._sock, self.address)
         try:
+            if self._sock is None:
+                self._connect()
             self._handshake(local_clock() + timeout, resume)
-        except MasaClientError:
+        except Exception:  # a refusal, a bad address or bad hello fields: no socket left
             self.close()
             raise
         return self.welcome
+
+    def _connect(self) -> None:
+        self._sock = new_socket(self._ctx, zmq.DEALER, curve=self._curve)
+        # No queueing towards a link that is not up: frames would arrive stale.
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.setsockopt(zmq.SNDHWM, self._sndhwm)
+        # A small kernel send buffer: when the server falls behind, frames back up in
+        # the SNDHWM queue, where push() sees it and counts them ('hwm_full'), not in
+        # megabytes of loopback TCP buffer that nobody can count.
+        self._sock.setsockopt(zmq.SNDBUF, self._sndbuf)
+        events = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+        if self._curve is not None:  # a refused key is reported, not taken for no server
+            events |= zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        self._monitor = self._sock.get_monitor_socket(events)
+        connect(self._sock, self.address)
 
     def _handshake(self, deadline: float, resume: bool) -> None:
         if not self._wait_writable(deadline):
@@ -138,8 +142,9 @@ class PoseOutlet:
             return
         if self.welcome is not None:
             self._try_send(P.bye(self.session))
-        self._sock.disable_monitor()
-        self._monitor.close(linger=0)
+        if self._monitor is not None:  # None if open() failed before it was made
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
         self._sock.close()
         self._sock = self._monitor = None
         self.welcome = None
@@ -165,19 +170,30 @@ class PoseOutlet:
 
         Returns the frame's sequence number, or None if it was dropped locally (link down
         or send queue full; counted in ``dropped``). Never blocks. Raises ``ValueError``
-        for a shape the server did not ask for and ``ProtocolError`` for +-inf values.
+        for a shape the server did not ask for or a stamp that is not finite or not after
+        the previous frame's (the server would refuse it and every frame stamped before
+        it: give stamps from one monotonic clock, e.g. ``clients.clock.local_clock``), and
+        ``ProtocolError`` for +-inf values. A refused frame uses no sequence number.
         """
         self._require_open()
         a = np.asarray(joints, dtype=np.float32)
         expected = tuple(self.welcome["shape"])
         if a.shape != expected:
             raise ValueError(f"joints shape {a.shape} != {expected} for layout {self.layout}")
+        if np.isinf(a).any():
+            raise P.ProtocolError("non_finite", "joints hold +-inf (NaN marks a lost joint)")
         now = local_clock()
+        t = now if stamp is None else float(stamp)
+        if not t > self._last_stamp or not np.isfinite(t):
+            raise ValueError(f"stamp {t!r} is not finite or not after the previous frame's "
+                             f"{self._last_stamp!r}: give capture times from one monotonic "
+                             "clock (clients.clock.local_clock)")
         self._poll_events()
         self._heartbeat(now)
         seq = self._next_seq
         self._next_seq += 1  # a dropped frame still uses its number: the gap shows the loss
-        if not self._try_send(P.frame(self.session, seq, now if stamp is None else stamp, a)):
+        self._last_stamp = t
+        if not self._try_send(P.frame(self.session, seq, t, a)):
             self.dropped["disconnected" if not self._connected else "hwm_full"] += 1
             return None
         self.sent += 1

@@ -67,6 +67,8 @@ MESSAGE_TYPES = CLIENT_TYPES + SERVER_TYPES
 class ProtocolError(Exception):
     """A message that breaks the protocol; ``reason`` is one of :data:`REASONS`."""
 
+    user_facing = True  # bad input: masa_rt.cli prints it as one line
+
     def __init__(self, reason: str, detail: str = "") -> None:
         if reason not in REASONS:
             raise ValueError(f"unknown protocol error reason {reason!r}")

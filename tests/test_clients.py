@@ -19,6 +19,7 @@ from clients import (
 from clients.clock import ClockOffset
 from clients.export_raw import read_raw
 from clients.replay import replay
+from masa_rt import protocol as P
 from masa_rt.cli import main
 
 SHAPE = (42, 3)
@@ -78,6 +79,31 @@ def test_wrong_shape_is_a_local_error():
     with FakeServer() as server, PoseOutlet(server.address) as outlet:
         with pytest.raises(ValueError, match="shape"):
             outlet.push(np.zeros((21, 3), np.float32))
+
+
+def test_bad_stamps_and_inf_are_local_errors_that_use_no_seq():
+    """The server refuses a capture time that does not increase, and then every frame
+    stamped before it: the outlet refuses it first, and a refused frame takes no seq."""
+    with FakeServer(answer_frames=False) as server, PoseOutlet(server.address) as outlet:
+        t = local_clock()
+        assert outlet.push(_pose(0.0), stamp=t) == 0
+        for bad in (t, t - 1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="not finite or not after"):
+                outlet.push(_pose(0.0), stamp=bad)
+        pose = _pose(0.0)
+        pose[0, 0] = np.inf
+        with pytest.raises(P.ProtocolError, match="inf"):
+            outlet.push(pose)
+        assert outlet.push(_pose(0.0)) == 1  # default stamp: now, after t
+        _wait(lambda: len(server.frames) == 2)
+        assert [f["seq"] for f in server.frames] == [0, 1]
+
+
+def test_a_failed_open_leaves_no_socket():
+    outlet = PoseOutlet("nonsense")
+    with pytest.raises(ValueError, match="cannot connect"):
+        outlet.open(timeout=0.1)
+    assert outlet._sock is None and outlet._monitor is None
 
 
 def test_push_before_open_raises():
