@@ -28,32 +28,13 @@ def _bounds(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) ->
     return " and ".join(parts)
 
 
-def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
-    """An argparse ``type``: an integer in ``[lo, hi]`` (None: unbounded on that side)."""
-    what = f"an integer {_bounds(lo, hi, False, False)}".rstrip()
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, found {text!r}") from None
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"expected {what}, found {text!r}")
-        return value
-
-    parse.__name__ = "int"
-    return parse
-
-
-def float_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-                hi_open: bool = False) -> Callable[[str], float]:
-    """An argparse ``type``: a finite number between ``lo`` and ``hi`` (open ends if asked);
-    nan and inf are refused."""
-    what = f"a finite number {_bounds(lo, hi, lo_open, hi_open)}".rstrip()
+def _number(kind: type, what: str, lo: float | None, hi: float | None, lo_open: bool,
+            hi_open: bool) -> Callable[[str], float]:
+    """An argparse ``type``: a finite ``kind`` between ``lo`` and ``hi``."""
 
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, found {text!r}") from None
         bad = (not math.isfinite(value)
@@ -63,8 +44,21 @@ def float_range(lo: float | None = None, hi: float | None = None, *, lo_open: bo
             raise argparse.ArgumentTypeError(f"expected {what}, found {text!r}")
         return value
 
-    parse.__name__ = "float"
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
     return parse
+
+
+def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[lo, hi]`` (None: unbounded on that side)."""
+    what = f"an integer {_bounds(lo, hi, False, False)}".rstrip()
+    return _number(int, what, lo, hi, False, False)
+
+
+def float_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                hi_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number between ``lo`` and ``hi`` (open ends if asked)."""
+    what = f"a finite number {_bounds(lo, hi, lo_open, hi_open)}".rstrip()
+    return _number(float, what, lo, hi, lo_open, hi_open)
 
 
 positive_int = int_range(1)
