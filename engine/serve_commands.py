@@ -37,6 +37,8 @@ def backend_options(backend: str, device: str | None,
     if backend == "torch":
         device = device or "cpu"
         checkpoint = model if model is not None and not model.endswith(".onnx") else None
+        if checkpoint is not None and Path(checkpoint).is_dir():  # a run folder
+            checkpoint = str(Path(checkpoint) / "last.pt")
         return {"device": device, "cuda_graphs": device.startswith("cuda"),
                 "checkpoint": checkpoint}
     wanted = {"onnxruntime": "cpu", "tensorrt": "cuda"}[backend]
