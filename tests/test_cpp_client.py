@@ -43,6 +43,25 @@ def stream_file(tmp_path_factory) -> Path:
     return build / "masa_stream_file"
 
 
+@pytest.fixture(scope="module")
+def outlet_checks(stream_file) -> Path:
+    """clients/cpp/outlet_checks.cpp, built by CMake with the library."""
+    return stream_file.parent / "masa_outlet_checks"
+
+
+def test_outlet_checks(outlet_checks):
+    """Bad stamps/joints refused locally; queued replies read before liveness; timeouts."""
+    with FakeServer() as server:
+        done = subprocess.run([str(outlet_checks), server.address, "tcp://127.0.0.1:1"],
+                              capture_output=True, text=True, timeout=60)
+        frames = list(server.frames)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == "all checks passed"
+    stamps = [f["t"] for f in frames if f["session"] == "cpp-checks"]
+    assert [f["seq"] for f in frames if f["session"] == "cpp-checks"] == [0, 1, 2, 3]
+    assert stamps == sorted(set(stamps))  # strictly increasing
+
+
 def test_stream_file_delivers_every_frame_intact(stream_file, tmp_path):
     rng = np.random.default_rng(0)
     joints = rng.normal(size=(25, 42, 3)).astype(np.float32)

@@ -7,8 +7,10 @@
 #include <zmq.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <random>
 
@@ -17,6 +19,27 @@ namespace masa {
 namespace {
 
 constexpr double kRehelloInterval = 0.25;  // s; one resume hello per burst of errors
+constexpr double kMaxTimeout = 1e6;        // s (11.6 days); 1e9 ms still fits a 32-bit long
+
+// A timeout in seconds made safe: NaN or <= 0 -> 0 (do not wait), huge ones capped.
+double sane_timeout(double s) { return s > 0 ? std::min(s, kMaxTimeout) : 0.0; }
+
+// The same as zmq_poll milliseconds, rounded up so a short wait never becomes no wait.
+long to_ms(double s) { return static_cast<long>(std::ceil(sane_timeout(s) * 1000.0)); }
+
+// zmq_poll on one item, retried with the time left when a signal interrupts it.
+// Returns > 0 if ready, 0 on timeout, -1 on another error (zmq_errno() says which).
+int poll_one(zmq_pollitem_t* item, double timeout_s) {
+  const double deadline = local_clock() + sane_timeout(timeout_s);
+  for (;;) {
+    const int rc = zmq_poll(item, 1, to_ms(deadline - local_clock()));
+    if (rc >= 0 || zmq_errno() != EINTR) return rc;
+  }
+}
+
+[[noreturn]] void throw_zmq(const char* call) {
+  throw Error(std::string(call) + " failed: " + zmq_strerror(zmq_errno()));
+}
 
 // ------------------------------------------------------------------ packing
 
@@ -212,16 +235,26 @@ PoseOutlet::PoseOutlet(OutletOptions options) : options_(std::move(options)) {
 PoseOutlet::~PoseOutlet() { close(); }
 
 const Welcome& PoseOutlet::open(double timeout_s, bool resume) {
+  timeout_s = sane_timeout(timeout_s);
   if (!sock_) {
-    ctx_ = zmq_ctx_new();
-    sock_ = zmq_socket(ctx_, ZMQ_DEALER);
-    const int64_t maxmsg = kMaxMessageBytes;
-    const int one = 1, linger_ms = 100;
-    zmq_setsockopt(sock_, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
-    zmq_setsockopt(sock_, ZMQ_LINGER, &linger_ms, sizeof linger_ms);
-    // No queueing towards a link that is not up: those frames would arrive stale.
-    zmq_setsockopt(sock_, ZMQ_IMMEDIATE, &one, sizeof one);
-    zmq_setsockopt(sock_, ZMQ_SNDHWM, &options_.sndhwm, sizeof options_.sndhwm);
+    try {
+      if (!(ctx_ = zmq_ctx_new())) throw_zmq("zmq_ctx_new");
+      if (!(sock_ = zmq_socket(ctx_, ZMQ_DEALER))) throw_zmq("zmq_socket(ZMQ_DEALER)");
+      const int64_t maxmsg = kMaxMessageBytes;
+      const int one = 1, linger_ms = 100;
+      if (zmq_setsockopt(sock_, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg) != 0)
+        throw_zmq("zmq_setsockopt(ZMQ_MAXMSGSIZE)");
+      if (zmq_setsockopt(sock_, ZMQ_LINGER, &linger_ms, sizeof linger_ms) != 0)
+        throw_zmq("zmq_setsockopt(ZMQ_LINGER)");
+      // No queueing towards a link that is not up: those frames would arrive stale.
+      if (zmq_setsockopt(sock_, ZMQ_IMMEDIATE, &one, sizeof one) != 0)
+        throw_zmq("zmq_setsockopt(ZMQ_IMMEDIATE)");
+      if (zmq_setsockopt(sock_, ZMQ_SNDHWM, &options_.sndhwm, sizeof options_.sndhwm) != 0)
+        throw_zmq("zmq_setsockopt(ZMQ_SNDHWM)");
+    } catch (...) {
+      close();
+      throw;
+    }
     if (zmq_connect(sock_, options_.address.c_str()) != 0) {
       const std::string why = zmq_strerror(zmq_errno());
       close();
@@ -230,9 +263,11 @@ const Welcome& PoseOutlet::open(double timeout_s, bool resume) {
   }
   const double deadline = local_clock() + timeout_s;
   zmq_pollitem_t item{sock_, 0, ZMQ_POLLOUT, 0};
-  if (zmq_poll(&item, 1, static_cast<long>(timeout_s * 1000)) <= 0) {
+  const int ready = poll_one(&item, timeout_s);
+  if (ready <= 0) {
+    const std::string why = ready < 0 ? std::string(": ") + zmq_strerror(zmq_errno()) : "";
     close();
-    throw ConnectionLost("no server at " + options_.address);
+    throw ConnectionLost("no server at " + options_.address + why);
   }
   send_hello(resume);
   bool got_welcome = false;
@@ -241,7 +276,8 @@ const Welcome& PoseOutlet::open(double timeout_s, bool resume) {
       const double left = deadline - local_clock();
       if (left <= 0 || !wait_readable(left))
         throw ConnectionLost("no welcome from " + options_.address);
-      receive_one(&got_welcome);  // estimates cannot arrive before the welcome
+      std::optional<Estimate> ignored;  // estimates cannot arrive before the welcome
+      receive_one(&ignored, &got_welcome);
     }
   } catch (...) {
     close();
@@ -252,32 +288,53 @@ const Welcome& PoseOutlet::open(double timeout_s, bool resume) {
 }
 
 void PoseOutlet::close() {
-  if (!sock_) return;
-  if (open_) {
-    Packer p;
-    p.message("bye", 1).key("session").str(options_.session);
-    send(p.bytes());
+  if (sock_) {
+    if (open_) {
+      Packer p;
+      p.message("bye", 1).key("session").str(options_.session);
+      send(p.bytes());
+    }
+    zmq_close(sock_);
   }
-  zmq_close(sock_);
-  zmq_ctx_term(ctx_);
+  if (ctx_)
+    while (zmq_ctx_term(ctx_) != 0 && zmq_errno() == EINTR) {
+    }
   sock_ = ctx_ = nullptr;
   open_ = false;
 }
 
-std::optional<uint64_t> PoseOutlet::push(const float* joints, int J, int C, double stamp) {
+std::optional<uint64_t> PoseOutlet::push(const float* joints, int J, int C,
+                                         std::optional<double> stamp) {
   if (!open_) throw Error("outlet is not open: call open() first");
   if (J != welcome_.joints || C != welcome_.dims)
     throw std::invalid_argument("joints shape (" + std::to_string(J) + ", " + std::to_string(C) +
                                 ") is not the server's (" + std::to_string(welcome_.joints) +
                                 ", " + std::to_string(welcome_.dims) + ")");
+  if (!joints) throw std::invalid_argument("joints is a null pointer");
+  const size_t n = static_cast<size_t>(J) * C;
+  for (size_t i = 0; i < n; ++i)
+    if (std::isinf(joints[i]))
+      throw std::invalid_argument("joints[" + std::to_string(i) +
+                                  "] is infinite (use NaN for a missing joint)");
+  if (stamp && !std::isfinite(*stamp))
+    throw std::invalid_argument("stamp is not finite");
   const double now = local_clock();
+  const double t = (!stamp || *stamp < 0) ? now : *stamp;  // < 0: now (deprecated)
+  if (!(t > last_stamp_)) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf,
+                  "stamp %.9g is not after the previous frame's %.9g (capture stamps must "
+                  "increase strictly, in the local_clock() timebase)", t, last_stamp_);
+    throw std::invalid_argument(buf);
+  }
   heartbeat(now);
-  to_little_endian(joints, static_cast<size_t>(J) * C, &scratch_);
+  to_little_endian(joints, n, &scratch_);
+  last_stamp_ = t;
   const uint64_t seq = next_seq_++;  // a dropped frame keeps its number: the gap shows it
   Packer p;
   p.message("frame", 4).key("session").str(options_.session);
   p.key("seq").integer(static_cast<int64_t>(seq));
-  p.key("t").number(stamp < 0 ? now : stamp);
+  p.key("t").number(t);
   p.key("joints").map(3).key("dtype").str("<f4");
   p.key("shape").array(2).integer(J).integer(C);
   p.key("data").bin(scratch_.data(), scratch_.size());
@@ -291,21 +348,22 @@ std::optional<uint64_t> PoseOutlet::push(const float* joints, int J, int C, doub
 
 std::optional<Estimate> PoseOutlet::pull(double timeout_s) {
   if (!open_) throw Error("outlet is not open: call open() first");
-  const double deadline = local_clock() + timeout_s;
+  const double deadline = local_clock() + sane_timeout(timeout_s);
   const double slice = options_.lost_after / 4.0;
   for (;;) {
+    heartbeat(local_clock());
+    // Everything already queued first (estimates, pongs): it may prove the server alive.
+    std::optional<Estimate> est;
+    while (receive_one(&est, nullptr))
+      if (est) return est;
     const double now = local_clock();
-    heartbeat(now);
     if (unanswered_since_ >= 0 && now - unanswered_since_ > options_.lost_after) {
       unanswered_since_ = -1.0;  // the next call starts a fresh deadline
       throw ConnectionLost("no answer from " + options_.address);
     }
     const double left = deadline - now;
-    if (wait_readable(left > 0 ? std::min(left, slice) : 0.0)) {
-      if (auto est = receive_one(nullptr)) return est;
-      continue;  // something else (pong, error): look again without waiting
-    }
     if (left <= 0) return std::nullopt;
+    wait_readable(std::min(left, slice));
   }
 }
 
@@ -341,16 +399,16 @@ void PoseOutlet::heartbeat(double now) {
 
 bool PoseOutlet::wait_readable(double timeout_s) {
   zmq_pollitem_t item{sock_, 0, ZMQ_POLLIN, 0};
-  const long ms = timeout_s <= 0 ? 0 : static_cast<long>(std::ceil(timeout_s * 1000.0));
-  return zmq_poll(&item, 1, ms) > 0;
+  return poll_one(&item, timeout_s) > 0;
 }
 
-std::optional<Estimate> PoseOutlet::receive_one(bool* got_welcome) {
+bool PoseOutlet::receive_one(std::optional<Estimate>* est, bool* got_welcome) {
+  est->reset();
   zmq_msg_t msg;
   zmq_msg_init(&msg);
   if (zmq_msg_recv(&msg, sock_, ZMQ_DONTWAIT) < 0) {
     zmq_msg_close(&msg);
-    return std::nullopt;
+    return false;
   }
   const double t_received = local_clock();
   msgpack_unpacked up;
@@ -358,7 +416,6 @@ std::optional<Estimate> PoseOutlet::receive_one(bool* got_welcome) {
   size_t off = 0;
   const auto rc = msgpack_unpack_next(&up, static_cast<const char*>(zmq_msg_data(&msg)),
                                       zmq_msg_size(&msg), &off);
-  std::optional<Estimate> out;
   const msgpack_object& m = up.data;
   const std::string type = text(m, "type");
   if (rc != MSGPACK_UNPACK_SUCCESS || integer(m, "v", -1) != kProtocolVersion || type.empty()) {
@@ -366,7 +423,7 @@ std::optional<Estimate> PoseOutlet::receive_one(bool* got_welcome) {
   } else {
     unanswered_since_ = -1.0;  // anything valid from the server proves it alive
     if (type == "estimate" && text(m, "session") == options_.session) {
-      out = read_estimate(m, t_received);
+      *est = read_estimate(m, t_received);
     } else if (type == "welcome") {
       welcome_ = read_welcome(m);
       if (welcome_.last_seq + 1 > static_cast<int64_t>(next_seq_))
@@ -379,12 +436,12 @@ std::optional<Estimate> PoseOutlet::receive_one(bool* got_welcome) {
       msgpack_unpacked_destroy(&up);
       zmq_msg_close(&msg);
       on_error(reason, detail, has_seq);  // may throw: buffers are released first
-      return std::nullopt;
+      return true;
     }
   }
   msgpack_unpacked_destroy(&up);
   zmq_msg_close(&msg);
-  return out;
+  return true;
 }
 
 void PoseOutlet::on_error(const std::string& reason, const std::string& detail, bool has_seq) {

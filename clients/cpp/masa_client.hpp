@@ -9,6 +9,7 @@
 //   masa::PoseOutlet outlet({"tcp://127.0.0.1:5555"});
 //   outlet.open();
 //   outlet.push(joints.data(), 42, 3);              // capture stamp: now
+//   outlet.push(joints.data(), 42, 3, t_capture);   // or a local_clock() stamp
 //   if (auto est = outlet.pull(0.01)) std::printf("%f\n", est->progress);
 #pragma once
 
@@ -94,13 +95,26 @@ class PoseOutlet {
   PoseOutlet(const PoseOutlet&) = delete;
   PoseOutlet& operator=(const PoseOutlet&) = delete;
 
-  // Connect, say hello, wait for welcome. Throws ServerError or ConnectionLost.
+  // Connect, say hello, wait up to timeout_s (NaN or <= 0: do not wait) for the welcome.
+  // Throws ServerError, ConnectionLost, or Error if ZeroMQ cannot be set up.
   const Welcome& open(double timeout_s = 5.0, bool resume = false);
   // Queue one (J, C) float32 pose (row-major, NaN = missing joint) captured at `stamp`
-  // (client clock; < 0: now). Returns its seq, or nullopt if dropped locally. Never blocks.
-  // Throws std::invalid_argument if (J, C) is not the shape the server asked for.
-  std::optional<uint64_t> push(const float* joints, int J, int C, double stamp = -1.0);
-  // The next estimate, waiting up to timeout_s; nullopt on timeout.
+  // (seconds, client clock = local_clock()). No stamp (std::nullopt, the default) means
+  // now. For compatibility with the former `double stamp = -1.0` API, a negative stamp
+  // also means now (deprecated: pass no stamp instead).
+  // Stamps must be finite and strictly increasing from frame to frame, since the server
+  // refuses a frame whose capture time is not after the last one (out_of_order): push()
+  // keeps the previous frame's stamp and refuses a later-or-equal one locally.
+  // Returns its seq, or nullopt if dropped locally (the seq is then skipped). Never blocks.
+  // Throws std::invalid_argument, without using a seq, if (J, C) is not the shape the
+  // server asked for, joints is null or holds +-inf, or the stamp is not finite or not
+  // after the previous frame's (a stamp from another clock, e.g. 1e12, would make every
+  // later frame fail this check).
+  std::optional<uint64_t> push(const float* joints, int J, int C,
+                               std::optional<double> stamp = std::nullopt);
+  // The next estimate, waiting up to timeout_s (NaN or <= 0: do not wait); nullopt on
+  // timeout. Replies already queued are read before liveness is checked, so
+  // ConnectionLost is thrown only when nothing from the server is waiting.
   std::optional<Estimate> pull(double timeout_s = 0.0);
   // Say bye and release the socket. Safe to call twice; the destructor calls it.
   void close();
@@ -117,8 +131,9 @@ class PoseOutlet {
   bool send(const std::string& bytes);
   void send_hello(bool resume);
   void heartbeat(double now);
-  // Read one queued reply; returns an estimate if it was one for this session.
-  std::optional<Estimate> receive_one(bool* got_welcome);
+  // Read one queued reply (false: none queued); *est is set if it was an estimate for
+  // this session.
+  bool receive_one(std::optional<Estimate>* est, bool* got_welcome);
   void on_error(const std::string& reason, const std::string& detail, bool has_seq);
   bool wait_readable(double timeout_s);
 
@@ -130,6 +145,7 @@ class PoseOutlet {
   uint64_t next_seq_ = 0, sent_ = 0, dropped_ = 0, malformed_ = 0;
   std::map<std::string, uint64_t> rejected_;
   double last_ping_ = -1e300, unanswered_since_ = -1.0, hello_sent_at_ = -1e300;
+  double last_stamp_ = -1e300;  // capture stamp of the last frame given a seq
   std::vector<unsigned char> scratch_;  // little-endian joint bytes, reused per frame
 };
 
