@@ -7,6 +7,7 @@ headset itself gets its own estimates back on its :class:`~clients.outlet.PoseOu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import zmq
@@ -75,7 +76,7 @@ class EstimateInlet:
         deadline = local_clock() + timeout
         while True:
             remaining = max(0.0, deadline - local_clock())
-            if not self._sock.poll(int(remaining * 1000)):
+            if not self._sock.poll(math.ceil(remaining * 1000)):  # up: 0.4 ms is not 0
                 return None
             est = self._receive()
             if est is not None:

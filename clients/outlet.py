@@ -68,6 +68,9 @@ class PoseOutlet:
         self._next_seq = 0
         self._last_stamp = float("-inf")  # capture times must increase (docs/protocol.md)
         self._pending: deque[Estimate] = deque(maxlen=10_000)
+        # Estimates that arrived while 10,000 were already waiting unread (the oldest goes):
+        # counted, so a caller that never pulls can see what it lost.
+        self.estimates_discarded = 0
         self._unanswered_since: float | None = None
         self._last_ping = float("-inf")
         self._hello_sent_at = float("-inf")
@@ -312,6 +315,8 @@ class PoseOutlet:
             if est is not None:
                 if stop_at == "estimate":
                     return est
+                if len(self._pending) == self._pending.maxlen:
+                    self.estimates_discarded += 1
                 self._pending.append(est)
             elif msg["type"] == stop_at != "estimate":
                 return msg

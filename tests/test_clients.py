@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import deque
 
 import numpy as np
 import pytest
@@ -182,6 +183,18 @@ def test_duplicate_and_out_of_order_are_counted_not_raised():
         outlet.push(_pose(0.0))
         _wait(lambda: sum(outlet.rejected.values()) == 2, outlet=outlet)
         assert outlet.rejected == {"duplicate": 1, "out_of_order": 1}
+
+
+def test_estimates_beyond_the_unread_queue_are_counted():
+    """Estimates queued while the caller waits for something else (here: stats) are kept
+    up to the queue's bound; what falls off is counted, not lost silently."""
+    with FakeServer() as server, PoseOutlet(server.address) as outlet:
+        outlet._pending = deque(maxlen=2)
+        for _ in range(5):
+            outlet.push(_pose(0.5))
+        _wait(lambda: len(server.frames) == 5)
+        outlet.stats(timeout=5.0)  # its reply comes after the five answers (one pipe, FIFO)
+        assert outlet.estimates_discarded == 3 and len(outlet._pending) == 2
 
 
 def test_time_correction_recovers_server_offset():
