@@ -251,6 +251,9 @@ const Welcome& PoseOutlet::open(double timeout_s, bool resume) {
         throw_zmq("zmq_setsockopt(ZMQ_IMMEDIATE)");
       if (zmq_setsockopt(sock_, ZMQ_SNDHWM, &options_.sndhwm, sizeof options_.sndhwm) != 0)
         throw_zmq("zmq_setsockopt(ZMQ_SNDHWM)");
+      if (options_.sndbuf > 0 &&
+          zmq_setsockopt(sock_, ZMQ_SNDBUF, &options_.sndbuf, sizeof options_.sndbuf) != 0)
+        throw_zmq("zmq_setsockopt(ZMQ_SNDBUF)");
     } catch (...) {
       close();
       throw;

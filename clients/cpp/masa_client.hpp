@@ -86,6 +86,10 @@ struct OutletOptions {
   std::string reference;  // empty: let the server recognise the activity
   double lost_after = 3.0;  // s without any answer to a heartbeat -> ConnectionLost
   int sndhwm = 256;         // frames queued at most before push() drops
+  // Kernel send buffer (bytes), as the Python outlet: when the server falls behind,
+  // frames back up in the SNDHWM queue, where push() counts them, not in megabytes of
+  // TCP buffer where they go stale unseen. 0: the OS default.
+  int sndbuf = 65536;
 };
 
 class PoseOutlet {
