@@ -183,8 +183,6 @@ class PoseOutlet:
         expected = tuple(self.welcome["shape"])
         if a.shape != expected:
             raise ValueError(f"joints shape {a.shape} != {expected} for layout {self.layout}")
-        if np.isinf(a).any():
-            raise P.ProtocolError("non_finite", "joints hold +-inf (NaN marks a lost joint)")
         now = local_clock()
         t = now if stamp is None else float(stamp)
         if not t > self._last_stamp or not np.isfinite(t):
@@ -192,11 +190,12 @@ class PoseOutlet:
                              f"{self._last_stamp!r}: give capture times from one monotonic "
                              "clock (clients.clock.local_clock)")
         self._poll_events()
-        self._heartbeat(now)
+        self._heartbeat(now)  # may take a resume's welcome, which moves _next_seq on
         seq = self._next_seq
+        data = P.encode(P.frame(self.session, seq, t, a))  # +-inf: ProtocolError, no seq used
         self._next_seq += 1  # a dropped frame still uses its number: the gap shows the loss
         self._last_stamp = t
-        if not self._try_send(P.frame(self.session, seq, t, a)):
+        if not self._try_send(data):
             self.dropped["disconnected" if not self._connected else "hwm_full"] += 1
             return None
         self.sent += 1
@@ -255,9 +254,9 @@ class PoseOutlet:
         if self._sock is None or self.welcome is None:
             raise MasaClientError("outlet is not open: call open() or use it as a context")
 
-    def _try_send(self, msg: dict) -> bool:
+    def _try_send(self, msg: dict | bytes) -> bool:
         try:
-            self._sock.send(P.encode(msg), zmq.NOBLOCK)
+            self._sock.send(msg if isinstance(msg, bytes) else P.encode(msg), zmq.NOBLOCK)
             return True
         except zmq.Again:
             return False

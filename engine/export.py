@@ -248,20 +248,15 @@ def resolve_checkpoint(path: str | os.PathLike[str] | None) -> Path | None:
     return p / "last.pt" if p.is_dir() else p
 
 
-def _check_replaceable(out: Path) -> None:
-    """An existing ``out`` is replaced only if it is an ONNX model (a previous export)."""
-    if not out.exists():
-        return
+def _is_onnx_model(path: Path) -> bool:
+    """A previous export (any ONNX graph), which ``export_onnx`` may replace."""
     import onnx
 
     try:
-        proto = onnx.load(str(out), load_external_data=False)
-        ok = proto.ir_version > 0 and len(proto.graph.node) > 0
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - protobuf raises its own DecodeError and others
-        ok = False
-    if not ok:
-        raise ValueError(f"output {out} exists and is not an ONNX model; refusing to replace "
-                         "it: remove it first or choose another --out")
+        return False
+    return proto.ir_version > 0 and len(proto.graph.node) > 0
 
 
 def export_onnx(
@@ -282,8 +277,7 @@ def export_onnx(
     """
     _check_opset(opset)
     ckpt = resolve_checkpoint(checkpoint_path)
-    out = check_output_path(out_path, [ckpt])
-    _check_replaceable(out)
+    out = check_output_path(out_path, [ckpt], replaceable=("an ONNX model", _is_onnx_model))
     model, _cfg, spec, meta = load_model(ckpt)
     if bad := non_finite_weights(model):
         raise ExportError(f"checkpoint {meta['path']}: weights are not finite (NaN/inf in "

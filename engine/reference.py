@@ -37,7 +37,7 @@ import torch
 import masa_rt
 from engine.export import resolve_checkpoint
 from engine.streams import Resampler
-from masa_rt.align import Reference, offline_dtw
+from masa_rt.align import Reference, is_reference_file, offline_dtw
 from masa_rt.checkpoint import load_model, model_fingerprint
 from masa_rt.cli_types import check_output_path
 from masa_rt.model import MasaModel
@@ -278,19 +278,11 @@ def check_same_activity(seqs: Sequence[PoseSequence], labels: Sequence[str],
     return activity
 
 
-def _check_replaceable(out: Path) -> None:
-    """An existing ``out`` is replaced only if it is a reference (a previous build): a
-    recording or any other file there is refused, before minutes of building."""
-    if not out.exists():
-        return
+def _replaceable(path: Path) -> bool:
     try:
-        with np.load(out, allow_pickle=False) as f:
-            ok = "embeddings" in f.files
-    except (ValueError, OSError):  # not an .npz at all
-        ok = False
-    if not ok:
-        raise ValueError(f"output {out} exists and is not a reference; refusing to replace "
-                         "it: remove it first or choose another -o")
+        return is_reference_file(path)
+    except ValueError:  # not an .npz at all
+        return False
 
 
 def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
@@ -313,8 +305,8 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
     if refine < 0:
         raise ValueError(f"refine: expected >= 0, found {refine}")
     ckpt = resolve_checkpoint(checkpoint_path)
-    check_output_path(out_path, [*demo_paths, ckpt])  # never overwrite a demo with the result
-    _check_replaceable(Path(out_path))
+    # never overwrite a demo (or any file that is not a previous reference) with the result
+    check_output_path(out_path, [*demo_paths, ckpt], replaceable=("a reference", _replaceable))
     model, _cfg, spec, meta = load_model(ckpt)
     fingerprint = meta.get("model_fingerprint") or model_fingerprint(meta["path"])
     seqs = [load_sequence(p) for p in demo_paths]

@@ -58,17 +58,6 @@ def shipped_onnx_path() -> Path:
     return Path(__file__).resolve().parents[1] / "masa_rt" / "assets" / "masa_hands_causal.onnx"
 
 
-def is_reference_file(path: str | Path) -> bool:
-    """A built reference (embeddings) rather than a recording (joints)?"""
-    import numpy as np
-
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return "embeddings" in f.files
-    except ValueError as exc:  # not a zip archive, or pickled objects: name the file
-        raise ValueError(f"{path}: not a reference or recording .npz ({exc})") from None
-
-
 def prepare(model: str | None, references: list[str]) -> tuple[Path, list[Path]]:
     """The ONNX file and the reference files to serve.
 
@@ -85,6 +74,8 @@ def prepare(model: str | None, references: list[str]) -> tuple[Path, list[Path]]
                              "(masa-rt reference build) or a demo recording")
         if not Path(path).is_file():
             raise FileNotFoundError(f"reference {path} not found")
+    from masa_rt.align import is_reference_file
+
     demos = [r for r in references if not is_reference_file(r)]
     if model is None and not demos and shipped_onnx_path().is_file():
         model = str(shipped_onnx_path())  # shipped export: no child process, no torch

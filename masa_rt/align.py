@@ -51,6 +51,7 @@ __all__ = [
     "Estimate",
     "EstimateBatch",
     "Reference",
+    "is_reference_file",
     "ReferenceFormatError",
     "offline_dtw",
     "path_to_index",
@@ -73,6 +74,16 @@ class ReferenceFormatError(ValueError):
         # One line, always: messages are shown in logs and client UIs.
         super().__init__(message.replace("\n", " "))
 
+
+
+def is_reference_file(path: str | Path) -> bool:
+    """A built reference (its ``embeddings``, :meth:`Reference.save`) rather than a
+    recording (joints)? ValueError naming the file if it is no ``.npz`` at all."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return "embeddings" in f.files
+    except ValueError as exc:  # not a zip archive, or pickled objects: name the file
+        raise ValueError(f"{path}: not a reference or recording .npz ({exc})") from None
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)

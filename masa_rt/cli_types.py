@@ -68,12 +68,15 @@ probability = float_range(0.0, 1.0)
 
 
 def check_output_path(out: str | os.PathLike[str],
-                      inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
+                      inputs: Iterable[str | os.PathLike[str] | None] = (),
+                      replaceable: tuple[str, Callable[[Path], bool]] | None = None) -> Path:
     """Refuse an output file that is a directory or one of ``inputs`` (compared resolved, so
-    ``./a.npz`` and ``a.npz`` are the same file); returns ``Path(out)``.
+    ``./a.npz`` and ``a.npz`` are the same file); returns ``Path(out)``. ``replaceable``
+    ``(what, test)``: an existing file is replaced only if ``test(path)`` says it is
+    ``what`` (a previous output), never a recording or anything else found there.
 
-    Raises ValueError naming the path: writing it would destroy an input, or fail with a
-    bare ``IsADirectoryError`` only after the slow part of the command.
+    Raises ValueError naming the path, before the slow part of the command: writing it
+    would destroy an input or another file, or fail with a bare ``IsADirectoryError``.
     """
     path = Path(out)
     if path.is_dir():
@@ -84,4 +87,9 @@ def check_output_path(out: str | os.PathLike[str],
         if item is not None and Path(item).resolve() == target:
             raise ValueError(f"output {path} is also an input ({item}); writing it would "
                              "replace the input: choose another output path")
+    if replaceable is not None and path.exists():
+        what, test = replaceable
+        if not test(path):
+            raise ValueError(f"output {path} exists and is not {what}; refusing to replace "
+                             "it: remove it first or choose another output path")
     return path
