@@ -11,7 +11,11 @@ Liveness and recovery (rules in docs/protocol.md, "Sessions"):
   seconds (nothing at all heard meanwhile) makes ``pull`` raise ``ConnectionLost``;
 * ZeroMQ re-establishes a dropped TCP link by itself; when it does, the outlet re-sends
   ``hello`` with ``resume=True`` so the server keeps (or, after a restart, re-creates) the
-  session; an ``unknown_session`` error triggers the same resume hello.
+  session; an ``unknown_session`` error triggers the same resume hello. A resume hello
+  that cannot be queued (the link is not writable yet) is sent again on the next call;
+* ``push`` reads the replies already queued too (never waiting), so an app that only
+  pushes still resumes an expired session and keeps its clock offset fresh; the
+  estimates it reads wait for ``pull``.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class PoseOutlet:
         self._unanswered_since: float | None = None
         self._last_ping = float("-inf")
         self._hello_sent_at = float("-inf")
+        self._resume_due = False  # a resume hello could not be queued: send it again
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -177,6 +182,8 @@ class PoseOutlet:
         the previous frame's (the server would refuse it and every frame stamped before
         it: give stamps from one monotonic clock, e.g. ``clients.clock.local_clock``), and
         ``ProtocolError`` for +-inf values. A refused frame uses no sequence number.
+        Replies already queued are handled first (never waiting): ``ServerError`` if the
+        server ended the session; estimates are kept for ``pull``.
         """
         self._require_open()
         a = np.asarray(joints, dtype=np.float32)
@@ -189,8 +196,9 @@ class PoseOutlet:
             raise ValueError(f"stamp {t!r} is not finite or not after the previous frame's "
                              f"{self._last_stamp!r}: give capture times from one monotonic "
                              "clock (clients.clock.local_clock)")
-        self._poll_events()
-        self._heartbeat(now)  # may take a resume's welcome, which moves _next_seq on
+        # Queued replies first: a resume's welcome moves _next_seq on, and an
+        # unknown_session error (the session expired) must reach a caller that never pulls.
+        self._drain(stop_at="", check_alive=False)
         seq = self._next_seq
         data = P.encode(P.frame(self.session, seq, t, a))  # +-inf: ProtocolError, no seq used
         self._next_seq += 1  # a dropped frame still uses its number: the gap shows the loss
@@ -263,8 +271,11 @@ class PoseOutlet:
 
     def _send_hello(self, resume: bool) -> None:
         self._hello_sent_at = local_clock()
-        self._try_send(P.hello(self.session, self.layout, self.fps, self._hello_sent_at,
-                               reference=self.reference, resume=resume, client=CLIENT_NAME))
+        sent = self._try_send(P.hello(self.session, self.layout, self.fps, self._hello_sent_at,
+                                      reference=self.reference, resume=resume,
+                                      client=CLIENT_NAME))
+        # A lost resume hello would leave the session unknown to the server: retry it.
+        self._resume_due = resume and not sent
 
     def _ping(self, now: float) -> None:
         self._last_ping = now
@@ -273,6 +284,8 @@ class PoseOutlet:
         self._try_send(P.ping(now, self.session))
 
     def _heartbeat(self, now: float) -> None:
+        if self._resume_due and self._connected:
+            self._send_hello(resume=True)
         if now - self._last_ping >= self.heartbeat:
             self._ping(now)
 
@@ -296,8 +309,10 @@ class PoseOutlet:
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._refused = True
 
-    def _drain(self, stop_at: str) -> Estimate | dict | None:
-        """Handle every queued reply; return the first estimate (or ``stop_at`` message)."""
+    def _drain(self, stop_at: str, check_alive: bool = True) -> Estimate | dict | None:
+        """Handle every queued reply; return the first estimate (or ``stop_at`` message;
+        ``""``: none, estimates are kept for ``pull``). ``check_alive``: raise
+        ``ConnectionLost`` if the server has not answered for ``lost_after`` s."""
         now = local_clock()
         self._poll_events()
         self._heartbeat(now)
@@ -319,7 +334,8 @@ class PoseOutlet:
                 self._pending.append(est)
             elif msg["type"] == stop_at != "estimate":
                 return msg
-        self._check_alive(local_clock())
+        if check_alive:
+            self._check_alive(local_clock())
         return None
 
     def _wait_for(self, kind: str, deadline: float) -> dict | None:

@@ -158,6 +158,28 @@ def test_reconnect_resumes_session_after_server_restart():
     outlet.close()
 
 
+def test_resume_hello_that_cannot_be_queued_is_sent_again():
+    first = FakeServer().__enter__()
+    outlet = PoseOutlet(first.address, lost_after=10.0).__enter__()
+    first.stop()
+    _wait(lambda: not outlet.connected)
+    real_send, refused = outlet._try_send, []
+
+    def send_refusing_first_hello(msg):  # as when the link is not writable yet
+        if not refused and isinstance(msg, dict) and msg["type"] == "hello":
+            refused.append(msg)
+            return False
+        return real_send(msg)
+
+    outlet._try_send = send_refusing_first_hello
+    with FakeServer(port=first.port) as second:
+        _wait(lambda: len(second.hellos) == 1, outlet=outlet)
+        assert len(refused) == 1 and second.hellos[0]["resume"]
+        seq = outlet.push(_pose(0.2))
+        assert _pull_until(outlet).seq == seq
+    outlet.close()
+
+
 def test_restarted_headset_resumes_after_servers_last_seq():
     with FakeServer() as server:
         first = PoseOutlet(server.address, session="headset-1").__enter__()

@@ -174,6 +174,32 @@ def test_resume_after_the_session_expired_recreates_it():
         ctx.destroy(linger=0)
 
 
+def test_push_only_outlet_resumes_its_expired_session():
+    """An app that only pushes (never pulls) still hears unknown_session and resumes."""
+    srv = make_server(idle_timeout_s=0.2, sweep_s=0.02)
+    ctx = zmq.Context()
+    outlet = PoseOutlet(srv.address, session="pusher", context=ctx, lost_after=30.0)
+    try:
+        outlet.open()
+        assert [outlet.push(pose()) for _ in range(3)] == [0, 1, 2]
+        wait_for(lambda: srv.counters.sessions_expired == 1)  # the app went quiet
+        deadline = time.monotonic() + DEADLINE
+        # Push only, as a headset app that ignores estimates would, until the server has
+        # re-created the session and accepted its frames again.
+        while not (srv.counters.sessions_opened == 2
+                   and srv.stats()["counters"]["frames_in"] > 3):
+            assert time.monotonic() < deadline, f"no resume: {srv.stats()['counters']}"
+            outlet.push(pose())
+            time.sleep(0.01)
+        c = srv.stats()["counters"]
+        assert c["rejected"] == c.get("rejected.unknown_session", 0) > 0
+        assert outlet.rejected["unknown_session"] == 0  # session-level: answered by a hello
+    finally:
+        outlet.close()
+        srv.stop()
+        ctx.destroy(linger=0)
+
+
 # --------------------------------------------------------------------------- server dies
 
 

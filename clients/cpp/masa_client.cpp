@@ -330,6 +330,9 @@ std::optional<uint64_t> PoseOutlet::push(const float* joints, int J, int C,
                   "increase strictly, in the local_clock() timebase)", t, last_stamp_);
     throw std::invalid_argument(buf);
   }
+  // Replies already queued first, never waiting: a resume's welcome moves next_seq_ on,
+  // and an unknown_session error (the session expired) must reach an app that never pulls.
+  take_queued_replies();
   heartbeat(now);
   to_little_endian(joints, n, &scratch_);
   last_stamp_ = t;
@@ -353,6 +356,11 @@ std::optional<Estimate> PoseOutlet::pull(double timeout_s) {
   if (!open_) throw Error("outlet is not open: call open() first");
   const double deadline = local_clock() + sane_timeout(timeout_s);
   const double slice = options_.lost_after / 4.0;
+  if (!pending_.empty()) {  // read by push() before
+    Estimate first = std::move(pending_.front());
+    pending_.pop_front();
+    return first;
+  }
   for (;;) {
     heartbeat(local_clock());
     // Everything already queued first (estimates, pongs): it may prove the server alive.
@@ -376,6 +384,18 @@ bool PoseOutlet::send(const std::string& bytes) {
   return zmq_send(sock_, bytes.data(), bytes.size(), ZMQ_DONTWAIT) >= 0;
 }
 
+void PoseOutlet::take_queued_replies() {
+  std::optional<Estimate> est;
+  while (receive_one(&est, nullptr)) {
+    if (!est) continue;
+    if (pending_.size() == kMaxPending) {  // nobody pulls: the oldest goes, counted
+      pending_.pop_front();
+      ++estimates_discarded_;
+    }
+    pending_.push_back(std::move(*est));
+  }
+}
+
 void PoseOutlet::send_hello(bool resume) {
   hello_sent_at_ = local_clock();
   Packer p;
@@ -387,10 +407,13 @@ void PoseOutlet::send_hello(bool resume) {
   p.key("client_time").number(hello_sent_at_);
   p.key("resume").boolean(resume);
   p.key("client").str("masa-rt-cpp/1");
-  send(p.bytes());
+  // A lost resume hello (the link not writable yet) would leave the session unknown to
+  // the server: heartbeat() sends it again.
+  resume_due_ = !send(p.bytes()) && resume;
 }
 
 void PoseOutlet::heartbeat(double now) {
+  if (resume_due_ && open_) send_hello(true);
   if (now - last_ping_ < options_.lost_after / 4.0) return;
   last_ping_ = now;
   if (unanswered_since_ < 0) unanswered_since_ = now;

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <optional>
 #include <stdexcept>
@@ -110,6 +111,9 @@ class PoseOutlet {
   // refuses a frame whose capture time is not after the last one (out_of_order): push()
   // keeps the previous frame's stamp and refuses a later-or-equal one locally.
   // Returns its seq, or nullopt if dropped locally (the seq is then skipped). Never blocks.
+  // Replies already queued are handled first (so an app that only pushes still resumes
+  // a session the server expired); estimates among them wait for pull(). Throws
+  // ServerError if the server ended the session.
   // Throws std::invalid_argument, without using a seq, if (J, C) is not the shape the
   // server asked for, joints is null or holds +-inf, or the stamp is not finite or not
   // after the previous frame's (a stamp from another clock, e.g. 1e12, would make every
@@ -130,11 +134,16 @@ class PoseOutlet {
   uint64_t malformed() const { return malformed_; }
   // Frames the server rejected, by reason (duplicate, out_of_order, non_finite...).
   const std::map<std::string, uint64_t>& rejected() const { return rejected_; }
+  // Estimates push() read that fell off its kMaxPending-deep queue unpulled (oldest first).
+  uint64_t estimates_discarded() const { return estimates_discarded_; }
+  static constexpr size_t kMaxPending = 10000;
 
  private:
   bool send(const std::string& bytes);
   void send_hello(bool resume);
   void heartbeat(double now);
+  // Handle every queued reply without waiting; estimates wait in pending_ for pull().
+  void take_queued_replies();
   // Read one queued reply (false: none queued); *est is set if it was an estimate for
   // this session.
   bool receive_one(std::optional<Estimate>* est, bool* got_welcome);
@@ -151,6 +160,9 @@ class PoseOutlet {
   double last_ping_ = -1e300, unanswered_since_ = -1.0, hello_sent_at_ = -1e300;
   double last_stamp_ = -1e300;  // capture stamp of the last frame given a seq
   std::vector<unsigned char> scratch_;  // little-endian joint bytes, reused per frame
+  std::deque<Estimate> pending_;        // estimates push() read, oldest first
+  uint64_t estimates_discarded_ = 0;
+  bool resume_due_ = false;             // a resume hello could not be queued: resend
 };
 
 }  // namespace masa

@@ -85,6 +85,30 @@ int main(int argc, char** argv) {
     check(masa::local_clock() - t0 < 0.5, "pull(NaN) returns at once");
     out.close();
 
+    // 4. An app that only pushes resumes a session the server forgot (as after expiry):
+    //    a second outlet with the same id says bye, which ends it on the server.
+    o.session = "cpp-push-only";
+    masa::PoseOutlet pusher(o);
+    pusher.open();
+    pusher.push(j.data(), 42, 3);
+    bool first_answered = false;
+    for (const double until = masa::local_clock() + 2.0;
+         !first_answered && masa::local_clock() < until;)
+      first_answered = pusher.pull(0.1).has_value();
+    {
+      masa::PoseOutlet twin(o);
+      twin.open(5.0, /*resume=*/true);
+    }  // bye: the server forgets "cpp-push-only"
+    for (t0 = masa::local_clock(); masa::local_clock() - t0 < 1.0;) {
+      pusher.push(j.data(), 42, 3);
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    bool resumed = false;  // an estimate for a frame pushed after the server forgot us
+    for (const double until = masa::local_clock() + 0.3; masa::local_clock() < until;)
+      if (auto e = pusher.pull(0.05)) resumed = true;
+    check(first_answered && resumed, "push-only outlet resumes a session the server ended");
+    pusher.close();
+
     // 2. Replies already queued are read before the liveness check.
     o.session = "cpp-checks-lost";
     o.lost_after = 0.4;
