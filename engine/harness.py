@@ -209,7 +209,7 @@ def embed_learned(model: Any) -> Embedder:
 def make_references(activities: Sequence[str], spec: InputSpec,
                     embedders: dict[str, Embedder], fingerprint: str = "",
                     reference_demos: int = 1, refine: int = 0,
-                    decoder: Mapping[str, Any] | None = None,
+                    decoder: Mapping[str, Any] | None = None, decoder_demos: int = 1,
                     ) -> tuple[dict[str, dict[str, Reference]], dict[str, np.ndarray]]:
     """``refs[method][activity]`` and each reference's canonical time ``(T,)`` (used to
     map a stream's canonical time onto the reference).
@@ -221,10 +221,18 @@ def make_references(activities: Sequence[str], spec: InputSpec,
     ``decoder`` (not None): the learned references get a phase decoder trained on the
     same demos' labels, as ``masa-rt reference build`` trains it with these options
     (``engine.reference.with_phase_decoder``; ``{}``: its defaults). None: no decoder.
+    ``decoder_demos = K > 1`` (with one reference demo): the decoder also learns from the
+    labels of training demos ``0 .. K-2``, as ``masa-rt reference build CLEAN D0 .. D(K-2)
+    --policy first`` does: the reference is still the clean demo's timeline.
     """
     if not 1 <= reference_demos <= MAX_REFERENCE_DEMOS:
         raise ValueError(f"reference_demos: expected 1 .. {MAX_REFERENCE_DEMOS} (the train "
                          f"split), found {reference_demos}")
+    if not 1 <= decoder_demos <= MAX_REFERENCE_DEMOS + 1 or (
+            decoder_demos > 1 and reference_demos > 1):
+        raise ValueError(f"decoder_demos: expected 1 .. {MAX_REFERENCE_DEMOS + 1} with one "
+                         f"reference demo, found {decoder_demos} (reference_demos "
+                         f"{reference_demos})")
     refs: dict[str, dict[str, Reference]] = {m: {} for m in embedders}
     canon: dict[str, np.ndarray] = {}
     for act in activities:
@@ -245,16 +253,19 @@ def make_references(activities: Sequence[str], spec: InputSpec,
         if decoder is not None and "learned" in refs:
             from engine.reference import with_phase_decoder
 
-            demos = [{"joints": s.joints, "phases": s.phases} for s in seqs]
+            extra = _reference_sequences(act, spec, decoder_demos - 1, train=True)
+            demos = [{"joints": s.joints, "phases": s.phases} for s in [*seqs, *extra]]
             refs["learned"][act] = with_phase_decoder(refs["learned"][act], demos, spec,
                                                       decoder)
     return refs, canon
 
 
-def _reference_sequences(act: str, spec: InputSpec, k: int) -> list[Any]:
+def _reference_sequences(act: str, spec: InputSpec, k: int, train: bool = False
+                         ) -> list[Any]:
     """The demos an activity's reference is built from: the clean demo (``k = 1``), or
-    exactly the training data's first ``k`` sequences (``write_dataset``)."""
-    if k == 1:
+    exactly the training data's first ``k`` sequences (``write_dataset``; always with
+    ``train``, then ``k = 0`` gives none)."""
+    if k == 1 and not train:
         return [generate(act, np.random.default_rng(REFERENCE_SEED), clean=True, fps=spec.fps)]
     return [generate(act, sequence_rng(TRAIN_SEED, act, i), subject=f"synth{TRAIN_SEED}_{i:03d}")
             for i in range(k)]
@@ -469,13 +480,13 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
                 seed: int = 0, config: AlignerConfig | None = None, fingerprint: str = "",
                 keep_streams: bool = False, reference_demos: int = 1,
                 refine: int = 0, decoder: Mapping[str, Any] | None = None,
-                ) -> dict[str, Any]:
+                decoder_demos: int = 1) -> dict[str, Any]:
     """The whole harness: references, streams, aligners, scores; returns the JSON dict.
 
     ``model=None`` skips the learned embedding (raw keypoints only; methods that need it
     are left out). ``keep_streams`` adds the streams and predictions (not JSON) under
     ``"_streams"`` / ``"_preds"`` for tests and the engine check. ``reference_demos``
-    and ``refine``, ``decoder``: see :func:`make_references`.
+    and ``refine``, ``decoder``, ``decoder_demos``: see :func:`make_references`.
     """
     start = time.perf_counter()
     activities = list(activities)
@@ -484,7 +495,7 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
     if model is not None:
         embedders = {"learned": embed_learned(model), **embedders}
     refs, canon = make_references(activities, spec, embedders, fingerprint, reference_demos,
-                                  refine, decoder)
+                                  refine, decoder, decoder_demos)
     streams = make_streams(activities, scenarios, per_activity, seed, spec, canon, embedders)
     t_embed = time.perf_counter() - start
     methods = [m for m in STREAMING_METHODS if m in embedders]
@@ -530,10 +541,14 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
         "scenarios": {s.name: s.description for s in scenarios},
         "aligner_config": asdict(config or AlignerConfig()),
         "reference_demos": reference_demos,
+        "decoder_demos": decoder_demos if decoder is not None else 0,
         "reference": ("the generator's clean demonstration" if reference_demos == 1 else
                       f"medoid average of {reference_demos} training demos (seed "
                       f"{TRAIN_SEED}, indices 0..{reference_demos - 1}; DBA, {refine} "
-                      "refinement rounds)"),
+                      "refinement rounds)")
+                     + (f"; its phase decoder also learned from training demos 0.."
+                        f"{decoder_demos - 2} (seed {TRAIN_SEED})"
+                        if decoder is not None and decoder_demos > 1 else ""),
         "reference_frames": {a: len(refs[methods[0]][a]) for a in activities},
         "reference_medoid": {a: refs[methods[0]][a].meta.get("demo") for a in activities},
         "reference_canonical_time_vs_frame_max_abs": ref_check,

@@ -10,7 +10,7 @@ import argparse
 import shlex
 import sys
 
-from masa_rt.cli_types import nonnegative_int, positive_int
+from masa_rt.cli_types import int_range, nonnegative_int, positive_int
 
 
 def _harness(args: argparse.Namespace) -> int:
@@ -35,6 +35,9 @@ def _harness(args: argparse.Namespace) -> int:
     if not 1 <= args.reference_demos <= 30:
         raise ValueError(f"--reference-demos: expected 1 .. 30 (the training split), found "
                          f"{args.reference_demos}")
+    if args.decoder_demos > 1 and args.reference_demos > 1:
+        raise ValueError("--decoder-demos K > 1 keeps the clean demo as the reference: it "
+                         "cannot be combined with --reference-demos K > 1")
     if args.per_activity < 1:
         raise ValueError(f"--per-activity: expected >= 1, found {args.per_activity}")
     ckpt = resolve_checkpoint(args.checkpoint)
@@ -45,7 +48,7 @@ def _harness(args: argparse.Namespace) -> int:
                          scenarios=scenarios, per_activity=args.per_activity, seed=args.seed,
                          fingerprint=fingerprint, keep_streams=args.engine > 0,
                          reference_demos=args.reference_demos, refine=args.refine,
-                         decoder=decoder_options(args))
+                         decoder=decoder_options(args), decoder_demos=args.decoder_demos)
     if args.engine > 0:
         streams, preds = report["_streams"], report["_preds"]["learned"]
         picked = [i for i, s in enumerate(streams) if s.scenario in ("clean", "nan_joints")]
@@ -98,6 +101,11 @@ def register(subparsers) -> None:
                         "K training demos (synth seed 0, indices 0..K-1; never val streams)")
     p.add_argument("--refine", type=nonnegative_int, default=0, metavar="N",
                    help="with --reference-demos K > 1: DBA refinement rounds (default 0)")
+    p.add_argument("--decoder-demos", type=int_range(1, 31), default=1, metavar="K",
+                   help="1 (default): each phase decoder learns from its reference's demo; "
+                        "K > 1: also from the labels of training demos 0..K-2 (as "
+                        "`masa-rt reference build CLEAN D0 ... --policy first`; the "
+                        "reference stays the clean demo)")
     from engine.commands import add_decoder_options  # here: engine.commands imports us
 
     add_decoder_options(p)  # as `masa-rt reference build`

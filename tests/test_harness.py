@@ -16,6 +16,9 @@ from engine.harness import (  # noqa: E402
     METHODS,
     SCENARIOS,
     Scenario,
+    embed_learned,
+    embed_raw,
+    make_references,
     markdown_table,
     run_harness,
     write_outputs,
@@ -150,3 +153,21 @@ def test_multi_demo_reference_from_training_demos(tmp_path):
     with pytest.raises(ValueError, match="reference_demos"):
         run_harness(None, SPEC, activities=[ACTIVITY], per_activity=1,
                     scenarios=[SCENARIOS["clean"]], reference_demos=31)
+
+
+def test_decoder_demos_train_the_decoder_on_more_labelled_demos():
+    """--decoder-demos K: the reference stays the clean demo; its decoder also learns from
+    training demos 0..K-2 (as `reference build CLEAN D0 .. --policy first`)."""
+    model, _cfg = _tiny()
+    embedders = {"learned": embed_learned(model), "raw": embed_raw}
+    one, canon_one = make_references([ACTIVITY], SPEC, embedders, decoder={"steps": 2})
+    three, canon_three = make_references([ACTIVITY], SPEC, embedders, decoder={"steps": 2},
+                                         decoder_demos=3)
+    assert one["learned"][ACTIVITY].meta["phase_decoder"]["demos"] == 1
+    assert three["learned"][ACTIVITY].meta["phase_decoder"]["demos"] == 3
+    np.testing.assert_array_equal(three["learned"][ACTIVITY].embeddings,
+                                  one["learned"][ACTIVITY].embeddings)
+    np.testing.assert_array_equal(canon_three[ACTIVITY], canon_one[ACTIVITY])
+    with pytest.raises(ValueError, match="decoder_demos"):
+        make_references([ACTIVITY], SPEC, embedders, decoder={"steps": 2}, decoder_demos=2,
+                        reference_demos=2)
