@@ -12,7 +12,12 @@ seed 1, whose val streams are disjoint from seed 0's), then check the result wit
 
     OMP_NUM_THREADS=1 python benchmarks/tune_aligner.py [--checkpoint RUN_OR_PT] [--seed 1]
         [--scenarios clean pause skip] [--per-activity 4] [--rounds 2] [--out best.json]
-        [--references examples]
+        [--references examples] [--start best.json]
+
+``--start FILE`` starts from a config (an ``--out`` file's ``best``, or a plain
+``AlignerConfig`` dict) instead of the defaults; with ``--rounds 0`` it scores that config
+on other seeds. The report also gives activity identification (all references loaded in
+one bank, as the harness scores it) for the defaults and the best config.
 
 ``--references DIR`` tunes against ``DIR/<activity>.npz`` (``examples``: the shipped
 references, with their phase decoders) instead of the harness's decoder-free references
@@ -34,7 +39,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.export import resolve_checkpoint  # noqa: E402
-from engine.harness import SCENARIOS, run_harness, run_per_activity, score  # noqa: E402
+from engine.harness import (  # noqa: E402
+    SCENARIOS,
+    run_bank,
+    run_harness,
+    run_per_activity,
+    score,
+)
 from masa_rt.align import AlignerConfig, Reference  # noqa: E402
 from masa_rt.atomic import atomic_write_json  # noqa: E402
 from masa_rt.checkpoint import load_model  # noqa: E402
@@ -66,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--references", default=None, metavar="DIR",
                     help="DIR/<activity>.npz instead of the harness's references (e.g. "
                          "examples: the shipped ones, with their phase decoders)")
+    ap.add_argument("--start", default=None, metavar="JSON",
+                    help="start from this config (an --out file, or AlignerConfig fields)")
     args = ap.parse_args(argv)
 
     model, _cfg, spec, _meta = load_model(resolve_checkpoint(args.checkpoint))
@@ -86,13 +99,29 @@ def main(argv: list[str] | None = None) -> int:
             out[scen] = [round(r["phase_acc_pct"], 2), round(r["progress_mae_pct"], 2)]
         return out
 
+    def activity_id(cfg: AlignerConfig) -> dict[str, list[float]]:
+        """Per scenario: % of frames (after the first second) and of last frames on the
+        right activity, all references in one bank."""
+        out = {}
+        for scen in args.scenarios:
+            picked = [s for s in streams if s.scenario == scen]
+            single = run_per_activity(refs, picked, "learned", cfg)
+            multi = run_bank([refs[a] for a in activities], picked, "learned", cfg)
+            for p, q in zip(single, multi, strict=True):
+                p.activity = q.activity
+            r = score(picked, single, activities, spec.fps)
+            out[scen] = [round(r["activity_frame_acc_pct"], 2),
+                         round(r["activity_final_acc_pct"], 2)]
+        return out
+
     def objective(res: dict[str, list[float]]) -> float:
         return float(np.mean([v[0] for v in res.values()]))
 
     start = time.perf_counter()
-    best = AlignerConfig()
+    best = _start_config(args.start)
     best_res = evaluate(best)
-    print(json.dumps({"trial": "defaults", "result": best_res}), flush=True)
+    print(json.dumps({"trial": "start" if args.start else "defaults", "result": best_res}),
+          flush=True)
     for rnd in range(args.rounds):
         for field, values in GRID.items():
             if field == "decoder_weight" and not any(r.decoder for r in refs.values()):
@@ -109,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 if objective(res) > objective(best_res) + 0.1:  # not for noise
                     best, best_res = cfg, res
     report = {"seed": args.seed, "scenarios": args.scenarios, "result": best_res,
+              "activity_id": activity_id(best),
+              "activity_id_defaults": activity_id(AlignerConfig()),
               "defaults": asdict(AlignerConfig()), "best": asdict(best),
               "changed": {k: v for k, v in asdict(best).items()
                           if v != getattr(AlignerConfig(), k)},
@@ -117,6 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         atomic_write_json(args.out, report)
     return 0
+
+
+def _start_config(path: str | None) -> AlignerConfig:
+    """The config to start from: the defaults, or ``path``'s (``best`` of an ``--out``
+    file, or a dict of ``AlignerConfig`` fields)."""
+    if path is None:
+        return AlignerConfig()
+    data = json.loads(Path(path).read_text())
+    return AlignerConfig(**data.get("best", data))
 
 
 def _same_reference(path: Path, harness_ref: Reference) -> Reference:

@@ -769,8 +769,13 @@ class _Sessions:
             old = state[live, slots].reshape(n, stack.k, stack.layers, stack.hidden)
             logp, new = stack.step(x[live], old)
             state[live, slots] = new.reshape(n, -1)
+            # Relative to the decoder's own best phase, -log(p / max p): the term shapes
+            # the costs within a reference but adds no level of its own, so a decoder
+            # that is confident on the wrong activity's stream cannot pull the activity
+            # choice (which compares references' costs) towards it.
+            rel = logp - logp.max(axis=2, keepdims=True)
             for i, (cols, phases) in enumerate(targets):
-                added[live, cols] = -M.cfg.decoder_weight * logp[:, i, phases]
+                added[live, cols] = -M.cfg.decoder_weight * rel[:, i, phases]
         self.dec[rows] = state
         cost += added
         return added

@@ -138,7 +138,10 @@ def test_aligner_adds_every_references_decoder_term_to_its_own_columns() -> None
                 assert not added[cols].any()
                 continue
             logp, states[k] = d.step(x[t][None], states[k])
-            np.testing.assert_allclose(added[cols], -w * logp[0, refs[k].phases], atol=1e-5)
+            # -w log(p / max p): relative to the decoder's best phase, never below 0.
+            rel = logp[0] - logp[0].max()
+            np.testing.assert_allclose(added[cols], -w * rel[refs[k].phases], atol=1e-5)
+            assert added[cols].min() == pytest.approx(0.0, abs=1e-6)
 
 
 def _query(ref: Reference, n: int) -> np.ndarray:
@@ -165,6 +168,30 @@ def test_confident_decoder_pulls_the_phase_and_weight_zero_ignores_it() -> None:
     assert pulled[-1].phase_id == 2
     assert [e.phase_id for e in ignored] == [e.phase_id for e in plain]
     assert ignored[-1].phase_id == 0
+
+
+def _uniform() -> PhaseDecoder:
+    """A decoder that cannot tell the phases apart (p = 1/P everywhere)."""
+    arrays = random_decoder().arrays()
+    arrays["wo"] = np.zeros_like(arrays["wo"])
+    arrays["bo"] = np.zeros_like(arrays["bo"])
+    return PhaseDecoder(arrays)
+
+
+def test_a_confident_decoder_does_not_pull_the_activity_choice() -> None:
+    """The decoder term is relative to each decoder's best phase, so the stream's own
+    activity (an unsure decoder) still wins over another activity whose decoder is sure
+    of something: only the embeddings choose between references."""
+    own = make_reference(_uniform())
+    other = make_reference(_confident(1))
+    other.embeddings = -other.embeddings  # another activity: far from the stream
+    own.name = own.activity = "own"
+    other.name = other.activity = "other"
+    q = _query(own, 40)
+    x = np.zeros((len(q), D_IN), np.float32)
+    al = Aligner([own, other], AlignerConfig(decoder_weight=1.0))
+    est = [al.step(q[t], t / 30.0, inputs=x[t]) for t in range(len(q))]
+    assert {e.activity for e in est} == {"own"}
 
 
 def test_aligner_needs_inputs_when_a_reference_has_a_decoder() -> None:
