@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return float(np.mean([v[0] for v in res.values()]))
 
     start = time.perf_counter()
-    best = _start_config(args.start)
+    defaults = AlignerConfig.for_references(list(refs.values()))  # what the engine uses
+    best = _start_config(args.start) or defaults
     best_res = evaluate(best)
     print(json.dumps({"trial": "start" if args.start else "defaults", "result": best_res}),
           flush=True)
@@ -139,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                     best, best_res = cfg, res
     report = {"seed": args.seed, "scenarios": args.scenarios, "result": best_res,
               "activity_id": activity_id(best),
-              "activity_id_defaults": activity_id(AlignerConfig()),
-              "defaults": asdict(AlignerConfig()), "best": asdict(best),
+              "activity_id_defaults": activity_id(defaults),
+              "defaults": asdict(defaults), "best": asdict(best),
               "changed": {k: v for k, v in asdict(best).items()
-                          if v != getattr(AlignerConfig(), k)},
+                          if v != getattr(defaults, k)},
               "wall_s": round(time.perf_counter() - start, 1)}
     print(json.dumps(report, indent=2))
     if args.out:
@@ -150,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _start_config(path: str | None) -> AlignerConfig:
-    """The config to start from: the defaults, or ``path``'s (``best`` of an ``--out``
-    file, or a dict of ``AlignerConfig`` fields)."""
+def _start_config(path: str | None) -> AlignerConfig | None:
+    """The config to start from: ``path``'s (``best`` of an ``--out`` file, or a dict of
+    ``AlignerConfig`` fields), None for the engine's defaults."""
     if path is None:
-        return AlignerConfig()
+        return None
     data = json.loads(Path(path).read_text())
     return AlignerConfig(**data.get("best", data))
 

@@ -539,7 +539,10 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
                     "offline_dtw": f"offline full DTW of the whole stream ({offline_method} "
                                    "embeddings), the upper bound"},
         "scenarios": {s.name: s.description for s in scenarios},
-        "aligner_config": asdict(config or AlignerConfig()),
+        "aligner_config": (asdict(config) if config is not None else {
+            "with_phase_decoders": asdict(AlignerConfig()),
+            "without (raw keypoints, --decoder-steps 0)": asdict(
+                AlignerConfig.for_references([]))}),
         "reference_demos": reference_demos,
         "decoder_demos": decoder_demos if decoder is not None else 0,
         "reference": ("the generator's clean demonstration" if reference_demos == 1 else

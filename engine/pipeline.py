@@ -70,7 +70,7 @@ class Pipeline:
         self.references = {r.activity: r for r in references}
         if len(self.references) != len(references):
             raise ValueError("Pipeline: two references for the same activity")
-        config = aligner_config or AlignerConfig()
+        config = aligner_config or AlignerConfig.for_references(references)
         # One bank per reference choice: sessions that named an activity align to it alone,
         # the others to all references (activity identification). Each bank steps all of
         # its sessions in one vectorised call.

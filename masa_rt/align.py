@@ -272,15 +272,15 @@ class AlignerConfig:
     to the model's rate, which is also the references' rate); costs are ``1 - cos``."""
 
     # Tracker (banded online DTW).
-    band: int = 12  # look-ahead of the tracker window, reference frames
+    band: int = 20  # look-ahead of the tracker window, reference frames
     back: int = 2  # tolerated backward motion (jitter, overshoot), reference frames
     max_step: int = 4  # most reference frames advanced per query frame (user up to 4x faster)
     # Move penalties: 0 since learned embeddings (the stream's speed varies 0.5-2x per phase;
     # any bias toward moving or staying costs accuracy; harness, docs/aligner.md).
     stay_penalty: float = 0.0  # cost of not advancing
-    skip_penalty: float = 0.0  # per extra frame skipped beyond the first
+    skip_penalty: float = 0.005  # per extra frame skipped beyond the first
     back_penalty: float = 0.02  # per frame moved backwards
-    smoothing: float = 0.3  # EMA factor of the reported index (0 = raw argmin)
+    smoothing: float = 0.0  # EMA factor of the reported index (0 = raw argmin)
     # Pause: the stream's embedding speed (mean of the last `pause_lag` frames against the
     # mean of the `pause_lag` before, so per-frame jitter averages out) below a fraction of
     # the reference's median speed, measured the same way, for `pause_frames` frames.
@@ -291,20 +291,21 @@ class AlignerConfig:
     off_script_sim: float = 0.5
     off_script_frames: int = 10
     # Relocaliser (global streaming subsequence DTW with forgetting).
-    relocalise_memory: float = 8.0  # time constant of forgetting, frames
+    relocalise_memory: float = 4.0  # time constant of forgetting, frames
     relocalise_margin: int = 8  # a jump must move at least this far, reference frames
-    relocalise_cost_margin: float = 0.08  # ... and be this much cheaper (mean cost) ...
-    relocalise_patience: int = 4  # ... for this many consecutive frames
+    relocalise_cost_margin: float = 0.04  # ... and be this much cheaper (mean cost) ...
+    relocalise_patience: int = 2  # ... for this many consecutive frames
     finish_tolerance: int = 2  # "finished" within this many frames of the end
     # Activity choice among several references: EMA of each one's best recent cost.
     activity_memory: float = 10.0  # frames
     activity_margin: float = 0.02
     activity_patience: int = 8
-    # References with a phase decoder: cost += decoder_weight * -log p(the frame's phase).
-    # 0.02 nats weighs a confident decoder (p 0.9 against 0.1: 2.2 nats) about like a
-    # cosine gap of 0.04; 0.02-0.2 tried, both harness seeds agree (docs/results.md §3,
-    # "Fifth round").
-    decoder_weight: float = 0.02
+    # References with a phase decoder: cost += decoder_weight * -log(p(the frame's phase) /
+    # p(the decoder's best phase)). 0.1 weighs a confident decoder (p 0.9 against 0.1: 2.2
+    # nats) about like a cosine gap of 0.2. The defaults above and this weight were tuned
+    # together for references with 128-wide decoders (docs/results.md §3, "Tenth round");
+    # references without decoders get DECODER_FREE (see for_references).
+    decoder_weight: float = 0.1
 
     def __post_init__(self) -> None:
         ints = {"band": 1, "back": 0, "max_step": 1, "pause_lag": 1, "pause_frames": 1,
@@ -323,6 +324,26 @@ class AlignerConfig:
             if getattr(self, name) < 1.0:
                 raise ValueError(f"AlignerConfig.{name}: expected >= 1 frame, "
                                  f"found {getattr(self, name)}")
+
+    @classmethod
+    def for_references(cls, references: Reference | Sequence[Reference]) -> AlignerConfig:
+        """The defaults for these references: the class defaults (tuned with phase
+        decoders, as ``masa-rt reference build`` makes them) if any has a decoder, else
+        the values tuned for embeddings alone (``DECODER_FREE``; older references, raw
+        keypoints, ``--decoder-steps 0``)."""
+        refs = [references] if isinstance(references, Reference) else list(references)
+        if any(r.decoder is not None for r in refs):
+            return cls()
+        return cls(**DECODER_FREE)
+
+
+# The fourth round's defaults, tuned for embeddings alone: without a decoder's boundaries,
+# smoothing and slower relocalising keep the reported position steadier (seed 0, decoder-
+# free, clean / pause / skip: 82.3 / 80.2 / 70.7 % against 82.5 / 78.8 / 71.5 with the
+# class defaults, progress MAE 2.10 against 2.40 %).
+DECODER_FREE: dict[str, Any] = {
+    "band": 12, "skip_penalty": 0.0, "smoothing": 0.3, "relocalise_memory": 8.0,
+    "relocalise_cost_margin": 0.08, "relocalise_patience": 4}
 
 
 @dataclass(slots=True)
@@ -1097,7 +1118,8 @@ class Aligner:
 
     def __init__(self, references: Reference | Sequence[Reference],
                  config: AlignerConfig | None = None) -> None:
-        self._init(_Model(_checked_references(references), config or AlignerConfig()))
+        refs = _checked_references(references)
+        self._init(_Model(refs, config or AlignerConfig.for_references(refs)))
 
     def _init(self, model: _Model) -> None:
         self._model = model
@@ -1168,7 +1190,8 @@ class AlignerBank:
 
     def __init__(self, references: Reference | Sequence[Reference],
                  config: AlignerConfig | None = None, capacity: int = 16) -> None:
-        self._model = _Model(_checked_references(references), config or AlignerConfig())
+        refs = _checked_references(references)
+        self._model = _Model(refs, config or AlignerConfig.for_references(refs))
         self._sessions = _Sessions(self._model, capacity)
         self._slot: dict[Hashable, int] = {}
         self._ids: list[Hashable] = []  # session of each slot
