@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def activity_id(cfg: AlignerConfig) -> dict[str, list[float]]:
         """Per scenario: % of frames (after the first second) and of last frames on the
-        right activity, all references in one bank."""
+        right activity, all references in one bank; then the phase-change delay (frames)
+        of the per-activity run."""
         out = {}
         for scen in args.scenarios:
             picked = [s for s in streams if s.scenario == scen]
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.activity = q.activity
             r = score(picked, single, activities, spec.fps)
             out[scen] = [round(r["activity_frame_acc_pct"], 2),
-                         round(r["activity_final_acc_pct"], 2)]
+                         round(r["activity_final_acc_pct"], 2), round(r["delay_frames"], 2)]
         return out
 
     def objective(res: dict[str, list[float]]) -> float:

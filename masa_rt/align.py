@@ -19,7 +19,7 @@ the cosine cost ``c(i) = 1 - cos(q_t, ref_i)``:
 With several references every relocaliser runs (its best recent cost scores the activity)
 and only the chosen reference's tracker does. A reference built with a **phase decoder**
 (``masa_rt.phase_decoder``, trained on the demo's labels) adds ``decoder_weight * -log
-p(phase)`` to the cost of each of its frames, from the frame's model input (``inputs=``),
+(p(phase) / max p)`` to the cost of each of its frames, from the frame's model input (``inputs=``),
 before both programs read it. States and tuning: ``docs/aligner.md``.
 
 ``offline_dtw`` and ``subsequence_dtw`` are the exact batch counterparts (the upper bound
@@ -111,7 +111,7 @@ class Reference:
     model_fingerprint: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     # Optional: trained on the demo's labels (masa_rt.phase_decoder); the aligner adds its
-    # -log p(phase) to the cost of each frame of that phase (AlignerConfig.decoder_weight).
+    # -log(p(phase) / max p) to the cost of each frame of that phase (decoder_weight).
     decoder: PhaseDecoder | None = None
     # Derived on construction, per frame: first/last frame of the run of equal phase the
     # frame belongs to (a run, not a phase id, so a phase that recurs is still linear).
@@ -339,8 +339,9 @@ class AlignerConfig:
 
 # The fourth round's defaults, tuned for embeddings alone: without a decoder's boundaries,
 # smoothing and slower relocalising keep the reported position steadier (seed 0, decoder-
-# free, clean / pause / skip: 82.3 / 80.2 / 70.7 % against 82.5 / 78.8 / 71.5 with the
-# class defaults, progress MAE 2.10 against 2.40 %).
+# free references, clean / pause / skip: phase accuracy 82.3 / 78.8 / 69.8 % and progress
+# MAE 2.10 / 2.78 / 4.19 %, against 82.5 / 78.8 / 71.5 % and 2.40 / 3.75 / 4.23 % with the
+# class defaults).
 DECODER_FREE: dict[str, Any] = {
     "band": 12, "skip_penalty": 0.0, "smoothing": 0.3, "relocalise_memory": 8.0,
     "relocalise_cost_margin": 0.08, "relocalise_patience": 4}
@@ -776,8 +777,8 @@ class _Sessions:
     def _decode(self, rows: np.ndarray, ok: np.ndarray, x: np.ndarray | None,
                 cost: np.ndarray) -> np.ndarray:
         """Step every reference's phase decoder on the frames of ``ok`` sessions (a lost
-        frame holds its state) and add ``decoder_weight * -log p(phase)`` to each column
-        of ``cost`` in place; returns that added term (B, P)."""
+        frame holds its state) and add ``decoder_weight * -log(p(phase) / max p)`` to
+        each column of ``cost`` in place; returns that added term (B, P)."""
         M = self.model  # x was checked by _decoder_inputs (public entry points)
         added = self.dec_added[:len(rows)]
         added.fill(0.0)

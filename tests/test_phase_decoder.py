@@ -315,3 +315,18 @@ def test_decoder_config_applies_and_checks_options() -> None:
                        ({"hidden": 0}, "hidden"), ({"edit_prob": -0.1}, "edit_prob")]:
         with pytest.raises(ValueError, match=match):
             decoder_config(bad)
+
+
+def test_default_config_follows_the_references() -> None:
+    """Tuned with decoders (the class defaults) when a reference has one; the values tuned
+    for embeddings alone when none has; an explicit config always wins."""
+    from masa_rt.align import DECODER_FREE
+
+    with_dec, plain = make_reference(random_decoder()), make_reference()
+    assert AlignerConfig.for_references([plain, with_dec]) == AlignerConfig()
+    free = AlignerConfig.for_references(plain)
+    assert all(getattr(free, k) == v for k, v in DECODER_FREE.items())
+    assert free != AlignerConfig()
+    assert Aligner(plain)._model.cfg == free
+    assert AlignerBank(with_dec)._model.cfg == AlignerConfig()
+    assert Aligner(plain, AlignerConfig(band=7))._model.cfg.band == 7
