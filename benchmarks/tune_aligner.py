@@ -62,7 +62,7 @@ GRID: dict[str, list[Any]] = {
     "relocalise_cost_margin": [0.04, 0.08, 0.15, 0.3],
     "relocalise_patience": [2, 4, 8],
     "relocalise_memory": [4.0, 8.0, 16.0],
-    "decoder_weight": [0.01, 0.02, 0.05, 0.1],  # only tried when the references have decoders
+    "decoder_weight": [0.02, 0.05, 0.1, 0.2],  # only tried when the references have decoders
 }
 
 
