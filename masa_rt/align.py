@@ -18,9 +18,9 @@ the cosine cost ``c(i) = 1 - cos(q_t, ref_i)``:
 
 With several references every relocaliser runs (its best recent cost scores the activity)
 and only the chosen reference's tracker does. A reference built with a **phase decoder**
-(``masa_rt.phase_decoder``, trained on the demo's labels) adds ``decoder_weight * -log
-(p(phase) / max p)`` to the cost of each of its frames, from the frame's model input (``inputs=``),
-before both programs read it. States and tuning: ``docs/aligner.md``.
+(``masa_rt.phase_decoder``, trained on the demo's labels) adds ``decoder_weight *
+-log(p(phase) / max p)`` to the cost of each of its frames, from the frame's model input
+(``inputs=``), before both programs read it. States and tuning: ``docs/aligner.md``.
 
 ``offline_dtw`` and ``subsequence_dtw`` are the exact batch counterparts (the upper bound
 in the streaming evaluation, offline checks).
