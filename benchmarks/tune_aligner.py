@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.export import resolve_checkpoint  # noqa: E402
 from engine.harness import (  # noqa: E402
     SCENARIOS,
-    run_bank,
     run_harness,
     run_per_activity,
+    run_with_activity,
     score,
 )
 from masa_rt.align import AlignerConfig, Reference  # noqa: E402
@@ -106,11 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         out = {}
         for scen in args.scenarios:
             picked = [s for s in streams if s.scenario == scen]
-            single = run_per_activity(refs, picked, "learned", cfg)
-            multi = run_bank([refs[a] for a in activities], picked, "learned", cfg)
-            for p, q in zip(single, multi, strict=True):
-                p.activity = q.activity
-            r = score(picked, single, activities, spec.fps)
+            r = score(picked, run_with_activity(refs, picked, "learned", cfg), activities,
+                      spec.fps)
             out[scen] = [round(r["activity_frame_acc_pct"], 2),
                          round(r["activity_final_acc_pct"], 2), round(r["delay_frames"], 2)]
         return out

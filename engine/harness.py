@@ -79,6 +79,7 @@ __all__ = [
     "run_engine_check",
     "run_harness",
     "run_per_activity",
+    "run_with_activity",
     "score",
 ]
 
@@ -253,20 +254,23 @@ def make_references(activities: Sequence[str], spec: InputSpec,
         if decoder is not None and "learned" in refs:
             from engine.reference import with_phase_decoder
 
-            extra = _reference_sequences(act, spec, decoder_demos - 1, train=True)
+            extra = _training_demos(act, decoder_demos - 1)
             demos = [{"joints": s.joints, "phases": s.phases} for s in [*seqs, *extra]]
             refs["learned"][act] = with_phase_decoder(refs["learned"][act], demos, spec,
                                                       decoder)
     return refs, canon
 
 
-def _reference_sequences(act: str, spec: InputSpec, k: int, train: bool = False
-                         ) -> list[Any]:
+def _reference_sequences(act: str, spec: InputSpec, k: int) -> list[Any]:
     """The demos an activity's reference is built from: the clean demo (``k = 1``), or
-    exactly the training data's first ``k`` sequences (``write_dataset``; always with
-    ``train``, then ``k = 0`` gives none)."""
-    if k == 1 and not train:
+    the training data's first ``k`` sequences."""
+    if k == 1:
         return [generate(act, np.random.default_rng(REFERENCE_SEED), clean=True, fps=spec.fps)]
+    return _training_demos(act, k)
+
+
+def _training_demos(act: str, k: int) -> list[Any]:
+    """Exactly the training data's first ``k`` sequences of ``act`` (``write_dataset``)."""
     return [generate(act, sequence_rng(TRAIN_SEED, act, i), subject=f"synth{TRAIN_SEED}_{i:03d}")
             for i in range(k)]
 
@@ -403,6 +407,19 @@ def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
     return result  # type: ignore[return-value]
 
 
+def run_with_activity(refs: dict[str, Reference], streams: Sequence[Stream], method: str,
+                      config: AlignerConfig | None = None) -> list[Predictions]:
+    """``run_per_activity``'s predictions (phase and progress, scored against the stream's
+    own activity) with ``activity`` taken from one bank over all ``refs`` (activity
+    identification), as the harness scores both. ``refs`` in the order of the activities
+    that ``score`` is given (the bank reports an index into it)."""
+    single = run_per_activity(refs, streams, method, config)
+    multi = run_bank(list(refs.values()), streams, method, config)
+    for p, q in zip(single, multi, strict=True):
+        p.activity = q.activity
+    return single
+
+
 def run_per_activity(refs: dict[str, Reference], streams: Sequence[Stream], method: str,
                      config: AlignerConfig | None = None) -> list[Predictions]:
     """Each stream against its own activity's reference only (one bank per activity), as
@@ -501,11 +518,7 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
     methods = [m for m in STREAMING_METHODS if m in embedders]
     preds: dict[str, list[Predictions]] = {}
     for m in methods:
-        single = run_per_activity(refs[m], streams, m, config)
-        multi = run_bank([refs[m][a] for a in activities], streams, m, config)
-        for p, q in zip(single, multi, strict=True):
-            p.activity = q.activity
-        preds[m] = single
+        preds[m] = run_with_activity(refs[m], streams, m, config)
     t_stream = time.perf_counter() - start - t_embed
     offline_method = "learned" if "learned" in embedders else "raw"
     preds["offline_dtw"] = [run_offline(refs[offline_method], s, offline_method, activities)

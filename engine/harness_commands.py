@@ -35,9 +35,6 @@ def _harness(args: argparse.Namespace) -> int:
     if not 1 <= args.reference_demos <= 30:
         raise ValueError(f"--reference-demos: expected 1 .. 30 (the training split), found "
                          f"{args.reference_demos}")
-    if args.decoder_demos > 1 and args.reference_demos > 1:
-        raise ValueError("--decoder-demos K > 1 keeps the clean demo as the reference: it "
-                         "cannot be combined with --reference-demos K > 1")
     if args.per_activity < 1:
         raise ValueError(f"--per-activity: expected >= 1, found {args.per_activity}")
     ckpt = resolve_checkpoint(args.checkpoint)

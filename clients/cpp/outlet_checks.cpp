@@ -105,7 +105,7 @@ int main(int argc, char** argv) {
     }
     bool resumed = false;  // an estimate for a frame pushed after the server forgot us
     for (const double until = masa::local_clock() + 0.3; masa::local_clock() < until;)
-      if (auto e = pusher.pull(0.05)) resumed = true;
+      if (pusher.pull(0.05)) resumed = true;
     check(first_answered && resumed, "push-only outlet resumes a session the server ended");
     pusher.close();
 
