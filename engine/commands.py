@@ -33,6 +33,9 @@ def _reference_build(args: argparse.Namespace) -> int:
     how = (f", {ref.meta['policy']} of {len(args.demos)} demos (timeline: "
            f"{ref.meta['demo']})" if len(args.demos) > 1 else "")
     dec = ", phase decoder" if ref.decoder is not None else ""
+    if ref.decoder is not None and ref.decoder.lookahead:
+        dec += (f" with lookahead {ref.decoder.lookahead} (estimates describe the user "
+                f"{ref.decoder.lookahead / ref.fps * 1000:.0f} ms ago)")
     print(f"wrote {args.out}: {ref.activity}, {len(ref)} frames, "
           f"{len(ref.phase_names)} phases, model {ref.model_fingerprint}{how}{dec}")
     return 0
@@ -85,10 +88,17 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
                         "faster per frame for 1.1 points less, see docs/aligner.md)")
 
 
+    p.add_argument("--decoder-lookahead", type=nonnegative_int, default=None, metavar="L",
+                   help="frames of lookahead (default 0): the decoder names the phase of "
+                        "the frame L before the newest, and every estimate then describes "
+                        "the user L frames ago (3 at 30 fps: 100 ms) for fewer boundary "
+                        "errors; see docs/aligner.md")
+
+
 def decoder_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``add_decoder_options`` flags as ``DecoderConfig`` fields (None: the default)."""
     return {"steps": args.decoder_steps, "edit_prob": args.decoder_edit_prob,
-            "hidden": args.decoder_hidden}
+            "hidden": args.decoder_hidden, "lookahead": args.decoder_lookahead}
 
 
 def register(subparsers) -> None:

@@ -76,18 +76,21 @@ def held_out_pour(cfg: DemoConfig) -> Sequence:
     return generate(cfg.activity, rng, perturb=perturb, subject=f"demo{cfg.seed}")
 
 
-def score(truth: Sequence, estimates: dict[int, Estimate], report: ReplayReport) -> DemoScore:
+def score(truth: Sequence, estimates: dict[int, Estimate], report: ReplayReport,
+          lag: int = 0) -> DemoScore:
     """Compare each answered frame (by seq = frame index) with the generator's labels.
 
     Unanswered frames are not scored but show in ``answered``; a frame answered while the
     aligner is still ``waiting`` counts as a wrong phase (no free points for silence).
+    ``lag``: frames each answer lags (references with lookahead): the answer to frame s
+    is scored against frame s - lag's labels.
     """
     names = list(truth.phase_names)
-    seqs = sorted(s for s in estimates if s < truth.num_frames)
+    seqs = sorted(s for s in estimates if lag <= s < truth.num_frames)
     if not seqs:
         return DemoScore(report.sent, 0, 0.0, float("nan"), float("nan"), float("nan"))
-    hit = [estimates[s].phase_name == names[truth.phases[s]] for s in seqs]
-    err = [abs(estimates[s].progress - float(truth.canonical_time[s])) for s in seqs]
+    hit = [estimates[s].phase_name == names[truth.phases[s - lag]] for s in seqs]
+    err = [abs(estimates[s].progress - float(truth.canonical_time[s - lag])) for s in seqs]
     return DemoScore(report.sent, len(seqs), float(np.mean(hit)), float(np.mean(err)),
                      report.latency_ms(50), report.latency_ms(99))
 
@@ -128,7 +131,9 @@ def run_demo(cfg: DemoConfig, pipeline=None) -> int:
             stop.set()
             if dash is not None:
                 dash.join(5.0)
-    result = score(truth, estimates, report)
+    # Lookahead references answer each frame with the user of L model frames before.
+    lag = round(getattr(pipeline, "lookahead", 0) * truth.fps / pipeline.spec.fps)
+    result = score(truth, estimates, report, lag)
     print("\n".join([f"masa-rt demo: held-out {cfg.activity} (pause in phase "
                      f"{truth.phase_names[cfg.pause_phase]}, {truth.phase_names[cfg.repeat_phase]}"
                      " repeated)", *result.lines(), report.summary()]))

@@ -261,6 +261,40 @@ def make_references(activities: Sequence[str], spec: InputSpec,
     return refs, canon
 
 
+def use_references(built: dict[str, Reference],
+                   given: Mapping[str, Reference]) -> dict[str, Reference]:
+    """``given`` in place of ``built`` (activity -> reference), refused unless each is the
+    same demo embedded by the same model: the streams' ground truth (true progress, phase
+    per reference frame) maps onto that demo's frames, so another demo would be scored
+    against the wrong truth."""
+    out = {}
+    for act, ref in built.items():
+        if act not in given:
+            raise ValueError(f"references: none given for {act!r} (given: "
+                             f"{', '.join(sorted(given)) or 'none'})")
+        mine = given[act]
+        if not (len(mine) == len(ref) and mine.dim == ref.dim
+                and np.allclose(mine.embeddings, ref.embeddings, atol=1e-4)):
+            raise ValueError(
+                f"references: {act!r} is not the harness's reference ({len(mine)} frames "
+                f"against {len(ref)}: another demo or another model); build it with "
+                f"`masa-rt reference build examples/demos/{act}.npz --checkpoint ...`")
+        out[act] = mine
+    return out
+
+
+def load_references(folder: str | Path, activities: Sequence[str]) -> dict[str, Reference]:
+    """``folder/<activity>.npz`` for every activity (clear error for a missing one)."""
+    out = {}
+    for act in activities:
+        path = Path(folder) / f"{act}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"--references: no {path} (one <activity>.npz per "
+                                    f"activity: {', '.join(activities)})")
+        out[act] = Reference.load(path)
+    return out
+
+
 def _reference_sequences(act: str, spec: InputSpec, k: int) -> list[Any]:
     """The demos an activity's reference is built from: the clean demo (``k = 1``), or
     the training data's first ``k`` sequences."""
@@ -368,11 +402,18 @@ class Predictions:
 
 def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
              config: AlignerConfig | None = None) -> list[Predictions]:
-    """Step every stream frame by frame through one bank over ``refs``."""
+    """Step every stream frame by frame through one bank over ``refs``.
+
+    With lookahead L (``AlignerBank.lookahead``), step k's estimate is frame k - L's, and
+    each stream ends with L steps without a pose (the aligner steps its last L frames,
+    with no decoder reading further): a live stream's last L frames wait for frames
+    that never come, so this is the most a stream can have.
+    """
     bank = AlignerBank(list(refs), config, capacity=max(len(streams), 1))
+    lag = bank.lookahead
     lengths = np.array([len(s) for s in streams])
     order = np.argsort(-lengths, kind="stable")  # active streams are always a prefix
-    n_max = int(lengths.max()) if len(streams) else 0
+    n_max = int(lengths.max()) + lag if len(streams) else 0
     dim = refs[0].dim
     emb = np.zeros((len(streams), n_max, dim), dtype=np.float32)
     valid = np.zeros((len(streams), n_max), dtype=bool)
@@ -386,10 +427,11 @@ def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
             xin[row, :n] = streams[s].inputs()
         valid[row, :n] = ~streams[s].lost
         times[row, :n] = streams[s].times
+        times[row, n:n + lag] = streams[s].times[-1] + np.arange(1, lag + 1) / refs[0].fps
     phase = np.full((len(streams), n_max), -1, dtype=np.int64)
     prog = np.full((len(streams), n_max), np.nan)
     ref = np.zeros((len(streams), n_max), dtype=np.int64)
-    sorted_len = lengths[order]
+    sorted_len = lengths[order] + lag
     ids = order.tolist()
     for k in range(n_max):
         m = int(np.count_nonzero(sorted_len > k))  # rows with length > k: a prefix
@@ -400,10 +442,10 @@ def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
         ref[:m, k] = out.ref
     result: list[Predictions | None] = [None] * len(streams)
     for row, s in enumerate(order.tolist()):
-        n = lengths[s]
-        p = prog[row, :n].copy()
-        p[phase[row, :n] < 0] = np.nan  # waiting: no report
-        result[s] = Predictions(phase[row, :n].copy(), p, ref[row, :n].copy())
+        n = slice(lag, lag + lengths[s])  # the steps whose estimates describe the frames
+        p = prog[row, n].copy()
+        p[phase[row, n] < 0] = np.nan  # waiting: no report
+        result[s] = Predictions(phase[row, n].copy(), p, ref[row, n].copy())
     return result  # type: ignore[return-value]
 
 
@@ -497,13 +539,17 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
                 seed: int = 0, config: AlignerConfig | None = None, fingerprint: str = "",
                 keep_streams: bool = False, reference_demos: int = 1,
                 refine: int = 0, decoder: Mapping[str, Any] | None = None,
-                decoder_demos: int = 1) -> dict[str, Any]:
+                decoder_demos: int = 1,
+                references: Mapping[str, Reference] | None = None) -> dict[str, Any]:
     """The whole harness: references, streams, aligners, scores; returns the JSON dict.
 
     ``model=None`` skips the learned embedding (raw keypoints only; methods that need it
     are left out). ``keep_streams`` adds the streams and predictions (not JSON) under
     ``"_streams"`` / ``"_preds"`` for tests and the engine check. ``reference_demos``
     and ``refine``, ``decoder``, ``decoder_demos``: see :func:`make_references`.
+    ``references`` (activity -> built reference, e.g. the shipped ``examples/*.npz``):
+    scored as the learned references instead of building them (no decoder training);
+    each must be the harness's own demo embedded by ``model`` (:func:`use_references`).
     """
     start = time.perf_counter()
     activities = list(activities)
@@ -511,8 +557,15 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
     embedders: dict[str, Embedder] = {"raw": embed_raw}
     if model is not None:
         embedders = {"learned": embed_learned(model), **embedders}
+    if references is not None and (model is None or decoder is not None
+                                   or reference_demos != 1 or decoder_demos != 1):
+        raise ValueError("run_harness: given references replace the learned ones as built; "
+                         "they take a model and no decoder, reference_demos or "
+                         "decoder_demos options")
     refs, canon = make_references(activities, spec, embedders, fingerprint, reference_demos,
                                   refine, decoder, decoder_demos)
+    if references is not None:
+        refs["learned"] = use_references(refs["learned"], references)
     streams = make_streams(activities, scenarios, per_activity, seed, spec, canon, embedders)
     t_embed = time.perf_counter() - start
     methods = [m for m in STREAMING_METHODS if m in embedders]
@@ -564,7 +617,11 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
                       "refinement rounds)")
                      + (f"; its phase decoder also learned from training demos 0.."
                         f"{decoder_demos - 2} (seed {TRAIN_SEED})"
-                        if decoder is not None and decoder_demos > 1 else ""),
+                        if decoder is not None and decoder_demos > 1 else "")
+                     + ("; the learned references given prebuilt (--references), their "
+                        "phase decoders: " + json.dumps(
+                            {a: r.meta.get("phase_decoder") for a, r in refs["learned"].items()})
+                        if references is not None else ""),
         "reference_frames": {a: len(refs[methods[0]][a]) for a in activities},
         "reference_medoid": {a: refs[methods[0]][a].meta.get("demo") for a in activities},
         "reference_canonical_time_vs_frame_max_abs": ref_check,
@@ -590,7 +647,9 @@ def run_engine_check(checkpoint: str | Path | None, streams: Sequence[Stream],
     estimates with the harness's (``preds``: learned, single reference), frame by frame.
 
     The streams must be on the model's frame grid (no dropped frames): the engine
-    resamples, which would make a different (interpolated) stream.
+    resamples, which would make a different (interpolated) stream. With lookahead L, the
+    answer to frame k is frame k - L's estimate, compared with the harness's for that
+    frame; the harness's last L frames (its end-of-stream steps) have no answer to match.
     """
     from engine.export import export_onnx, resolve_checkpoint
     from engine.pipeline import Pipeline
@@ -605,8 +664,9 @@ def run_engine_check(checkpoint: str | Path | None, streams: Sequence[Stream],
         pipe = Pipeline.from_files(onnx_path, paths, "onnxruntime", capacity=len(streams),
                                    aligner_config=config)
         layout = pipe.spec.layout
+        lag = pipe.lookahead
         for n, s in enumerate(streams):
-            pipe.open_session(f"s{n}", layout, pipe.spec.fps, reference=s.activity)
+            info = pipe.open_session(f"s{n}", layout, pipe.spec.fps, reference=s.activity)
             for k in range(len(s)):
                 pipe.submit(f"s{n}", k, float(s.times[k]), s.joints[k])
         got: dict[str, dict[int, Any]] = {}
@@ -615,18 +675,19 @@ def run_engine_check(checkpoint: str | Path | None, streams: Sequence[Stream],
     phase_eq, prog_diff, frames, differ = 0, 0.0, 0, 0
     for n, (s, p) in enumerate(zip(streams, preds, strict=True)):
         ests = got.get(f"s{n}", {})
-        for k in range(len(s)):
+        for k in range(lag, len(s)):
             est = ests.get(k)
             if est is None:
                 continue
             frames += 1
-            phase_eq += int(est.phase_id == p.phase[k])
-            if np.isfinite(p.progress[k]):
-                diff = abs(est.progress - float(p.progress[k]))
+            phase_eq += int(est.phase_id == p.phase[k - lag])
+            if np.isfinite(p.progress[k - lag]):
+                diff = abs(est.progress - float(p.progress[k - lag]))
                 prog_diff, differ = max(prog_diff, diff), differ + int(diff > 1e-3)
-    total = sum(len(s) for s in streams)
+    total = sum(len(s) - lag for s in streams)
     return {"streams": [f"{s.scenario}/{s.activity}/{s.index}" for s in streams],
-            "frames": total, "answered": frames,
+            "frames": total, "answered": frames, "lookahead": lag,
+            "welcome_lookahead_s": info["lookahead_s"] if streams else 0.0,
             "phase_equal_pct": 100.0 * phase_eq / max(frames, 1),
             "progress_max_abs_diff": prog_diff, "progress_frames_differ": differ}
 

@@ -18,6 +18,7 @@ def _harness(args: argparse.Namespace) -> int:
     from engine.export import resolve_checkpoint
     from engine.harness import (
         SCENARIOS,
+        load_references,
         markdown_table,
         run_engine_check,
         run_harness,
@@ -37,15 +38,23 @@ def _harness(args: argparse.Namespace) -> int:
                          f"{args.reference_demos}")
     if args.per_activity < 1:
         raise ValueError(f"--per-activity: expected >= 1, found {args.per_activity}")
+    decoder = decoder_options(args)
+    if args.references and (any(v is not None for v in decoder.values())
+                            or args.reference_demos != 1 or args.decoder_demos != 1):
+        raise ValueError("--references scores prebuilt references as they are: no "
+                         "--decoder-*, --reference-demos or --decoder-demos with it")
+    activities = args.activities or HAND_ACTIVITIES
+    given = load_references(args.references, activities) if args.references else None
     ckpt = resolve_checkpoint(args.checkpoint)
     model, _cfg, spec, meta = load_model(ckpt)
     fingerprint = meta.get("model_fingerprint") or model_fingerprint(meta["path"])
     scenarios = [SCENARIOS[s] for s in args.scenarios] if args.scenarios else None
-    report = run_harness(model, spec, activities=args.activities or HAND_ACTIVITIES,
+    report = run_harness(model, spec, activities=activities,
                          scenarios=scenarios, per_activity=args.per_activity, seed=args.seed,
                          fingerprint=fingerprint, keep_streams=args.engine > 0,
                          reference_demos=args.reference_demos, refine=args.refine,
-                         decoder=decoder_options(args), decoder_demos=args.decoder_demos)
+                         decoder=None if given else decoder, decoder_demos=args.decoder_demos,
+                         references=given)
     if args.engine > 0:
         streams, preds = report["_streams"], report["_preds"]["learned"]
         picked = [i for i, s in enumerate(streams) if s.scenario in ("clean", "nan_joints")]
@@ -103,6 +112,11 @@ def register(subparsers) -> None:
                         "K > 1: also from the labels of training demos 0..K-2 (as "
                         "`masa-rt reference build CLEAN D0 ... --policy first`; the "
                         "reference stays the clean demo)")
+    p.add_argument("--references", default=None, metavar="DIR",
+                   help="score DIR/<activity>.npz (e.g. examples: the shipped references, "
+                        "phase decoders included) instead of building the references and "
+                        "training their decoders (minutes instead of about 100); each must "
+                        "be built from examples/demos/<activity>.npz with the checkpoint")
     from engine.commands import add_decoder_options  # here: engine.commands imports us
 
     add_decoder_options(p)  # as `masa-rt reference build`

@@ -75,7 +75,13 @@ class Pipeline:
         # the others to all references (activity identification). Each bank steps all of
         # its sessions in one vectorised call.
         self._banks = {name: AlignerBank([r], config) for name, r in self.references.items()}
-        self._bank_all = AlignerBank(list(references), config)
+        self._bank_all = AlignerBank(list(references), config)  # refuses mixed lookaheads
+        # Phase decoders with lookahead L: every answer describes the model frame L frames
+        # before the newest (Estimate.t is its time).
+        self.lookahead = self._bank_all.lookahead
+        if self.lookahead:
+            log.info("event=lookahead frames=%d seconds=%.3f (each estimate describes the "
+                     "user that long ago)", self.lookahead, self.lookahead / spec.fps)
         self.model_name, self.window = model_name, window
         self._no_embedding = np.zeros(references[0].dim, np.float32)  # lost frames (held)
         self._no_input = np.zeros(spec.input_dim, np.float32)
@@ -131,7 +137,8 @@ class Pipeline:
         lay = get_layout(layout)
         return {"shape": (lay.num_joints, lay.dims), "model": self.model_name,
                 "references": [reference] if reference else sorted(self.references),
-                "window": self.window, "model_fps": self.spec.fps}
+                "window": self.window, "model_fps": self.spec.fps,
+                "lookahead_s": bank.lookahead / self.spec.fps}
 
     def close_session(self, session_id: str) -> None:
         s = self._sessions.pop(session_id, None)

@@ -547,7 +547,8 @@ class Server:
                          references=list(info.get("references", [])), fps=s.fps,
                          layout=s.layout, shape=s.shape, window=int(info.get("window", 0)),
                          last_seq=s.last_seq, resumed=resumed,
-                         session_timeout=self.config.idle_timeout_s)
+                         session_timeout=self.config.idle_timeout_s,
+                         lookahead_s=float(info.get("lookahead_s", 0.0)))
 
     def _session_of(self, sid: str) -> Session:
         """The session ``sid``, else 'unknown_session' without seq: the client answers with

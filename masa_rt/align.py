@@ -58,7 +58,10 @@ __all__ = [
     "subsequence_dtw",
 ]
 
-REFERENCE_FORMAT_VERSION = 1
+# 2: a phase decoder with lookahead (decoder.lookahead). A file is written with the
+# lowest version that reads it right, so references without one stay readable by
+# version-1 servers, which would run a lookahead decoder as a causal one.
+REFERENCE_FORMAT_VERSION = 2
 STATES = ("waiting", "tracking", "paused", "off_script", "tracking_lost", "finished")
 _EPS = 1e-8
 
@@ -203,7 +206,9 @@ class Reference:
     def save(self, path: str | Path) -> None:
         """Write a ``.npz`` (no pickles; strings as unicode arrays) atomically."""
         arrays = {
-            "format_version": np.int64(REFERENCE_FORMAT_VERSION),
+            "format_version": np.int64(
+                REFERENCE_FORMAT_VERSION if self.decoder is not None
+                and self.decoder.lookahead else 1),
             "name": np.str_(self.name),
             "activity": np.str_(self.activity),
             "embeddings": self.embeddings,
@@ -571,6 +576,12 @@ class _Model:
                                      for k, _ in members])
             start = self.dec_slots[-1].stop
         self.dec_size = max(start, 1)
+        lookaheads = {s.lookahead for s in self.decoders}
+        if len(lookaheads) > 1:
+            raise ValueError(f"Aligner: the references' phase decoders have different "
+                             f"lookaheads {sorted(lookaheads)} (frames); build them with one "
+                             "--decoder-lookahead")
+        self.lookahead = lookaheads.pop() if lookaheads else 0
 
 
 # Per-session fields: name -> (shape after the session axis, dtype, value after reset).
@@ -606,6 +617,11 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Any, float]] = {
     "last_t": ((), np.float64, math.nan),
     # Phase decoders' recurrent states, all references' laid end to end ("S" floats).
     "dec": (("S",), np.float32, 0.0),
+    # Lookahead delay line (decoders with lookahead L > 0; "L" slots, oldest first): the
+    # frames the aligner has yet to step, while their decoder reads L frames further on.
+    "dl_q": (("L", "d"), np.float32, 0.0),
+    "dl_ok": (("L",), bool, False),
+    "dl_t": (("L",), np.float64, math.nan),
 }
 # Scratch rows, allocated once: fresh (B, P) or (B, d) temporaries every step would cost
 # page faults that take longer than the arithmetic. name -> (shape, dtype).
@@ -631,7 +647,8 @@ class _Sessions:
     def __init__(self, model: _Model, capacity: int = 1) -> None:
         self.model = model
         sizes = {"K": model.n_refs, "P": model.cols, "W": model.width, "d": model.dim,
-                 "2lag": 2 * model.cfg.pause_lag, "S": model.dec_size}
+                 "2lag": 2 * model.cfg.pause_lag, "S": model.dec_size,
+                 "L": model.lookahead}
         self._shapes = {name: tuple(sizes[s] for s in spec[0])
                         for name, spec in (_FIELDS | _SCRATCH).items()}
         self.n = 0
@@ -677,25 +694,46 @@ class _Sessions:
              t: np.ndarray, x: np.ndarray | None = None) -> EstimateBatch:
         """Step sessions ``rows`` (B,) (distinct slots) with unit embeddings ``q`` (B, d)
         float32 (zero rows where not ``ok``) at times ``t`` (B,); ``x`` (B, D) are the
-        frames' model inputs, for the references' phase decoders."""
+        frames' model inputs, for the references' phase decoders.
+
+        With decoders of lookahead L, the decoders read this frame and the aligner steps
+        the frame L steps back: the estimates describe that frame (``Estimate.t`` is its
+        time), and are ``waiting`` for a session's first L steps.
+        """
         n = self.n
+        read = ok  # the frames the decoders read
+        if self.model.lookahead:
+            q, ok, t = self._delay(rows, q, ok, t)
         if len(rows) < n:
-            self._step(rows, rows, q, ok, t, x)
+            self._step(rows, rows, q, ok, t, x, read)
         else:
             # Every session steps: go in slot order, so that the big rows are updated in
             # place (no gather/scatter of the (B, P) rows).
             if n > 1:
                 order = np.empty(n, dtype=np.int64)
                 order[rows] = np.arange(n)
-                q, ok, t = q[order], ok[order], t[order]
+                q, ok, t, read = q[order], ok[order], t[order], read[order]
                 x = None if x is None else x[order]
-            self._step(slice(0, n), np.arange(n), q, ok, t, x)
+            self._step(slice(0, n), np.arange(n), q, ok, t, x, read)
         return self.estimates(rows)
 
+    def _delay(self, rows: np.ndarray, q: np.ndarray, ok: np.ndarray,
+               t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Push this step's frames into sessions ``rows``' delay lines; returns the frames
+        that leave them, L steps old (not ``ok`` while a line fills after a reset)."""
+        out = self.dl_q[rows, 0], self.dl_ok[rows, 0], self.dl_t[rows, 0]  # copies
+        for line, new in ((self.dl_q, q), (self.dl_ok, ok), (self.dl_t, t)):
+            line[rows, :-1] = line[rows, 1:]
+            line[rows, -1] = new
+        return out
+
     def _step(self, sel: slice | np.ndarray, rows: np.ndarray, q: np.ndarray,
-              ok: np.ndarray, t: np.ndarray, x: np.ndarray | None = None) -> None:
+              ok: np.ndarray, t: np.ndarray, x: np.ndarray | None = None,
+              read: np.ndarray | None = None) -> None:
         """The math of one frame. ``rows`` (B,) are the slots; ``sel`` selects the same rows
-        (a slice when they are all of 0 .. n-1 in order). All (B,)-shaped unless noted."""
+        (a slice when they are all of 0 .. n-1 in order). All (B,)-shaped unless noted.
+        ``read``: which sessions' decoders read a frame ``x`` (default ``ok``; they differ
+        with lookahead, where ``q``, ``ok``, ``t`` are the frame L steps back)."""
         M, cfg = self.model, self.model.cfg
         b = len(rows)
         every = np.arange(b)
@@ -706,7 +744,8 @@ class _Sessions:
         sims[:, M.pad_cols] = -np.inf
         on_script = sims.max(axis=1) >= cfg.off_script_sim
         cost = np.subtract(1.0, sims, out=sims)  # (B, P) float32
-        decoded = self._decode(rows, ok, x, cost) if M.decoders else None
+        decoded = (self._decode(rows, ok if read is None else read, x, cost)
+                   if M.decoders else None)
 
         active = self.active[rows]
         paused, still = self._pause(sel, rows, q, ok, t, active)
@@ -1140,6 +1179,12 @@ class Aligner:
     def dim(self) -> int:
         return self._model.dim
 
+    @property
+    def lookahead(self) -> int:
+        """Steps each estimate lags the newest frame: the phase decoders' lookahead (0:
+        every estimate describes the frame just given)."""
+        return self._model.lookahead
+
     def fresh(self) -> Aligner:
         """A new aligner over the same references and config, sharing their read-only
         arrays (cheap)."""
@@ -1160,7 +1205,9 @@ class Aligner:
              inputs: np.ndarray | None = None) -> Estimate:
         """Consume one frame's embedding (d,) at time ``t`` (seconds). ``None``, any NaN or
         ``valid=False`` mean "no pose this frame": the position is held. ``inputs`` (D,):
-        the frame's model input, required when a reference carries a phase decoder."""
+        the frame's model input, required when a reference carries a phase decoder.
+        With :attr:`lookahead` L > 0, the estimate describes the frame given L steps
+        before (its ``t``; ``waiting`` for the first L)."""
         if embedding is None:
             q, ok = np.zeros((1, self.dim), dtype=np.float32), np.zeros(1, dtype=bool)
         else:
@@ -1204,6 +1251,12 @@ class AlignerBank:
     @property
     def config(self) -> AlignerConfig:
         return self._model.cfg
+
+    @property
+    def lookahead(self) -> int:
+        """Steps each estimate lags the newest frame: the phase decoders' lookahead (0:
+        every estimate describes the frame just given)."""
+        return self._model.lookahead
 
     @property
     def needs_inputs(self) -> bool:
@@ -1257,7 +1310,8 @@ class AlignerBank:
         ``times[b]``; ``valid[b] = False`` or a NaN means no pose (as
         :meth:`Aligner.step`); ``inputs`` (B, D): the frames' model inputs, required when
         a reference carries a phase decoder. Returns the estimates in the order of
-        ``ids``."""
+        ``ids``; with :attr:`lookahead` L > 0, each describes that session's frame of L
+        steps before (its ``t``)."""
         q = np.asarray(embeddings, dtype=np.float32)
         if q.ndim != 2 or q.shape[0] != len(ids):
             raise ValueError(f"step_many: expected ({len(ids)}, d) embeddings, found {q.shape}")

@@ -60,7 +60,13 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 class PhaseDecoder:
     """Weights (float32) and the batched step; the state is the caller's ``(B, L, H)``."""
 
-    def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, arrays: Mapping[str, np.ndarray], lookahead: int = 0) -> None:
+        # Lookahead L: trained to name the phase of the frame L steps before its newest
+        # input (``DecoderConfig.lookahead``), so the aligner runs L frames behind.
+        if int(lookahead) != lookahead or lookahead < 0:
+            raise PhaseDecoderError(f"phase decoder: lookahead must be an int >= 0, found "
+                                    f"{lookahead!r}")
+        self.lookahead = int(lookahead)
         self.layers = sum(str(k).startswith("w_ih") for k in arrays)
         if self.layers < 1:
             raise PhaseDecoderError("phase decoder: no GRU layer (w_ih0 ...)")
@@ -113,13 +119,23 @@ class PhaseDecoder:
     # -- file members: "decoder.<name>" inside a reference .npz ---------------------------
 
     def to_npz_members(self) -> dict[str, np.ndarray]:
-        return {_PREFIX + k: v for k, v in self.arrays().items()}
+        out = {_PREFIX + k: v for k, v in self.arrays().items()}
+        if self.lookahead:  # absent = 0: archives from before lookahead read as they were
+            out[_PREFIX + "lookahead"] = np.array(self.lookahead, dtype=np.int64)
+        return out
 
     @classmethod
     def from_npz_members(cls, members: Mapping[str, np.ndarray]) -> PhaseDecoder | None:
         """The decoder stored in a reference archive, or None if it has none."""
         mine = {k[len(_PREFIX):]: v for k, v in members.items() if k.startswith(_PREFIX)}
-        return cls(mine) if mine else None
+        if not mine:
+            return None
+        lookahead = mine.pop("lookahead", np.array(0))
+        if np.shape(lookahead) != () or not np.issubdtype(np.asarray(lookahead).dtype,
+                                                          np.integer):
+            raise PhaseDecoderError(f"phase decoder: lookahead: expected one integer, "
+                                    f"found {np.asarray(lookahead)!r}")
+        return cls(mine, int(lookahead))
 
     # -- inference -------------------------------------------------------------------------
 
@@ -171,6 +187,11 @@ class DecoderStack:
             raise PhaseDecoderError(f"DecoderStack: decoders of different shapes {shapes} "
                                     "(input, hidden, layers)")
         self.input_dim, self.hidden, self.layers = shapes.pop()
+        lookaheads = {d.lookahead for d in decoders}
+        if len(lookaheads) > 1:
+            raise PhaseDecoderError(f"DecoderStack: decoders of different lookaheads "
+                                    f"{sorted(lookaheads)}")
+        self.lookahead = lookaheads.pop()
         self.k = len(decoders)
         self.decoders = list(decoders)
         self.num_phases = [d.num_phases for d in decoders]

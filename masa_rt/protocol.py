@@ -225,6 +225,9 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
         "last_seq": (_last_seq, True),  # last accepted seq of a resumed session, else -1
         "resumed": (_bool, True),
         "session_timeout": (_optional(_number), False),  # silence after which it expires
+        # Seconds each estimate lags the frame it answers (references whose phase decoders
+        # have lookahead; absent or 0: it describes that frame).
+        "lookahead_s": (_optional(_number), False),
     },
     "error": {
         "reason": (_reason, True),
@@ -406,11 +409,13 @@ def stats(session: str | None = None) -> dict:
 
 def welcome(session: str, server_time: float, *, model: str, references: list[str], fps: float,
             layout: str, shape: tuple[int, int], window: int, last_seq: int = -1,
-            resumed: bool = False, session_timeout: float | None = None) -> dict:
+            resumed: bool = False, session_timeout: float | None = None,
+            lookahead_s: float = 0.0) -> dict:
     return _msg("welcome", session=session, server_time=float(server_time), model=model,
                 references=list(references), fps=float(fps), layout=layout,
                 shape=[int(shape[0]), int(shape[1])], window=int(window),
-                last_seq=int(last_seq), resumed=resumed, session_timeout=session_timeout)
+                last_seq=int(last_seq), resumed=resumed, session_timeout=session_timeout,
+                lookahead_s=float(lookahead_s))
 
 
 def error(reason: str, detail: str = "", *, seq: int | None = None,

@@ -129,3 +129,26 @@ def test_demo_scores_a_held_out_pour(tiny_model, capsys):
     assert "pour_milk" in out and "phase accuracy" in out and "progress MAE" in out
     answered = re.search(r"frames answered\s+(\d+)/(\d+)", out)
     assert answered and answered.group(1) == answered.group(2) and int(answered.group(1)) >= 40
+
+
+def test_demo_scores_lookahead_answers_against_the_frame_they_describe():
+    """With lookahead L, the answer to frame s is where the user was at frame s - L."""
+    from clients.replay import ReplayReport
+    from engine.demo import score
+    from masa_rt.align import Estimate
+    from masa_rt.synth.generate import generate
+
+    truth = generate("pour_milk", np.random.default_rng(0), clean=True)
+    names = list(truth.phase_names)
+
+    def said(frame: int) -> Estimate:
+        p = int(truth.phases[frame])
+        return Estimate(p, names[p], 0.5, float(truth.canonical_time[frame]), 0.0, 1.0,
+                        "tracking", "pour_milk", frame / truth.fps)
+
+    lagged = {s: said(s - 3) for s in range(3, truth.num_frames)}
+    report = ReplayReport(clients=1, rate_hz=truth.fps, duration_s=1.0, sent=truth.num_frames)
+    right = score(truth, lagged, report, lag=3)
+    assert right.answered == truth.num_frames - 3
+    assert right.phase_accuracy == 1.0 and right.progress_mae == 0.0
+    assert score(truth, lagged, report).phase_accuracy < 1.0  # scored as if current: wrong

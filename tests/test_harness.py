@@ -20,10 +20,11 @@ from engine.harness import (  # noqa: E402
     embed_raw,
     make_references,
     markdown_table,
+    run_engine_check,
     run_harness,
     write_outputs,
 )
-from masa_rt.checkpoint import save_checkpoint  # noqa: E402
+from masa_rt.checkpoint import model_fingerprint, save_checkpoint  # noqa: E402
 from masa_rt.model import MasaConfig, MasaModel  # noqa: E402
 from masa_rt.preprocess import InputSpec  # noqa: E402
 
@@ -171,3 +172,68 @@ def test_decoder_demos_train_the_decoder_on_more_labelled_demos():
     with pytest.raises(ValueError, match="decoder_demos"):
         make_references([ACTIVITY], SPEC, embedders, decoder={"steps": 2}, decoder_demos=2,
                         reference_demos=2)
+
+
+def test_cli_scores_prebuilt_references(tmp_path, capsys):
+    """--references DIR: the built references (decoders included) are scored as they are,
+    no decoder trained; another demo's or another model's reference is refused."""
+    model, cfg = _tiny()
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, model, cfg, SPEC)
+    embedders = {"learned": embed_learned(model)}
+    built, _ = make_references([ACTIVITY], SPEC, embedders, model_fingerprint(ckpt),
+                               decoder={"steps": 2})
+    (tmp_path / "refs").mkdir()
+    built["learned"][ACTIVITY].save(tmp_path / "refs" / f"{ACTIVITY}.npz")
+    parser = argparse.ArgumentParser(prog="masa-rt")
+    harness_commands.register(parser.add_subparsers(dest="command"))
+    common = ["harness", "--checkpoint", str(ckpt), "--per-activity", "1", "--activities",
+              ACTIVITY, "--scenarios", "clean", "--out", str(tmp_path / "out")]
+    args = parser.parse_args([*common, "--references", str(tmp_path / "refs"), "--engine", "1"])
+    assert args.func(args) == 0
+    data = json.loads((tmp_path / "out" / "streaming_results.json").read_text())
+    assert "prebuilt (--references)" in data["reference"] and '"steps": 2' in data["reference"]
+    assert data["engine_check"]["phase_equal_pct"] == 100.0  # the decoder was served too
+    capsys.readouterr()
+    # The same decoder scored through run_harness equals the CLI's run.
+    rep = run_harness(model, SPEC, activities=[ACTIVITY], per_activity=1,
+                      scenarios=[SCENARIOS["clean"]], references=built["learned"])
+    assert rep["results"]["clean"]["learned"]["phase_acc_pct"] == pytest.approx(
+        data["results"]["clean"]["learned"]["phase_acc_pct"])
+    # Another model's embeddings of the demo: refused, the truth would not map onto it.
+    other = MasaModel(cfg).eval()
+    foreign, _ = make_references([ACTIVITY], SPEC, {"learned": embed_learned(other)})
+    with pytest.raises(ValueError, match="not the harness's reference"):
+        run_harness(model, SPEC, activities=[ACTIVITY], per_activity=1,
+                    scenarios=[SCENARIOS["clean"]], references=foreign["learned"])
+    with pytest.raises(ValueError, match="none given"):
+        run_harness(model, SPEC, activities=[ACTIVITY], per_activity=1,
+                    scenarios=[SCENARIOS["clean"]], references={})
+    mixed = parser.parse_args([*common, "--references", str(tmp_path / "refs"),
+                               "--decoder-steps", "5"])
+    with pytest.raises(ValueError, match="no --decoder-"):
+        mixed.func(mixed)
+    missing = parser.parse_args([*common, "--references", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match=f"{ACTIVITY}.npz"):
+        missing.func(missing)
+
+
+def test_lookahead_decoders_through_the_harness_and_the_serving_path(tmp_path):
+    """Decoders with lookahead 2: every frame still gets a prediction (the last two from
+    the end-of-stream steps), and the ONNX + Pipeline path answers frame k with the
+    harness's estimate of frame k - 2."""
+    model, cfg = _tiny()
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, model, cfg, SPEC)
+    rep = run_harness(model, SPEC, activities=[ACTIVITY], per_activity=1, seed=3,
+                      scenarios=[SCENARIOS["clean"]], keep_streams=True,
+                      fingerprint=model_fingerprint(ckpt),
+                      decoder={"steps": 2, "lookahead": 2})
+    ref = rep["_refs"]["learned"][ACTIVITY]
+    assert ref.decoder.lookahead == 2 and ref.meta["phase_decoder"]["lookahead"] == 2
+    stream, pred = rep["_streams"][0], rep["_preds"]["learned"][0]
+    assert len(pred.phase) == len(stream) and (pred.phase >= 0).all()
+    check = run_engine_check(ckpt, [stream], rep["_refs"]["learned"], [pred])
+    assert check["lookahead"] == 2 and check["answered"] == len(stream) - 2
+    assert check["welcome_lookahead_s"] == pytest.approx(2 / SPEC.fps)  # told to clients
+    assert check["phase_equal_pct"] == 100.0 and check["progress_max_abs_diff"] < 1e-3

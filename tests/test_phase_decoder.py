@@ -17,6 +17,7 @@ from trainer.phase_decoder import (
     EDITS,
     DecoderConfig,
     DecoderNet,
+    _batch,
     decoder_config,
     scripted_edit,
     train_phase_decoder,
@@ -330,3 +331,87 @@ def test_default_config_follows_the_references() -> None:
     assert Aligner(plain)._model.cfg == free
     assert AlignerBank(with_dec)._model.cfg == AlignerConfig()
     assert Aligner(plain, AlignerConfig(band=7))._model.cfg.band == 7
+
+
+# -- lookahead: the decoder names the phase L frames back, the aligner runs L frames behind
+
+
+def _with_lookahead(dec: PhaseDecoder, lookahead: int) -> PhaseDecoder:
+    return PhaseDecoder(dec.arrays(), lookahead)
+
+
+def test_lookahead_round_trips_and_raises_the_file_version(tmp_path) -> None:
+    make_reference(_with_lookahead(random_decoder(), 3)).save(tmp_path / "la.npz")
+    make_reference(random_decoder()).save(tmp_path / "causal.npz")
+    assert Reference.load(tmp_path / "la.npz").decoder.lookahead == 3
+    assert Reference.load(tmp_path / "causal.npz").decoder.lookahead == 0
+    with np.load(tmp_path / "la.npz") as f:
+        assert int(f["format_version"]) == 2  # version-1 readers refuse it, never misread it
+    with np.load(tmp_path / "causal.npz") as f:
+        assert int(f["format_version"]) == 1 and "decoder.lookahead" not in f.files
+    with pytest.raises(PhaseDecoderError, match="lookahead"):
+        PhaseDecoder(random_decoder().arrays(), -1)
+
+
+@pytest.mark.parametrize("lookahead", [1, 3])
+def test_lookahead_aligner_steps_the_frame_lookahead_steps_back(lookahead: int) -> None:
+    """With a decoder that adds nothing (uniform), the lookahead aligner's estimate at step
+    k + L is the causal aligner's at step k: the delay line carries the embedding, its
+    validity and its time, lost frames included."""
+    ref = make_reference(_with_lookahead(_uniform(), lookahead))
+    causal = Aligner(make_reference(_uniform()), AlignerConfig(decoder_weight=1.0))
+    late = Aligner(ref, AlignerConfig(decoder_weight=1.0))
+    assert late.lookahead == lookahead and causal.lookahead == 0
+    rng = np.random.default_rng(4)
+    n = 50
+    q = ref.embeddings[np.minimum(np.arange(n) + rng.integers(0, 3, n), len(ref) - 1)]
+    valid = rng.random(n) > 0.2
+    x = rng.standard_normal((n, D_IN)).astype(np.float32)
+    want = [causal.step(q[k], k / 30.0, bool(valid[k]), inputs=x[k]) for k in range(n)]
+    got = [late.step(q[k], k / 30.0, bool(valid[k]), inputs=x[k]) for k in range(n)]
+    assert all(e.state == "waiting" for e in got[:lookahead])
+    for k in range(n - lookahead):
+        a, b = want[k], got[k + lookahead]
+        assert (b.phase_id, b.ref_index, b.state, b.t) == (a.phase_id, a.ref_index, a.state,
+                                                            a.t)
+
+
+def test_lookahead_decoder_reads_every_frame_and_reset_clears_the_line() -> None:
+    ref = make_reference(_with_lookahead(random_decoder(5), 2))
+    bank = AlignerBank(ref, AlignerConfig(decoder_weight=0.1))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, D_IN)).astype(np.float32)
+    for k in range(6):
+        bank.step_many(["s"], ref.embeddings[k][None], np.array([k / 30.0]), None, x[k][None])
+    state = ref.decoder.initial_state(1)
+    for k in range(6):  # the decoder read all six frames, not the four the aligner stepped
+        _, state = ref.decoder.step(x[k][None], state)
+    np.testing.assert_allclose(bank._sessions.dec[bank._slot["s"]], state.reshape(-1),
+                               atol=1e-6)
+    bank.reset("s")
+    out = bank.step_many(["s"], ref.embeddings[0][None], np.array([1.0]), None, x[0][None])
+    assert out[0].state == "waiting"  # the line refills after a reset
+
+
+def test_references_with_different_lookaheads_are_refused() -> None:
+    a = make_reference(_with_lookahead(random_decoder(), 2))
+    b = make_reference(random_decoder(1))
+    b.name = b.activity = "other"
+    with pytest.raises(ValueError, match="different lookaheads"):
+        Aligner([a, b])
+
+
+def test_lookahead_training_targets_are_the_labels_lookahead_frames_back() -> None:
+    spec = InputSpec(layout="h2o_hands", fps=30.0)
+    demo = generate("screw_lid", np.random.default_rng(0), clean=True)
+    demos = [(demo.joints, demo.phases)]
+    x0, y0 = _batch(demos, spec, DecoderConfig(batch_size=3), np.random.default_rng(7))
+    x3, y3 = _batch(demos, spec, DecoderConfig(batch_size=3, lookahead=3),
+                    np.random.default_rng(7))
+    torch.testing.assert_close(x3, x0)  # the same views
+    assert (y3[:, :3] == -100).all()
+    live = y0[:, 3:] >= 0  # input frame i is a real frame: its target is frame i - 3's label
+    torch.testing.assert_close(y3[:, 3:][live], y0[:, :-3][live])
+    assert (y3[:, 3:][~live] == -100).all()
+    with pytest.raises(ValueError, match="lookahead"):
+        decoder_config({"lookahead": -1})

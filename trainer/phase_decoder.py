@@ -66,6 +66,13 @@ class DecoderConfig:
     # or restarted phase, ``scripted_edit``), so the decoder has seen what the harness's
     # perturbed scenarios and real users do; the rest play in order.
     edit_prob: float = 0.3
+    # Frames of lookahead L (0 = causal): the decoder learns the phase of the frame L
+    # steps before its newest input, and the aligner then runs L frames behind (each
+    # estimate describes the user L / fps seconds ago). The boundary that a causal
+    # observer cannot place until the next phase's motion shows is then placed with that
+    # motion in view (docs/results.md §3, "Eleventh round"). 0 by default: estimates of
+    # the current frame.
+    lookahead: int = 0
 
 
 def decoder_config(options: Mapping[str, Any] | None = None) -> DecoderConfig:
@@ -84,6 +91,9 @@ def decoder_config(options: Mapping[str, Any] | None = None) -> DecoderConfig:
                          f"{cfg.layers}")
     if not 0.0 <= cfg.edit_prob <= 1.0:
         raise ValueError(f"DecoderConfig.edit_prob: expected 0 .. 1, found {cfg.edit_prob}")
+    if not 0 <= cfg.lookahead <= MAX_LOOKAHEAD:
+        raise ValueError(f"DecoderConfig.lookahead: expected 0 .. {MAX_LOOKAHEAD} frames, "
+                         f"found {cfg.lookahead}")
     return cfg
 
 
@@ -100,7 +110,7 @@ class DecoderNet(nn.Module):
         """(B, T, D) -> (B, T, P) logits, causal."""
         return self.out(self.gru(self.fc2(F.relu(self.fc1(x))))[0])
 
-    def to_numpy(self) -> PhaseDecoder:
+    def to_numpy(self, lookahead: int = 0) -> PhaseDecoder:
         def a(t: torch.Tensor) -> np.ndarray:
             return t.detach().cpu().numpy().astype(np.float32)
 
@@ -110,10 +120,11 @@ class DecoderNet(nn.Module):
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 short = name.replace("weight", "w").replace("bias", "b")
                 arrays[f"{short}{i}"] = a(getattr(self.gru, f"{name}_l{i}"))
-        return PhaseDecoder(arrays)
+        return PhaseDecoder(arrays, lookahead)
 
 
 EDITS = ("skip", "repeat", "restart")
+MAX_LOOKAHEAD = 30  # frames: one second at the shipped model's rate
 
 
 def _runs(phases: np.ndarray) -> list[tuple[int, int]]:
@@ -197,6 +208,12 @@ def _batch(demos: list[tuple[np.ndarray, np.ndarray]], spec: InputSpec,
     y = np.full(g.shape, -100, dtype=np.int64)
     for b, (_, phases) in enumerate(drawn):
         y[b, mask[b]] = phases[g[b, mask[b]]]
+    if cfg.lookahead:
+        # Input i names the phase of frame i - L; no target where input i is padding.
+        L = cfg.lookahead
+        late = np.full_like(y, -100)
+        late[:, L:] = np.where(mask[:, L:], y[:, :-L], -100)
+        y = late
     return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)
 
 
@@ -238,4 +255,4 @@ def train_phase_decoder(demos: Sequence[tuple[np.ndarray, np.ndarray]], spec: In
         sched.step()
         if progress is not None and (step % 50 == 0 or step == cfg.steps - 1):
             progress(step, float(loss.item()))
-    return net.eval().to_numpy()
+    return net.eval().to_numpy(cfg.lookahead)
