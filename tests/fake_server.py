@@ -22,9 +22,9 @@ class FakeServer:
 
     def __init__(self, *, port: int | None = None, clock_offset: float = 0.0,
                  refuse: str | None = None, answer_frames: bool = True,
-                 shape: tuple[int, int] = (42, 3)) -> None:
+                 shape: tuple[int, int] = (42, 3), lookahead_s: float = 0.0) -> None:
         self.clock_offset, self.refuse, self.answer_frames = clock_offset, refuse, answer_frames
-        self.shape = shape
+        self.shape, self.lookahead_s = shape, lookahead_s
         self.frames: list[dict] = []  # decoded frames, joints copied
         self.hellos: list[dict] = []
         self.byes: list[str] = []
@@ -99,7 +99,8 @@ class FakeServer:
             self.sessions[msg["session"]] = -1
         return [P.welcome(msg["session"], self.now(), model="fake", references=["pour_milk"],
                           fps=msg["fps"], layout=msg["layout"], shape=self.shape, window=32,
-                          last_seq=self.sessions[msg["session"]], resumed=resumed)]
+                          last_seq=self.sessions[msg["session"]], resumed=resumed,
+                          lookahead_s=self.lookahead_s)]
 
     def _on_frame(self, msg: dict, t_recv: float) -> list[dict]:
         session, seq = msg["session"], msg["seq"]

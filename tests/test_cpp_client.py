@@ -67,7 +67,7 @@ def test_stream_file_delivers_every_frame_intact(stream_file, tmp_path):
     joints = rng.normal(size=(25, 42, 3)).astype(np.float32)
     joints[3, 7] = np.nan  # missing joint must survive the trip
     raw = export_raw(Recording(joints, "h2o_hands", 200.0), tmp_path / "seq.masaraw")
-    with FakeServer() as server:
+    with FakeServer(lookahead_s=0.1) as server:
         done = subprocess.run([str(stream_file), str(raw), "--address", server.address,
                                "--session", "cpp-headset"],
                               capture_output=True, text=True, timeout=60)
@@ -82,6 +82,7 @@ def test_stream_file_delivers_every_frame_intact(stream_file, tmp_path):
     stamps = [f["t"] for f in frames]
     assert stamps == sorted(stamps)  # capture stamps from the monotonic clock
     lines = done.stdout.splitlines()
+    assert lines[0].endswith(" lookahead_s=0.100")  # the welcome's lag, read by the client
     assert sum(line.startswith("estimate seq=") for line in lines) == 25
     assert lines[-1] == "done sent=25 answered=25 rejected=0 dropped=0"
     assert byes == ["cpp-headset"]

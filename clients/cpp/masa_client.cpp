@@ -164,6 +164,7 @@ Welcome read_welcome(const msgpack_object& m) {
   w.window = static_cast<int>(integer(m, "window"));
   w.last_seq = integer(m, "last_seq", -1);
   w.resumed = boolean(m, "resumed");
+  w.lookahead_s = num(m, "lookahead_s");  // absent (older servers): 0
   const msgpack_object* refs = field(m, "references");
   if (refs && refs->type == MSGPACK_OBJECT_ARRAY)
     for (uint32_t i = 0; i < refs->via.array.size; ++i)

@@ -56,6 +56,7 @@ struct Welcome {
   int joints = 0, dims = 0, window = 0;  // the (J, C) shape the server expects
   int64_t last_seq = -1;                 // resumed session: last frame accepted
   bool resumed = false;
+  double lookahead_s = 0;  // each estimate describes the user this long before its frame
 };
 
 class Error : public std::runtime_error {

@@ -93,8 +93,9 @@ int main(int argc, char** argv) {
     }
     masa::PoseOutlet outlet(opt);
     const masa::Welcome& w = outlet.open();
-    std::printf("welcome session=%s model=%s layout=%s shape=%dx%d\n", w.session.c_str(),
-                w.model.c_str(), w.layout.c_str(), w.joints, w.dims);
+    std::printf("welcome session=%s model=%s layout=%s shape=%dx%d lookahead_s=%.3f\n",
+                w.session.c_str(), w.model.c_str(), w.layout.c_str(), w.joints, w.dims,
+                w.lookahead_s);
     // Absolute schedule: frame k is due at t0 + k / fps, so pacing errors never accumulate.
     const double t0 = masa::local_clock();
     const size_t frame_size = static_cast<size_t>(file.joints) * file.dims;
