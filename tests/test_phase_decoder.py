@@ -415,3 +415,25 @@ def test_lookahead_training_targets_are_the_labels_lookahead_frames_back() -> No
     assert (y3[:, 3:][~live] == -100).all()
     with pytest.raises(ValueError, match="lookahead"):
         decoder_config({"lookahead": -1})
+
+
+def test_lookahead_bank_equals_single_aligners_when_sessions_step_apart() -> None:
+    """Random subsets of sessions, in random order, step each round (the bank's gathered
+    and in-place paths): each session's estimates are its own aligner's."""
+    ref = make_reference(_with_lookahead(random_decoder(3), 2))
+    cfg = AlignerConfig(decoder_weight=0.05)
+    rng = np.random.default_rng(8)
+    b, n = 4, 40
+    bank = AlignerBank(ref, cfg)
+    singles = [Aligner(ref, cfg) for _ in range(b)]
+    for k in range(n):
+        ids = rng.permutation(b)[:rng.integers(1, b + 1)].tolist()
+        q = ref.embeddings[rng.integers(0, len(ref), len(ids))]
+        x = rng.standard_normal((len(ids), D_IN)).astype(np.float32)
+        valid = rng.random(len(ids)) > 0.2
+        out = bank.step_many(ids, q, np.full(len(ids), k / 30.0), valid, x)
+        for j, i in enumerate(ids):
+            e = singles[i].step(q[j], k / 30.0, bool(valid[j]), inputs=x[j])
+            np.testing.assert_equal(  # NaN t (waiting) equals NaN here
+                (out[j].phase_id, out[j].ref_index, out[j].state, out[j].t),
+                (e.phase_id, e.ref_index, e.state, e.t))
