@@ -622,6 +622,8 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
                         "phase decoders: " + json.dumps(
                             {a: r.meta.get("phase_decoder") for a, r in refs["learned"].items()})
                         if references is not None else ""),
+        "lookahead": (AlignerBank(list(refs["learned"].values()), config, capacity=1)
+                      .lookahead if "learned" in refs else 0),
         "reference_frames": {a: len(refs[methods[0]][a]) for a in activities},
         "reference_medoid": {a: refs[methods[0]][a].meta.get("demo") for a in activities},
         "reference_canonical_time_vs_frame_max_abs": ref_check,
@@ -735,6 +737,11 @@ def markdown_report(report: dict[str, Any], command: str = "", model: str = "") 
         f"streams per activity and scenario ({n_streams} per scenario), seed "
         f"{report['seed']} (val seed namespace {report['val_seed']}, disjoint from training)",
         f"- run time: {report['timing_s']['total']:.0f} s",
+        *([f"- lookahead: {report['lookahead']} frames (the learned references' phase "
+           "decoders): each estimate describes the frame that many frames before the newest, "
+           "and is scored against that frame's truth; the phase-change delay is in described "
+           f"frames (add {report['lookahead']} for the wall-clock delay)"]
+          if report.get("lookahead") else []),
         "",
         f"Reference per activity: {reference}. "
         "Each val stream runs "

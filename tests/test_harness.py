@@ -236,4 +236,7 @@ def test_lookahead_decoders_through_the_harness_and_the_serving_path(tmp_path):
     check = run_engine_check(ckpt, [stream], rep["_refs"]["learned"], [pred])
     assert check["lookahead"] == 2 and check["answered"] == len(stream) - 2
     assert check["welcome_lookahead_s"] == pytest.approx(2 / SPEC.fps)  # told to clients
+    assert rep["lookahead"] == 2
+    write_outputs(rep, tmp_path, "masa-rt harness --decoder-lookahead 2", "tiny")
+    assert "- lookahead: 2 frames" in (tmp_path / "streaming_results.md").read_text()
     assert check["phase_equal_pct"] == 100.0 and check["progress_max_abs_diff"] < 1e-3
