@@ -59,9 +59,13 @@ class DemoScore:
     progress_mae: float  # |reported overall progress - canonical time|
     latency_p50_ms: float
     latency_p99_ms: float
+    lag: int = 0  # lookahead: answers describe the frame this many before theirs
+    scored: int = 0  # answered frames with a described frame (all but the first ``lag``)
 
     def lines(self) -> list[str]:
-        return [f"frames answered   {self.answered}/{self.frames}",
+        lag = ([f"lookahead         {self.lag} frames: each answer scored against the frame "
+                f"it describes ({self.scored} scored)"] if self.lag else [])
+        return [f"frames answered   {self.answered}/{self.frames}", *lag,
                 f"phase accuracy    {self.phase_accuracy * 100:.1f} %",
                 f"progress MAE      {self.progress_mae:.3f}",
                 f"latency p50/p99   {self.latency_p50_ms:.2f} / {self.latency_p99_ms:.2f} ms "
@@ -86,13 +90,15 @@ def score(truth: Sequence, estimates: dict[int, Estimate], report: ReplayReport,
     is scored against frame s - lag's labels.
     """
     names = list(truth.phase_names)
+    answered = sum(1 for s in estimates if 0 <= s < truth.num_frames)
     seqs = sorted(s for s in estimates if lag <= s < truth.num_frames)
     if not seqs:
-        return DemoScore(report.sent, 0, 0.0, float("nan"), float("nan"), float("nan"))
+        return DemoScore(report.sent, answered, 0.0, float("nan"), float("nan"),
+                         float("nan"), lag, 0)
     hit = [estimates[s].phase_name == names[truth.phases[s - lag]] for s in seqs]
     err = [abs(estimates[s].progress - float(truth.canonical_time[s - lag])) for s in seqs]
-    return DemoScore(report.sent, len(seqs), float(np.mean(hit)), float(np.mean(err)),
-                     report.latency_ms(50), report.latency_ms(99))
+    return DemoScore(report.sent, answered, float(np.mean(hit)), float(np.mean(err)),
+                     report.latency_ms(50), report.latency_ms(99), lag, len(seqs))
 
 
 def build_pipeline(cfg: DemoConfig):

@@ -1231,9 +1231,13 @@ class Aligner:
 class AlignerBank:
     """Many sessions over the same references and config, stepped together.
 
-    A session is created on first sight (or by :meth:`add`) and behaves exactly as its
+    A session is created on first sight (or by :meth:`add`) and runs the same math as its
     own :class:`Aligner` would. ``step_many`` is one matmul and a fixed number of numpy
-    operations over all the sessions given, whatever their number.
+    operations over all the sessions given, whatever their number. The float32 products
+    can differ in the last bits with the number of sessions stepped together (the BLAS
+    kernel's blocking), which now and then flips a near-tie: the activity of 53 frames of
+    the harness's 24 NaN-joint streams changed between stepping them alone and with all
+    scenarios' streams at once (docs/results.md §3).
     """
 
     def __init__(self, references: Reference | Sequence[Reference],

@@ -149,6 +149,7 @@ def test_demo_scores_lookahead_answers_against_the_frame_they_describe():
     lagged = {s: said(s - 3) for s in range(3, truth.num_frames)}
     report = ReplayReport(clients=1, rate_hz=truth.fps, duration_s=1.0, sent=truth.num_frames)
     right = score(truth, lagged, report, lag=3)
-    assert right.answered == truth.num_frames - 3
+    assert right.answered == truth.num_frames - 3 == right.scored  # seq 0..2 never answered
+    assert right.lag == 3 and any("lookahead" in line for line in right.lines())
     assert right.phase_accuracy == 1.0 and right.progress_mae == 0.0
     assert score(truth, lagged, report).phase_accuracy < 1.0  # scored as if current: wrong
