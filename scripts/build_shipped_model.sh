@@ -4,7 +4,9 @@
 #   masa_rt/assets/masa_hands_causal.onnx  its streaming step, so serving needs no torch
 #   examples/demos/<activity>.npz          clean synthetic demonstrations (joints + phases)
 #   examples/<activity>.npz                references built from them by the shipped model,
-#                                          each with its phase decoder (1,200 steps, 7-11 min)
+#                                          each with its phase decoder (2,400 steps, 8-28 min)
+#   examples/lookahead3/<activity>.npz     the same with a 3-frame lookahead decoder (opt-in:
+#                                          estimates describe the user 100 ms ago)
 # Training takes ~60 min on one CPU core in one stage (configs/hands_shipped.yaml says why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +24,6 @@ masa-rt export --checkpoint masa_rt/assets/masa_hands_causal.pt \
 for a in pour_milk open_bottle stir_cup pick_and_place screw_lid wipe_table; do
   masa-rt reference build "examples/demos/$a.npz" \
     --checkpoint masa_rt/assets/masa_hands_causal.pt -o "examples/$a.npz"
+  masa-rt reference build "examples/demos/$a.npz" --decoder-lookahead 3 \
+    --checkpoint masa_rt/assets/masa_hands_causal.pt -o "examples/lookahead3/$a.npz"
 done

@@ -211,3 +211,22 @@ def test_a_reference_given_as_a_demo_says_what_it_is(ckpt, tmp_path):
     build_reference([tmp_path / "d.npz"], ckpt, tmp_path / "r.npz", decoder={"steps": 0})
     with pytest.raises(ValueError, match="found a built reference"):
         build_reference([tmp_path / "r.npz"], ckpt, tmp_path / "r2.npz", decoder={"steps": 0})
+
+
+def test_shipped_references_belong_to_the_shipped_model():
+    """examples/*.npz and examples/lookahead3/*.npz: built by the shipped model from the same
+    demos (same embeddings), the second set's decoders with 3 frames of lookahead."""
+    from pathlib import Path
+
+    from masa_rt.checkpoint import default_model_path, model_fingerprint
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    fingerprint = model_fingerprint(default_model_path())
+    causal = sorted(root.glob("*.npz"))
+    assert len(causal) == 6
+    for path in causal:
+        ref, late = Reference.load(path), Reference.load(root / "lookahead3" / path.name)
+        assert ref.model_fingerprint == late.model_fingerprint == fingerprint
+        assert ref.decoder.lookahead == 0 and late.decoder.lookahead == 3
+        np.testing.assert_allclose(late.embeddings, ref.embeddings, atol=1e-5)  # other builds
+        np.testing.assert_array_equal(late.phases, ref.phases)
