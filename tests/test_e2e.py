@@ -153,3 +153,33 @@ def test_demo_scores_lookahead_answers_against_the_frame_they_describe():
     assert right.lag == 3 and any("lookahead" in line for line in right.lines())
     assert right.phase_accuracy == 1.0 and right.progress_mae == 0.0
     assert score(truth, lagged, report).phase_accuracy < 1.0  # scored as if current: wrong
+
+
+def test_lookahead_reference_served_end_to_end(tiny_model, tmp_path):
+    """A reference whose decoder has lookahead 2: the welcome tells the client the lag,
+    the first two answers are 'waiting' (they describe no frame yet), the rest track."""
+    from dataclasses import replace
+
+    from engine.pipeline import Pipeline
+    from masa_rt.align import Reference
+    from masa_rt.phase_decoder import PhaseDecoder
+
+    ref = Reference.load(tiny_model[1])
+    late = replace(ref, decoder=PhaseDecoder(ref.decoder.arrays(), lookahead=2))
+    late.save(tmp_path / "late.npz")
+    pipeline = Pipeline.from_files(tiny_model[0], [tmp_path / "late.npz"], capacity=4)
+    joints = demo_frames()
+    with Server(pipeline, ServerConfig(bind="tcp://127.0.0.1:0",
+                                       pub_bind="tcp://127.0.0.1:0")) as srv, \
+            PoseOutlet(srv.address, session="late", fps=30.0) as out:
+        assert out.welcome["lookahead_s"] == pytest.approx(2 / 30.0)
+        got = []
+        t0 = time.monotonic()
+        for k in range(12):
+            out.push(joints[k], stamp=t0 + k / 30.0)  # on the model's grid: one frame each
+            est = out.pull(timeout=2.0)
+            assert est is not None, f"no estimate for frame {k}"
+            got.append(est)
+    assert [e.seq for e in got] == list(range(12))
+    assert [e.state for e in got[:2]] == ["waiting", "waiting"]
+    assert all(e.state != "waiting" for e in got[2:])
