@@ -65,6 +65,7 @@ GRID: dict[str, list[Any]] = {
     "relocalise_patience": [2, 4, 8],
     "relocalise_memory": [4.0, 8.0, 16.0],
     "decoder_weight": [0.02, 0.05, 0.1, 0.2],  # only tried when the references have decoders
+    "decoder_phase_confidence": [0.3, 0.5, 0.7, 1.0],  # likewise
 }
 
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     for rnd in range(args.rounds):
         for field, values in GRID.items():
-            if field == "decoder_weight" and not any(r.decoder for r in refs.values()):
+            if field.startswith("decoder_") and not any(r.decoder for r in refs.values()):
                 continue  # every trial would score as the current best
             for value in values:
                 if getattr(best, field) == value:

@@ -311,6 +311,12 @@ class AlignerConfig:
     # together for references with 128-wide decoders (docs/results.md §3, "Tenth round");
     # references without decoders get DECODER_FREE (see for_references).
     decoder_weight: float = 0.1
+    # Where the active reference's decoder gives one phase more than this probability and
+    # the tracked frame lies in another phase, the *reported* position moves to the
+    # nearest frame of the decoder's phase (the tracker itself is untouched): a confident
+    # decoder places boundaries better than the tracker, whose steps are bounded, catches
+    # up with them (docs/results.md §3, "Eleventh round"). 1: never.
+    decoder_phase_confidence: float = 0.5
 
     def __post_init__(self) -> None:
         ints = {"band": 1, "back": 0, "max_step": 1, "pause_lag": 1, "pause_frames": 1,
@@ -325,6 +331,9 @@ class AlignerConfig:
         if not (math.isfinite(self.decoder_weight) and self.decoder_weight >= 0):
             raise ValueError(f"AlignerConfig.decoder_weight: expected a number >= 0, "
                              f"found {self.decoder_weight}")
+        if not 0.0 <= self.decoder_phase_confidence <= 1.0:
+            raise ValueError(f"AlignerConfig.decoder_phase_confidence: expected [0, 1], "
+                             f"found {self.decoder_phase_confidence}")
         for name in ("relocalise_memory", "activity_memory"):
             if getattr(self, name) < 1.0:
                 raise ValueError(f"AlignerConfig.{name}: expected >= 1 frame, "
@@ -567,6 +576,7 @@ class _Model:
         self.decoders: list[DecoderStack] = []
         self.dec_slots: list[slice] = []
         self.dec_targets: list[list[tuple[slice, np.ndarray]]] = []
+        self.dec_refs: list[np.ndarray] = []  # group g's references, in its order
         start = 0
         for members in groups.values():
             stack = DecoderStack([d for _, d in members])
@@ -574,6 +584,7 @@ class _Model:
             self.dec_slots.append(slice(start, start + stack.k * stack.layers * stack.hidden))
             self.dec_targets.append([(self.ref_cols[k], self.phases[self.ref_cols[k]])
                                      for k, _ in members])
+            self.dec_refs.append(np.array([k for k, _ in members], dtype=np.int64))
             start = self.dec_slots[-1].stop
         self.dec_size = max(start, 1)
         lookaheads = {s.lookahead for s in self.decoders}
@@ -582,6 +593,16 @@ class _Model:
                              f"lookaheads {sorted(lookaheads)} (frames); build them with one "
                              "--decoder-lookahead")
         self.lookahead = lookaheads.pop() if lookaheads else 0
+        # First and last local frame of each (reference, phase) that is one run of frames;
+        # -1 where the phase is absent or comes back (no single range to report into).
+        p_max = max(len(r.phase_names) for r in refs)
+        self.phase_lo = np.full((len(refs), p_max), -1, dtype=np.int64)
+        self.phase_hi = np.full((len(refs), p_max), -1, dtype=np.int64)
+        for k, r in enumerate(refs):
+            for ph in range(len(r.phase_names)):
+                at = np.flatnonzero(r.phases == ph)
+                if at.size and at[-1] - at[0] + 1 == at.size:
+                    self.phase_lo[k, ph], self.phase_hi[k, ph] = at[0], at[-1]
 
 
 # Per-session fields: name -> (shape after the session axis, dtype, value after reset).
@@ -596,7 +617,9 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Any, float]] = {
     "sim": ((), np.float64, 0.0),  # EMA of the cosine at the tracked position
     # Tracker (of the active reference; a switch re-seeds it, so one per session suffices).
     "pos": ((), np.int64, 0),  # argmin of the band row, local frame index
-    "shown": ((), np.float64, 0.0),  # smoothed position: what is reported
+    "shown": ((), np.float64, 0.0),  # smoothed position (the tracker's)
+    "report": ((), np.float64, 0.0),  # what is reported: shown, or moved into the
+    # decoder's phase (AlignerConfig.decoder_phase_confidence)
     "lo": ((), np.int64, 0),  # local frame of band cell 0
     "band": (("W",), np.float64, math.inf),  # accumulated cost of frames lo .., inf past hi
     "streak": ((), np.int64, 0),  # frames the relocaliser has wanted a jump
@@ -744,8 +767,10 @@ class _Sessions:
         sims[:, M.pad_cols] = -np.inf
         on_script = sims.max(axis=1) >= cfg.off_script_sim
         cost = np.subtract(1.0, sims, out=sims)  # (B, P) float32
-        decoded = (self._decode(rows, ok if read is None else read, x, cost)
-                   if M.decoders else None)
+        decoded = dec_best = dec_sure = None
+        if M.decoders:
+            decoded, dec_best, dec_sure = self._decode(rows, ok if read is None else read,
+                                                       x, cost)
 
         active = self.active[rows]
         paused, still = self._pause(sel, rows, q, ok, t, active)
@@ -810,26 +835,35 @@ class _Sessions:
         self.active[sel], self.switch_streak[sel] = active, switch_streak
         self.still[sel], self.off[sel], self.sim[sel] = still, off, sim
         tr.store(sel)
+        self.report[sel] = self._report(rows, ok, active, tr.shown, dec_best, dec_sure)
         self.activity_cost[sel] = activity_cost
         self.last_state[sel], self.last_conf[sel], self.last_t[sel] = state, conf, t
 
     def _decode(self, rows: np.ndarray, ok: np.ndarray, x: np.ndarray | None,
-                cost: np.ndarray) -> np.ndarray:
+                cost: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Step every reference's phase decoder on the frames of ``ok`` sessions (a lost
         frame holds its state) and add ``decoder_weight * -log(p(phase) / max p)`` to
-        each column of ``cost`` in place; returns that added term (B, P)."""
+        each column of ``cost`` in place. Returns that added term (B, P), and per
+        reference (B, K) the decoder's best phase (-1: no decoder, or not stepped) and
+        its probability."""
         M = self.model  # x was checked by _decoder_inputs (public entry points)
-        added = self.dec_added[:len(rows)]
+        b = len(rows)
+        added = self.dec_added[:b]
         added.fill(0.0)
+        best = np.full((b, M.n_refs), -1, dtype=np.int64)
+        sure = np.zeros((b, M.n_refs))
         state = self.dec[rows]  # (B, S) copy
         live = np.flatnonzero(ok)
         if not live.size:
-            return added
+            return added, best, sure
         n = len(live)
-        for stack, slots, targets in zip(M.decoders, M.dec_slots, M.dec_targets, strict=True):
+        for stack, slots, targets, refs in zip(M.decoders, M.dec_slots, M.dec_targets,
+                                               M.dec_refs, strict=True):
             old = state[live, slots].reshape(n, stack.k, stack.layers, stack.hidden)
             logp, new = stack.step(x[live], old)
             state[live, slots] = new.reshape(n, -1)
+            best[live[:, None], refs] = logp.argmax(axis=2)
+            sure[live[:, None], refs] = np.exp(logp.max(axis=2))
             # Relative to the decoder's own best phase, -log(p / max p): the term shapes
             # the costs within a reference but adds no level of its own, so a decoder
             # that is confident on the wrong activity's stream cannot pull the activity
@@ -839,7 +873,25 @@ class _Sessions:
                 added[live, cols] = -M.cfg.decoder_weight * rel[:, i, phases]
         self.dec[rows] = state
         cost += added
-        return added
+        return added, best, sure
+
+    def _report(self, rows: np.ndarray, ok: np.ndarray, active: np.ndarray,
+                shown: np.ndarray, best: np.ndarray | None,
+                sure: np.ndarray | None) -> np.ndarray:
+        """The reported position (B,): the tracker's (held on lost frames), moved to the
+        nearest frame of the active reference's decoder's phase where that decoder is
+        surer than ``decoder_phase_confidence`` of a phase the position is not in."""
+        M = self.model
+        report = np.where(ok, shown, self.report[rows])
+        if best is None:
+            return report
+        every = np.arange(len(rows))
+        phase, p = best[every, active], sure[every, active]
+        lo = M.phase_lo[active, np.maximum(phase, 0)]
+        hi = M.phase_hi[active, np.maximum(phase, 0)]
+        use = ok & (phase >= 0) & (p > M.cfg.decoder_phase_confidence) & (lo >= 0)
+        report[use] = np.clip(report[use], lo[use], hi[use])
+        return report
 
     def _pause(self, sel: slice | np.ndarray, rows: np.ndarray, q: np.ndarray,
                ok: np.ndarray, t: np.ndarray,
@@ -950,7 +1002,7 @@ class _Sessions:
         active = self.active[rows]
         state = self.last_state[rows]
         n = M.lengths[active]
-        x = np.clip(self.shown[rows], 0.0, n - 1.0)
+        x = np.clip(self.report[rows], 0.0, n - 1.0)
         col = M.offsets[active] + np.rint(x).astype(np.int64)
         s, e = M.run_start[col], M.run_end[col]
         phase_progress = np.clip((x - s) / np.maximum(e - s, 1), 0.0, 1.0)

@@ -437,3 +437,45 @@ def test_lookahead_bank_equals_single_aligners_when_sessions_step_apart() -> Non
             np.testing.assert_equal(  # NaN t (waiting) equals NaN here
                 (out[j].phase_id, out[j].ref_index, out[j].state, out[j].t),
                 (e.phase_id, e.ref_index, e.state, e.t))
+
+
+# -- the reported position follows a confident decoder's phase
+
+
+def test_report_moves_into_a_confident_decoders_phase_and_the_tracker_stays() -> None:
+    """The decoder is sure of phase 2 while the embeddings say phase 0: the reported
+    position moves to phase 2's first frame (its cost term is negligible here, so the
+    tracker does not move), and nothing moves at decoder_phase_confidence 1."""
+    ref = make_reference(_confident(2))
+    q = _query(ref, 10)
+    x = np.zeros((len(q), D_IN), np.float32)
+    start = LENGTHS[0] + LENGTHS[1]  # phase 2's first frame
+    moved = Aligner(ref, AlignerConfig(decoder_weight=1e-6))
+    kept = Aligner(ref, AlignerConfig(decoder_weight=1e-6, decoder_phase_confidence=1.0))
+    for t in range(len(q)):
+        a = moved.step(q[t], t / 30.0, inputs=x[t])
+        b = kept.step(q[t], t / 30.0, inputs=x[t])
+        assert (a.phase_id, a.ref_index, a.phase_progress) == (2, start, 0.0)
+        assert b.phase_id == 0 and b.ref_index < LENGTHS[0]
+    # A lost frame holds the report where it was.
+    held = moved.step(None, 1.0, inputs=x[0])
+    assert (held.ref_index, held.state) == (start, "tracking_lost")
+    with pytest.raises(ValueError, match="decoder_phase_confidence"):
+        AlignerConfig(decoder_phase_confidence=1.5)
+
+
+def test_report_stays_when_the_decoder_is_unsure_or_its_phase_comes_back() -> None:
+    q = _query(make_reference(), 30)
+    x = np.zeros((len(q), D_IN), np.float32)
+    plain = [e.ref_index for e in Aligner(make_reference(), AlignerConfig()).run(q)]
+    unsure = Aligner(make_reference(_uniform()), AlignerConfig(decoder_weight=1e-6))
+    assert [unsure.step(q[t], t / 30.0, inputs=x[t]).ref_index
+            for t in range(len(q))] == plain  # p = 1/3 everywhere: below 0.5
+    twice = make_reference(_confident(1))  # phase 1 runs twice: no single range to move to
+    twice.phases = np.repeat([0, 1, 2, 1], [20, 25, 10, 10])
+    twice = Reference(**{f: getattr(twice, f) for f in (
+        "name", "activity", "embeddings", "phases", "phase_names", "times", "fps",
+        "model_fingerprint", "decoder")})
+    al = Aligner(twice, AlignerConfig(decoder_weight=1e-6))
+    est = [al.step(q[t], t / 30.0, inputs=x[t]) for t in range(10)]
+    assert {e.phase_id for e in est} == {0}
