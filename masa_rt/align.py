@@ -640,11 +640,13 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Any, float]] = {
     "last_t": ((), np.float64, math.nan),
     # Phase decoders' recurrent states, all references' laid end to end ("S" floats).
     "dec": (("S",), np.float32, 0.0),
-    # Lookahead delay line (decoders with lookahead L > 0; "L" slots, oldest first): the
-    # frames the aligner has yet to step, while their decoder reads L frames further on.
+    # Lookahead delay line (decoders with lookahead L > 0): a ring of "L" slots holding the
+    # frames the aligner has yet to step, while their decoder reads L frames further on;
+    # slot dl_head holds the oldest, which the next frame replaces.
     "dl_q": (("L", "d"), np.float32, 0.0),
     "dl_ok": (("L",), bool, False),
     "dl_t": (("L",), np.float64, math.nan),
+    "dl_head": ((), np.int64, 0),
 }
 # Scratch rows, allocated once: fresh (B, P) or (B, d) temporaries every step would cost
 # page faults that take longer than the arithmetic. name -> (shape, dtype).
@@ -743,11 +745,12 @@ class _Sessions:
     def _delay(self, rows: np.ndarray, q: np.ndarray, ok: np.ndarray,
                t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Push this step's frames into sessions ``rows``' delay lines; returns the frames
-        that leave them, L steps old (not ``ok`` while a line fills after a reset)."""
-        out = self.dl_q[rows, 0], self.dl_ok[rows, 0], self.dl_t[rows, 0]  # copies
-        for line, new in ((self.dl_q, q), (self.dl_ok, ok), (self.dl_t, t)):
-            line[rows, :-1] = line[rows, 1:]
-            line[rows, -1] = new
+        that leave them, L steps old (not ``ok`` while a line fills after a reset). A ring:
+        one (B, d) read and write per step, not a shift of the whole (B, L, d) line."""
+        head = self.dl_head[rows]
+        out = self.dl_q[rows, head], self.dl_ok[rows, head], self.dl_t[rows, head]  # copies
+        self.dl_q[rows, head], self.dl_ok[rows, head], self.dl_t[rows, head] = q, ok, t
+        self.dl_head[rows] = (head + 1) % self.model.lookahead
         return out
 
     def _step(self, sel: slice | np.ndarray, rows: np.ndarray, q: np.ndarray,
