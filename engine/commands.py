@@ -86,8 +86,6 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-hidden", type=positive_int, default=None, metavar="H",
                    help="width of the decoder's layers (default 128; 64 steps 2.5-4.5x "
                         "faster per frame for 1.1 points less, see docs/aligner.md)")
-
-
     p.add_argument("--decoder-lookahead", type=nonnegative_int, default=None, metavar="L",
                    help="frames of lookahead (default 0): the decoder names the phase of "
                         "the frame L before the newest, and every estimate then describes "

@@ -427,7 +427,6 @@ def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
             xin[row, :n] = streams[s].inputs()
         valid[row, :n] = ~streams[s].lost
         times[row, :n] = streams[s].times
-        times[row, n:n + lag] = streams[s].times[-1] + np.arange(1, lag + 1) / refs[0].fps
     phase = np.full((len(streams), n_max), -1, dtype=np.int64)
     prog = np.full((len(streams), n_max), np.nan)
     ref = np.zeros((len(streams), n_max), dtype=np.int64)
@@ -666,16 +665,17 @@ def run_engine_check(checkpoint: str | Path | None, streams: Sequence[Stream],
         pipe = Pipeline.from_files(onnx_path, paths, "onnxruntime", capacity=len(streams),
                                    aligner_config=config)
         layout = pipe.spec.layout
-        lag = pipe.lookahead
+        lags = []  # per session: its reference's lookahead, as its welcome tells it
         for n, s in enumerate(streams):
             info = pipe.open_session(f"s{n}", layout, pipe.spec.fps, reference=s.activity)
+            lags.append(round(info["lookahead_s"] * pipe.spec.fps))
             for k in range(len(s)):
                 pipe.submit(f"s{n}", k, float(s.times[k]), s.joints[k])
         got: dict[str, dict[int, Any]] = {}
         for sid, seq, _t, est in pipe.step():
             got.setdefault(sid, {})[seq] = est
     phase_eq, prog_diff, frames, differ = 0, 0.0, 0, 0
-    for n, (s, p) in enumerate(zip(streams, preds, strict=True)):
+    for n, (s, p, lag) in enumerate(zip(streams, preds, lags, strict=True)):
         ests = got.get(f"s{n}", {})
         for k in range(lag, len(s)):
             est = ests.get(k)
@@ -686,10 +686,9 @@ def run_engine_check(checkpoint: str | Path | None, streams: Sequence[Stream],
             if np.isfinite(p.progress[k - lag]):
                 diff = abs(est.progress - float(p.progress[k - lag]))
                 prog_diff, differ = max(prog_diff, diff), differ + int(diff > 1e-3)
-    total = sum(len(s) - lag for s in streams)
+    total = sum(len(s) - lag for s, lag in zip(streams, lags, strict=True))
     return {"streams": [f"{s.scenario}/{s.activity}/{s.index}" for s in streams],
-            "frames": total, "answered": frames, "lookahead": lag,
-            "welcome_lookahead_s": info["lookahead_s"] if streams else 0.0,
+            "frames": total, "answered": frames, "lookahead": max(lags, default=0),
             "phase_equal_pct": 100.0 * phase_eq / max(frames, 1),
             "progress_max_abs_diff": prog_diff, "progress_frames_differ": differ}
 

@@ -58,10 +58,11 @@ __all__ = [
     "subsequence_dtw",
 ]
 
-# 2: a phase decoder with lookahead (decoder.lookahead). A file is written with the
-# lowest version that reads it right, so references without one stay readable by
-# version-1 servers, which would run a lookahead decoder as a causal one.
-REFERENCE_FORMAT_VERSION = 2
+# A file is written with the lowest version that reads it right: 1, or 2 for a phase
+# decoder with lookahead (decoder.lookahead), which a version-1 server would run as a
+# causal one; references without it stay readable by version-1 servers.
+_FORMAT_CAUSAL, _FORMAT_LOOKAHEAD = 1, 2
+REFERENCE_FORMAT_VERSION = _FORMAT_LOOKAHEAD  # the newest this code reads
 STATES = ("waiting", "tracking", "paused", "off_script", "tracking_lost", "finished")
 _EPS = 1e-8
 
@@ -207,8 +208,8 @@ class Reference:
         """Write a ``.npz`` (no pickles; strings as unicode arrays) atomically."""
         arrays = {
             "format_version": np.int64(
-                REFERENCE_FORMAT_VERSION if self.decoder is not None
-                and self.decoder.lookahead else 1),
+                _FORMAT_LOOKAHEAD if self.decoder is not None and self.decoder.lookahead
+                else _FORMAT_CAUSAL),
             "name": np.str_(self.name),
             "activity": np.str_(self.activity),
             "embeddings": self.embeddings,
@@ -315,7 +316,8 @@ class AlignerConfig:
     # the tracked frame lies in another phase, the *reported* position moves to the
     # nearest frame of the decoder's phase (the tracker itself is untouched): a confident
     # decoder places boundaries better than the tracker, whose steps are bounded, catches
-    # up with them (docs/results.md §3, "Eleventh round"). 1: never.
+    # up with them (docs/results.md §3, "Eleventh round"). 1: never; nor with
+    # decoder_weight 0, which leaves the decoders out altogether.
     decoder_phase_confidence: float = 0.5
 
     def __post_init__(self) -> None:
@@ -570,6 +572,12 @@ class _Model:
             raise ValueError(f"Aligner: the references' phase decoders take different "
                              f"inputs (dims {sorted(dims)}); build them with one model")
         self.input_dim = dims.pop() if dims else 0
+        lookaheads = {d.lookahead for _, d in with_dec}
+        if len(lookaheads) > 1:
+            raise ValueError(f"Aligner: the references' phase decoders have different "
+                             f"lookaheads {sorted(lookaheads)} (frames); build them with one "
+                             "--decoder-lookahead")
+        self.lookahead = lookaheads.pop() if lookaheads else 0
         groups: dict[tuple[int, int], list[tuple[int, PhaseDecoder]]] = {}
         for k, d in with_dec:
             groups.setdefault((d.hidden, d.layers), []).append((k, d))
@@ -587,22 +595,19 @@ class _Model:
             self.dec_refs.append(np.array([k for k, _ in members], dtype=np.int64))
             start = self.dec_slots[-1].stop
         self.dec_size = max(start, 1)
-        lookaheads = {s.lookahead for s in self.decoders}
-        if len(lookaheads) > 1:
-            raise ValueError(f"Aligner: the references' phase decoders have different "
-                             f"lookaheads {sorted(lookaheads)} (frames); build them with one "
-                             "--decoder-lookahead")
-        self.lookahead = lookaheads.pop() if lookaheads else 0
         # First and last local frame of each (reference, phase) that is one run of frames;
         # -1 where the phase is absent or comes back (no single range to report into).
         p_max = max(len(r.phase_names) for r in refs)
         self.phase_lo = np.full((len(refs), p_max), -1, dtype=np.int64)
         self.phase_hi = np.full((len(refs), p_max), -1, dtype=np.int64)
         for k, r in enumerate(refs):
-            for ph in range(len(r.phase_names)):
-                at = np.flatnonzero(r.phases == ph)
-                if at.size and at[-1] - at[0] + 1 == at.size:
-                    self.phase_lo[k, ph], self.phase_hi[k, ph] = at[0], at[-1]
+            b = r.phase_bounds
+            one_run = (b[:, 0] >= 0) & (r.run_end[np.maximum(b[:, 0], 0)] == b[:, 1])
+            self.phase_lo[k, :len(b)] = np.where(one_run, b[:, 0], -1)
+            self.phase_hi[k, :len(b)] = np.where(one_run, b[:, 1], -1)
+        # decoder_phase_confidence as a log-probability (the decoders give log-softmax).
+        self.log_confidence = (math.log(cfg.decoder_phase_confidence)
+                               if cfg.decoder_phase_confidence > 0 else -math.inf)
 
 
 # Per-session fields: name -> (shape after the session axis, dtype, value after reset).
@@ -640,12 +645,12 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Any, float]] = {
     "last_t": ((), np.float64, math.nan),
     # Phase decoders' recurrent states, all references' laid end to end ("S" floats).
     "dec": (("S",), np.float32, 0.0),
-    # Lookahead delay line (decoders with lookahead L > 0): a ring of "L" slots holding the
+    # Lookahead delay line (decoders with lookahead L > 0): a ring of L ("look") slots holding the
     # frames the aligner has yet to step, while their decoder reads L frames further on;
     # slot dl_head holds the oldest, which the next frame replaces.
-    "dl_q": (("L", "d"), np.float32, 0.0),
-    "dl_ok": (("L",), bool, False),
-    "dl_t": (("L",), np.float64, math.nan),
+    "dl_q": (("look", "d"), np.float32, 0.0),
+    "dl_ok": (("look",), bool, False),
+    "dl_t": (("look",), np.float64, math.nan),
     "dl_head": ((), np.int64, 0),
 }
 # Scratch rows, allocated once: fresh (B, P) or (B, d) temporaries every step would cost
@@ -673,7 +678,7 @@ class _Sessions:
         self.model = model
         sizes = {"K": model.n_refs, "P": model.cols, "W": model.width, "d": model.dim,
                  "2lag": 2 * model.cfg.pause_lag, "S": model.dec_size,
-                 "L": model.lookahead}
+                 "look": model.lookahead}
         self._shapes = {name: tuple(sizes[s] for s in spec[0])
                         for name, spec in (_FIELDS | _SCRATCH).items()}
         self.n = 0
@@ -726,20 +731,23 @@ class _Sessions:
         time), and are ``waiting`` for a session's first L steps.
         """
         n = self.n
-        read = ok  # the frames the decoders read
+        read = heard = ok  # the frames the decoders read; where their output is used
         if self.model.lookahead:
             q, ok, t = self._delay(rows, q, ok, t)
+            # A decoder's output names the frame L *read* frames back: that is the frame
+            # leaving the line only if the L frames since were all read.
+            heard = read & self.dl_ok[rows].all(axis=1)
         if len(rows) < n:
-            self._step(rows, rows, q, ok, t, x, read)
+            self._step(rows, rows, q, ok, t, x, read, heard)
         else:
             # Every session steps: go in slot order, so that the big rows are updated in
             # place (no gather/scatter of the (B, P) rows).
             if n > 1:
                 order = np.empty(n, dtype=np.int64)
                 order[rows] = np.arange(n)
-                q, ok, t, read = q[order], ok[order], t[order], read[order]
+                q, ok, t, read, heard = q[order], ok[order], t[order], read[order], heard[order]
                 x = None if x is None else x[order]
-            self._step(slice(0, n), np.arange(n), q, ok, t, x, read)
+            self._step(slice(0, n), np.arange(n), q, ok, t, x, read, heard)
         return self.estimates(rows)
 
     def _delay(self, rows: np.ndarray, q: np.ndarray, ok: np.ndarray,
@@ -755,11 +763,12 @@ class _Sessions:
 
     def _step(self, sel: slice | np.ndarray, rows: np.ndarray, q: np.ndarray,
               ok: np.ndarray, t: np.ndarray, x: np.ndarray | None = None,
-              read: np.ndarray | None = None) -> None:
+              read: np.ndarray | None = None, heard: np.ndarray | None = None) -> None:
         """The math of one frame. ``rows`` (B,) are the slots; ``sel`` selects the same rows
         (a slice when they are all of 0 .. n-1 in order). All (B,)-shaped unless noted.
-        ``read``: which sessions' decoders read a frame ``x`` (default ``ok``; they differ
-        with lookahead, where ``q``, ``ok``, ``t`` are the frame L steps back)."""
+        ``read``: which sessions' decoders read a frame ``x``; ``heard``: where their output
+        describes the frame stepped (both default ``ok``; they differ with lookahead, where
+        ``q``, ``ok``, ``t`` are the frame L steps back)."""
         M, cfg = self.model, self.model.cfg
         b = len(rows)
         every = np.arange(b)
@@ -770,10 +779,10 @@ class _Sessions:
         sims[:, M.pad_cols] = -np.inf
         on_script = sims.max(axis=1) >= cfg.off_script_sim
         cost = np.subtract(1.0, sims, out=sims)  # (B, P) float32
-        decoded = dec_best = dec_sure = None
+        decoded = dec_best = dec_top = None
         if M.decoders:
-            decoded, dec_best, dec_sure = self._decode(rows, ok if read is None else read,
-                                                       x, cost)
+            decoded, dec_best, dec_top = self._decode(
+                rows, ok if read is None else read, ok if heard is None else heard, x, cost)
 
         active = self.active[rows]
         paused, still = self._pause(sel, rows, q, ok, t, active)
@@ -838,61 +847,65 @@ class _Sessions:
         self.active[sel], self.switch_streak[sel] = active, switch_streak
         self.still[sel], self.off[sel], self.sim[sel] = still, off, sim
         tr.store(sel)
-        self.report[sel] = self._report(rows, ok, active, tr.shown, dec_best, dec_sure)
+        self.report[sel] = self._report(rows, every, ok, active, tr.shown, dec_best, dec_top)
         self.activity_cost[sel] = activity_cost
         self.last_state[sel], self.last_conf[sel], self.last_t[sel] = state, conf, t
 
-    def _decode(self, rows: np.ndarray, ok: np.ndarray, x: np.ndarray | None,
+    def _decode(self, rows: np.ndarray, read: np.ndarray, heard: np.ndarray,
+                x: np.ndarray | None,
                 cost: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Step every reference's phase decoder on the frames of ``ok`` sessions (a lost
-        frame holds its state) and add ``decoder_weight * -log(p(phase) / max p)`` to
-        each column of ``cost`` in place. Returns that added term (B, P), and per
-        reference (B, K) the decoder's best phase (-1: no decoder, or not stepped) and
-        its probability."""
+        """Step every reference's phase decoder on the frames of ``read`` sessions (a lost
+        frame holds its state); where ``heard``, add ``decoder_weight * -log(p(phase) /
+        max p)`` to each column of ``cost`` in place. Returns that added term (B, P), and
+        per reference (B, K) the decoder's best phase (-1: no decoder, or not heard) and
+        its log-probability."""
         M = self.model  # x was checked by _decoder_inputs (public entry points)
         b = len(rows)
         added = self.dec_added[:b]
         added.fill(0.0)
         best = np.full((b, M.n_refs), -1, dtype=np.int64)
-        sure = np.zeros((b, M.n_refs))
+        top = np.full((b, M.n_refs), -np.inf, dtype=np.float32)
         state = self.dec[rows]  # (B, S) copy
-        live = np.flatnonzero(ok)
+        live = np.flatnonzero(read)
         if not live.size:
-            return added, best, sure
+            return added, best, top
         n = len(live)
+        used = heard[live]  # of the live rows
+        out = live[used]
         for stack, slots, targets, refs in zip(M.decoders, M.dec_slots, M.dec_targets,
                                                M.dec_refs, strict=True):
             old = state[live, slots].reshape(n, stack.k, stack.layers, stack.hidden)
             logp, new = stack.step(x[live], old)
             state[live, slots] = new.reshape(n, -1)
-            best[live[:, None], refs] = logp.argmax(axis=2)
-            sure[live[:, None], refs] = np.exp(logp.max(axis=2))
+            logp = logp[used]
+            most = logp.max(axis=2, keepdims=True)
+            best[out[:, None], refs] = logp.argmax(axis=2)
+            top[out[:, None], refs] = most[:, :, 0]
             # Relative to the decoder's own best phase, -log(p / max p): the term shapes
             # the costs within a reference but adds no level of its own, so a decoder
             # that is confident on the wrong activity's stream cannot pull the activity
             # choice (which compares references' costs) towards it.
-            rel = logp - logp.max(axis=2, keepdims=True)
+            rel = logp - most
             for i, (cols, phases) in enumerate(targets):
-                added[live, cols] = -M.cfg.decoder_weight * rel[:, i, phases]
+                added[out, cols] = -M.cfg.decoder_weight * rel[:, i, phases]
         self.dec[rows] = state
         cost += added
-        return added, best, sure
+        return added, best, top
 
-    def _report(self, rows: np.ndarray, ok: np.ndarray, active: np.ndarray,
-                shown: np.ndarray, best: np.ndarray | None,
-                sure: np.ndarray | None) -> np.ndarray:
+    def _report(self, rows: np.ndarray, every: np.ndarray, ok: np.ndarray,
+                active: np.ndarray, shown: np.ndarray, best: np.ndarray | None,
+                top: np.ndarray | None) -> np.ndarray:
         """The reported position (B,): the tracker's (held on lost frames), moved to the
         nearest frame of the active reference's decoder's phase where that decoder is
         surer than ``decoder_phase_confidence`` of a phase the position is not in."""
         M = self.model
         report = np.where(ok, shown, self.report[rows])
-        if best is None:
+        if best is None or M.cfg.decoder_phase_confidence >= 1.0:
             return report
-        every = np.arange(len(rows))
-        phase, p = best[every, active], sure[every, active]
-        lo = M.phase_lo[active, np.maximum(phase, 0)]
-        hi = M.phase_hi[active, np.maximum(phase, 0)]
-        use = ok & (phase >= 0) & (p > M.cfg.decoder_phase_confidence) & (lo >= 0)
+        phase = best[every, active]
+        at = np.maximum(phase, 0)
+        lo, hi = M.phase_lo[active, at], M.phase_hi[active, at]
+        use = ok & (phase >= 0) & (top[every, active] > M.log_confidence) & (lo >= 0)
         report[use] = np.clip(report[use], lo[use], hi[use])
         return report
 

@@ -479,3 +479,21 @@ def test_report_stays_when_the_decoder_is_unsure_or_its_phase_comes_back() -> No
     al = Aligner(twice, AlignerConfig(decoder_weight=1e-6))
     est = [al.step(q[t], t / 30.0, inputs=x[t]) for t in range(10)]
     assert {e.phase_id for e in est} == {0}
+
+
+def test_lookahead_decoder_term_waits_out_a_lost_frame() -> None:
+    """With lookahead 2, the decoder's output names the frame two *read* frames back; while
+    a lost frame is among the last two steps that is not the frame the aligner steps, so
+    neither its cost term nor the reported phase is used (a decoder sure of phase 2
+    against embeddings of phase 0 shows which)."""
+    ref = make_reference(_with_lookahead(_confident(2), 2))
+    q = _query(ref, 12)
+    x = np.zeros((len(q), D_IN), np.float32)
+    valid = np.ones(len(q), dtype=bool)
+    valid[5] = False
+    al = Aligner(ref, AlignerConfig(decoder_weight=1e-6))
+    phases = [al.step(q[k], k / 30.0, bool(valid[k]), inputs=x[k]).phase_id
+              for k in range(len(q))]
+    # steps 0-1 describe no frame; 5: the newest frame is lost (no decoder output);
+    # 6: frame 5 is in the line; 7: the frame stepped (5) is lost, the report holds.
+    assert phases == [-1, -1, 2, 2, 2, 0, 0, 0, 2, 2, 2, 2]
