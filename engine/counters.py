@@ -122,6 +122,9 @@ class Counters:
     # Of rejected['overloaded']: frames that arrived already older than the server's
     # max_queue_delay_s (they waited in libzmq's or the OS's queues), refused unread.
     queued_too_long: int = 0
+    # Rejections whose error reply could not be sent (the peer's pipe full or the peer
+    # gone): counted in rejected all the same, but the peer never heard why.
+    replies_unsent: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
 

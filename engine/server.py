@@ -437,7 +437,10 @@ class Server:
             session_id = session.id
         log.debug("event=rejected reason=%s detail=%r seq=%s", reason, detail, seq)
         reply = P.error(reason, detail, seq=seq, session=session_id)
-        self._send(ident, P.encode(reply))
+        if self._send(ident, P.encode(reply)) is not None:
+            self.counters.replies_unsent += 1
+            if session is not None:
+                session.counters.replies_unsent += 1
 
     def _send(self, ident: bytes, data: bytes) -> str | None:
         """Send to one peer without blocking; return a drop reason or None if sent."""

@@ -596,7 +596,7 @@ def test_zz_every_message_is_accounted_for(world):
                                 + led.outcomes["pong"] + led.outcomes["stats_reply"])
     # Every accepted frame was answered (fake engine: nothing dropped).
     assert c["frames_in"] == led.outcomes["estimate"] + good.sent == c["estimates_out"]
-    assert c["dropped"] == 0 and c["loop_errors"] == 0
+    assert c["dropped"] == 0 and c["loop_errors"] == 0 and c["replies_unsent"] == 0
     good_s = world.server.sessions["good"].counters
     assert (good_s.frames_in, good_s.estimates_out) == (good.sent, good.sent)
     assert led.outcomes.total() > 1000

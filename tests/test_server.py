@@ -822,3 +822,16 @@ def test_rejections_are_summarised_at_info(ctx, caplog):
     finally:
         c.sock.close()
         srv.stop()
+
+
+def test_an_error_reply_that_cannot_be_sent_is_counted():
+    """A rejection is counted whether or not its reply gets out; one that does not (the
+    peer's pipe full, the peer gone) is counted again in replies_unsent, never silent."""
+    srv = Server(FakePipeline(), ServerConfig(bind="tcp://127.0.0.1:0",
+                                              pub_bind="tcp://127.0.0.1:0"))
+    srv._send = lambda ident, data: "send_hwm"  # as a full pipe answers
+    srv._reject(b"peer", "malformed", "not msgpack")
+    srv._send = lambda ident, data: None  # sent
+    srv._reject(b"peer", "malformed", "not msgpack")
+    assert srv.counters.rejected["malformed"] == 2 and srv.counters.replies_unsent == 1
+    assert srv.counters.flat()["replies_unsent"] == 1  # in the stats reply
