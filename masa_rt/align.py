@@ -313,10 +313,10 @@ class AlignerConfig:
     # references without decoders get DECODER_FREE (see for_references).
     decoder_weight: float = 0.1
     # Where the active reference's decoder gives one phase more than this probability and
-    # the tracked frame lies in another phase, the *reported* position moves to the
-    # nearest frame of the decoder's phase (the tracker itself is untouched): a confident
-    # decoder places boundaries better than the tracker, whose steps are bounded, catches
-    # up with them (docs/results.md §3, "Eleventh round"). 1: never; nor with
+    # the tracked frame lies in the phase before or after it, the *reported* position
+    # moves to the nearest frame of the decoder's phase (the tracker itself is untouched):
+    # a confident decoder places boundaries sooner than the tracker, whose steps are
+    # bounded, catches up with them (docs/results.md §3, "Eleventh round"). 1: never; nor with
     # decoder_weight 0, which leaves the decoders out altogether.
     decoder_phase_confidence: float = 0.5
 
@@ -897,7 +897,9 @@ class _Sessions:
                 top: np.ndarray | None) -> np.ndarray:
         """The reported position (B,): the tracker's (held on lost frames), moved to the
         nearest frame of the active reference's decoder's phase where that decoder is
-        surer than ``decoder_phase_confidence`` of a phase the position is not in."""
+        surer than ``decoder_phase_confidence`` of the phase next to the position's (a
+        boundary the tracker has not caught up with; a phase further away is the
+        relocaliser's to judge)."""
         M = self.model
         report = np.where(ok, shown, self.report[rows])
         if best is None or M.cfg.decoder_phase_confidence >= 1.0:
@@ -905,7 +907,9 @@ class _Sessions:
         phase = best[every, active]
         at = np.maximum(phase, 0)
         lo, hi = M.phase_lo[active, at], M.phase_hi[active, at]
-        use = ok & (phase >= 0) & (top[every, active] > M.log_confidence) & (lo >= 0)
+        frame = np.rint(np.clip(report, 0, M.lengths[active] - 1)).astype(np.int64)
+        next_to = np.abs(phase - M.phases[M.offsets[active] + frame]) == 1
+        use = (ok & next_to & (top[every, active] > M.log_confidence) & (lo >= 0))
         report[use] = np.clip(report[use], lo[use], hi[use])
         return report
 

@@ -443,20 +443,23 @@ def test_lookahead_bank_equals_single_aligners_when_sessions_step_apart() -> Non
 
 
 def test_report_moves_into_a_confident_decoders_phase_and_the_tracker_stays() -> None:
-    """The decoder is sure of phase 2 while the embeddings say phase 0: the reported
-    position moves to phase 2's first frame (its cost term is negligible here, so the
-    tracker does not move), and nothing moves at decoder_phase_confidence 1."""
-    ref = make_reference(_confident(2))
-    q = _query(ref, 10)
+    """The decoder is sure of phase 1 while the embeddings say phase 0: the reported
+    position moves to phase 1's first frame (its cost term is negligible here, so the
+    tracker does not move); nothing moves at decoder_phase_confidence 1, nor for a phase
+    two away (the relocaliser's to judge)."""
+    q = _query(make_reference(), 10)
     x = np.zeros((len(q), D_IN), np.float32)
-    start = LENGTHS[0] + LENGTHS[1]  # phase 2's first frame
-    moved = Aligner(ref, AlignerConfig(decoder_weight=1e-6))
-    kept = Aligner(ref, AlignerConfig(decoder_weight=1e-6, decoder_phase_confidence=1.0))
+    start = LENGTHS[0]  # phase 1's first frame
+    moved = Aligner(make_reference(_confident(1)), AlignerConfig(decoder_weight=1e-6))
+    kept = Aligner(make_reference(_confident(1)),
+                   AlignerConfig(decoder_weight=1e-6, decoder_phase_confidence=1.0))
+    far = Aligner(make_reference(_confident(2)), AlignerConfig(decoder_weight=1e-6))
     for t in range(len(q)):
         a = moved.step(q[t], t / 30.0, inputs=x[t])
         b = kept.step(q[t], t / 30.0, inputs=x[t])
-        assert (a.phase_id, a.ref_index, a.phase_progress) == (2, start, 0.0)
-        assert b.phase_id == 0 and b.ref_index < LENGTHS[0]
+        c = far.step(q[t], t / 30.0, inputs=x[t])
+        assert (a.phase_id, a.ref_index, a.phase_progress) == (1, start, 0.0)
+        assert b.phase_id == c.phase_id == 0 and b.ref_index < LENGTHS[0]
     # A lost frame holds the report where it was.
     held = moved.step(None, 1.0, inputs=x[0])
     assert (held.ref_index, held.state) == (start, "tracking_lost")
@@ -484,9 +487,9 @@ def test_report_stays_when_the_decoder_is_unsure_or_its_phase_comes_back() -> No
 def test_lookahead_decoder_term_waits_out_a_lost_frame() -> None:
     """With lookahead 2, the decoder's output names the frame two *read* frames back; while
     a lost frame is among the last two steps that is not the frame the aligner steps, so
-    neither its cost term nor the reported phase is used (a decoder sure of phase 2
+    neither its cost term nor the reported phase is used (a decoder sure of phase 1
     against embeddings of phase 0 shows which)."""
-    ref = make_reference(_with_lookahead(_confident(2), 2))
+    ref = make_reference(_with_lookahead(_confident(1), 2))
     q = _query(ref, 12)
     x = np.zeros((len(q), D_IN), np.float32)
     valid = np.ones(len(q), dtype=bool)
@@ -496,4 +499,4 @@ def test_lookahead_decoder_term_waits_out_a_lost_frame() -> None:
               for k in range(len(q))]
     # steps 0-1 describe no frame; 5: the newest frame is lost (no decoder output);
     # 6: frame 5 is in the line; 7: the frame stepped (5) is lost, the report holds.
-    assert phases == [-1, -1, 2, 2, 2, 0, 0, 0, 2, 2, 2, 2]
+    assert phases == [-1, -1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1]
