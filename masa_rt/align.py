@@ -664,6 +664,8 @@ _SCRATCH: dict[str, tuple[tuple[str, ...], Any]] = {
     "m_middle": (("d",), np.float64),  # moving from the recent to the older half,
     "m_leaving": (("d",), np.float64),  # leaving
     "dec_added": (("P",), np.float32),  # the phase decoders' cost term
+    "dec_best": (("K",), np.int64),  # each reference's decoder: its best phase
+    "dec_top": (("K",), np.float32),  # ... and that phase's log-probability
 }
 
 
@@ -863,8 +865,9 @@ class _Sessions:
         b = len(rows)
         added = self.dec_added[:b]
         added.fill(0.0)
-        best = np.full((b, M.n_refs), -1, dtype=np.int64)
-        top = np.full((b, M.n_refs), -np.inf, dtype=np.float32)
+        best, top = self.dec_best[:b], self.dec_top[:b]
+        best.fill(-1)
+        top.fill(-np.inf)
         state = self.dec[rows]  # (B, S) copy
         live = np.flatnonzero(read)
         if not live.size:

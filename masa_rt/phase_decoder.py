@@ -187,11 +187,6 @@ class DecoderStack:
             raise PhaseDecoderError(f"DecoderStack: decoders of different shapes {shapes} "
                                     "(input, hidden, layers)")
         self.input_dim, self.hidden, self.layers = shapes.pop()
-        lookaheads = {d.lookahead for d in decoders}
-        if len(lookaheads) > 1:
-            raise PhaseDecoderError(f"DecoderStack: decoders of different lookaheads "
-                                    f"{sorted(lookaheads)}")
-        self.lookahead = lookaheads.pop()
         self.k = len(decoders)
         self.decoders = list(decoders)
         self.num_phases = [d.num_phases for d in decoders]
