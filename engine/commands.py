@@ -78,8 +78,8 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
     """How a reference's phase decoder is trained (``reference build``, ``harness``)."""
     p.add_argument("--decoder-steps", type=nonnegative_int, default=None, metavar="N",
                    help="training steps of each reference's phase decoder on its demos' "
-                        "labels (default 2400, about 20 min at 1 thread on a 2-core VM; 1200 "
-                        "halves that for 1.5 points less; 0: none)")
+                        "labels (default 4800, 13-23 min at 1 thread on a 2-core VM; 2400 "
+                        "halves that for about 1 point less; 0: none)")
     p.add_argument("--decoder-edit-prob", type=probability, default=None, metavar="P",
                    help="share of the decoder's training replays with a scripted skipped, "
                         "repeated or restarted phase (default 0.3)")

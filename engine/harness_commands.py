@@ -118,7 +118,7 @@ def register(subparsers) -> None:
     p.add_argument("--references", default=None, metavar="DIR",
                    help="score DIR/<activity>.npz (e.g. examples: the shipped references, "
                         "phase decoders included) instead of building the references and "
-                        "training their decoders (minutes instead of about 100); each must "
+                        "training their decoders (a minute instead of about 200); each must "
                         "be built from examples/demos/<activity>.npz with the checkpoint")
     from engine.commands import add_decoder_options  # here: engine.commands imports us
 

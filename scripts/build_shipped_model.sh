@@ -4,7 +4,7 @@
 #   masa_rt/assets/masa_hands_causal.onnx  its streaming step, so serving needs no torch
 #   examples/demos/<activity>.npz          clean synthetic demonstrations (joints + phases)
 #   examples/<activity>.npz                references built from them by the shipped model,
-#                                          each with its phase decoder (2,400 steps, 8-28 min)
+#                                          each with its phase decoder (4,800 steps, 13-23 min)
 #   examples/lookahead3/<activity>.npz     the same with a 3-frame lookahead decoder (opt-in:
 #                                          estimates describe the user 100 ms ago)
 # Training takes ~60 min on one CPU core in one stage (configs/hands_shipped.yaml says why).

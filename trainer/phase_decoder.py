@@ -47,11 +47,11 @@ def _augment() -> AugmentConfig:
 class DecoderConfig:
     """How a reference's phase decoder is trained (``masa-rt reference build``)."""
 
-    # 0 = no decoder. 2,400 rather than 1,200 (and 600): +1.5 points clean phase accuracy
-    # on both harness seeds, +0.4 to +3.6 on seed 0's other scenarios (docs/results.md §3,
-    # "Tenth round"; 600 -> 1,200: "Seventh round"), at no serving cost; a build takes
-    # twice as long (--decoder-steps 1200 for a quicker one).
-    steps: int = 2400
+    # 0 = no decoder. 4,800 rather than 2,400: +0.7 / +1.0 points clean phase accuracy on
+    # harness seeds 0 / 1 and +0.7 to +2.2 in every other scenario (docs/results.md §3,
+    # "Twelfth round"); 2,400 rather than 1,200: +1.5 clean ("Tenth round"). No serving
+    # cost; a build takes twice as long (--decoder-steps 2400 for a quicker one).
+    steps: int = 4800
     # 128 rather than 64: +0.7 to +2.3 points in seven of eight harness scenarios (clean
     # 89.4 against 87.7 %; docs/results.md §3, "Ninth round"), for 2.5-4.5x the decoder's
     # time per frame; --decoder-hidden 64 where many streams x references must fit a CPU.
