@@ -20,8 +20,13 @@ frame whose reported phase is wrong by where it sits:
 the engine (``phase_ceiling.py``'s ``delay_0``): where rounding onto the reference's
 frames alone puts wrong frames.
 
+``--pause-state`` also steps every stream through its own ``Aligner`` and reports how
+often the estimate's state is ``paused`` while the user is (canonical time still for at
+least ``pause_frames`` frames: recall) and while the user moves (false flags).
+
     OMP_NUM_THREADS=1 python benchmarks/error_anatomy.py [--references examples]
-        [--seed 1] [--per-activity 12] [--scenario clean] [--truth] [--out anatomy.json]
+        [--seed 1] [--per-activity 12] [--scenario clean] [--truth] [--pause-state]
+        [--out anatomy.json]
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from engine.harness import (  # noqa: E402
     run_per_activity,
     use_references,
 )
+from masa_rt.align import Aligner  # noqa: E402
 from masa_rt.atomic import atomic_write_json  # noqa: E402
 from masa_rt.checkpoint import load_model  # noqa: E402
 from masa_rt.synth import HAND_ACTIVITIES  # noqa: E402
@@ -138,6 +144,27 @@ def anatomy(streams, phases_said, refs) -> dict:
     }
 
 
+def pause_state(streams, refs) -> dict:
+    """How the aligner's ``paused`` state matches the user's pauses (module docstring)."""
+    flagged = Counter()
+    for s in streams:
+        aligner = Aligner(refs[s.activity])
+        need = aligner.config.pause_frames
+        emb, x = s.full("learned"), s.inputs()
+        still = np.abs(np.diff(s.progress, prepend=-1.0)) < 1e-9
+        run = 0
+        for t in range(len(s)):
+            run = run + 1 if still[t] else 0
+            est = aligner.step(None if s.lost[t] else emb[t], float(s.times[t]), inputs=x[t])
+            key = "paused" if run >= need else "moving"
+            flagged[key] += 1
+            flagged[key + "_flagged"] += est.state == "paused"
+    return {"paused_frames": flagged["paused"], "moving_frames": flagged["moving"],
+            "recall_pct": round(100 * flagged["paused_flagged"] / max(flagged["paused"], 1), 1),
+            "false_flag_pct": round(100 * flagged["moving_flagged"] / max(flagged["moving"], 1),
+                                    1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--references", default="examples")
@@ -147,6 +174,8 @@ def main() -> int:
     ap.add_argument("--scenario", default="clean", choices=sorted(SCENARIOS))
     ap.add_argument("--truth", action="store_true",
                     help="score the true progress read off the reference's labels")
+    ap.add_argument("--pause-state", action="store_true",
+                    help="also score the aligner's paused state against the user's pauses")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     acts = list(HAND_ACTIVITIES)
@@ -167,6 +196,8 @@ def main() -> int:
     report = {"references": args.references, "truth": args.truth, "seed": args.seed,
               "scenario": args.scenario, "streams": len(streams), "model": str(meta["path"]),
               **anatomy(streams, said, refs)}
+    if args.pause_state:
+        report["pause_state"] = pause_state(streams, refs)
     print(json.dumps(report, indent=1))
     if args.out:
         atomic_write_json(args.out, report)

@@ -67,3 +67,20 @@ def test_a_pause_near_the_end_read_as_the_next_phase_is_counted_by_position():
     assert r["pauses"]["by_frames_paused"]["00+"]["frames"] == 4  # paused 1..4 frames
     assert r["mid_phase"]["pause"]["next"] == sum(
         b == "mid" for b in anat.boundary_bucket(phases)[10:16]) == 1
+
+
+def test_pause_state_counts_every_frame_of_a_real_stream():
+    from engine.export import resolve_checkpoint
+    from engine.harness import (SCENARIOS, embed_learned, load_references, make_references,
+                                make_streams)
+    from masa_rt.checkpoint import load_model
+
+    model, _cfg, spec, _meta = load_model(resolve_checkpoint(None))
+    emb = {"learned": embed_learned(model)}
+    _built, canon = make_references(["stir_cup"], spec, emb)
+    streams = make_streams(["stir_cup"], [SCENARIOS["pause"]], 1, 0, spec, canon, emb)
+    refs = load_references(Path(__file__).resolve().parents[1] / "examples", ["stir_cup"])
+    r = anat.pause_state(streams, refs)
+    assert r["paused_frames"] + r["moving_frames"] == len(streams[0])
+    assert r["paused_frames"] >= 30  # the scenario's 2 s pause, at 30 fps
+    assert 0.0 <= r["recall_pct"] <= 100.0 and 0.0 <= r["false_flag_pct"] <= 100.0
