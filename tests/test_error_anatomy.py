@@ -71,8 +71,13 @@ def test_a_pause_near_the_end_read_as_the_next_phase_is_counted_by_position():
 
 def test_pause_state_counts_every_frame_of_a_real_stream():
     from engine.export import resolve_checkpoint
-    from engine.harness import (SCENARIOS, embed_learned, load_references, make_references,
-                                make_streams)
+    from engine.harness import (
+        SCENARIOS,
+        embed_learned,
+        load_references,
+        make_references,
+        make_streams,
+    )
     from masa_rt.checkpoint import load_model
 
     model, _cfg, spec, _meta = load_model(resolve_checkpoint(None))
