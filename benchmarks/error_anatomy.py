@@ -4,14 +4,16 @@ Scores prebuilt references (``examples``: the shipped ones, phase decoders inclu
 the harness's val streams, as ``masa-rt harness --references DIR`` does, and sorts every
 frame whose reported phase is wrong by where it sits:
 
-- ``by_boundary``: by distance to the nearest true phase change: ``until_k`` is the k-th
-  last frame of a phase (``until_1`` its last), ``since_k`` the k-th frame of the next
-  (``since_0`` its first), ``mid`` further than 6 frames from any change; per bucket the
-  share of its frames that are wrong and its share of all wrong frames. A causal engine
-  that reports a change late errs at ``since``; one that reports it early, at ``until``;
+- ``by_boundary``: by distance to the nearest true phase change, 6 frames each side:
+  ``until_k`` is k frames before it (``until_1``: a phase's last frame), ``since_k`` k
+  frames after (``since_0``: the next phase's first frame), ``mid`` the rest; per bucket
+  the share of its frames that are wrong and its share of all wrong frames. A causal
+  engine that reports a change late errs at ``since``; one that reports it early, at
+  ``until``;
 - ``mid_phase``: the ``mid`` frames by what the user does (``pause``: canonical time
-  stands still; else the phase's speed against the demo's, ``slow`` < 0.8x, ``fast`` >
-  1.3x) and which way the reported phase is off (``next``, ``prev``, ``other``);
+  stands still; else the speed against the demo's, from the frames' times, ``slow`` <
+  0.8x, ``fast`` > 1.3x) and which way the reported phase is off (``next``, ``prev``,
+  ``other``);
 - ``pauses``: wrong share of paused frames by where in its phase the pause holds (its
   canonical position u, in tenths; the pose has moved minimum-jerk(u) of the way: 84 % at
   u = 0.7, 94 % at 0.8) and by how many frames the pause has lasted.
@@ -22,7 +24,8 @@ frames alone puts wrong frames.
 
 ``--pause-state`` also steps every stream through its own ``Aligner`` and reports how
 often the estimate's state is ``paused`` while the user is (canonical time still for at
-least ``pause_frames`` frames: recall) and while the user moves (false flags).
+least ``pause_frames`` frames: recall) and while the user moves (false flags); the first
+``pause_frames - 1`` frames of a pause count as neither.
 
     OMP_NUM_THREADS=1 python benchmarks/error_anatomy.py [--references examples]
         [--seed 1] [--per-activity 12] [--scenario clean] [--truth] [--pause-state]
@@ -56,11 +59,11 @@ from masa_rt.atomic import atomic_write_json  # noqa: E402
 from masa_rt.checkpoint import load_model  # noqa: E402
 from masa_rt.synth import HAND_ACTIVITIES  # noqa: E402
 
-NEAR = 6  # frames from a phase change that count as "at the boundary"
+NEAR = 6  # frames on each side of a phase change that count as "at the boundary"
 
 
 def boundary_bucket(phases: np.ndarray) -> list[str]:
-    """Per frame: ``until_k`` / ``since_k`` (k <= NEAR) or ``mid``."""
+    """Per frame: ``until_1 .. until_NEAR``, ``since_0 .. since_NEAR-1`` or ``mid``."""
     n = len(phases)
     cuts = np.flatnonzero(np.diff(phases)) + 1
     out = []
@@ -69,7 +72,7 @@ def boundary_bucket(phases: np.ndarray) -> list[str]:
         before = cuts[cuts > t] - t  # frames until the next
         since = int(after.min()) if after.size else n
         until = int(before.min()) if before.size else n
-        if since < until and since <= NEAR:
+        if since < until and since < NEAR:
             out.append(f"since_{since}")
         elif until <= NEAR:
             out.append(f"until_{until}")
@@ -78,13 +81,20 @@ def boundary_bucket(phases: np.ndarray) -> list[str]:
     return out
 
 
-def motion(progress: np.ndarray, ref_frames: int) -> list[str]:
-    """Per frame: ``pause`` (canonical time stands still) or the speed against the demo."""
-    step = np.abs(np.diff(progress, prepend=progress[0])) * (ref_frames - 1)
-    kinds = np.where(step < 1e-6, "pause", np.where(step < 0.8, "slow",
-                                                    np.where(step <= 1.3, "normal", "fast")))
-    kinds[0] = "normal" if step[0] < 1e-6 else kinds[0]  # the first frame has no step
-    return kinds.tolist()
+def still(progress: np.ndarray) -> np.ndarray:
+    """Per frame: canonical time stands still since the frame before (the first: no)."""
+    out = np.abs(np.diff(progress, prepend=np.nan)) < 1e-9
+    return out & np.isfinite(np.diff(progress, prepend=np.nan))
+
+
+def motion(progress: np.ndarray, times: np.ndarray, ref_frames: int, fps: float) -> list[str]:
+    """Per frame: ``pause`` or the speed against the demo's (reference frames per frame
+    time; from the frames' times, so a dropped frame is not a fast one)."""
+    dt = np.diff(times, prepend=times[0] - 1.0 / fps) * fps
+    speed = np.abs(np.diff(progress, prepend=progress[0])) * (ref_frames - 1) / dt
+    speed[0] = 1.0  # the first frame has no step: counted as normal
+    kinds = np.where(speed < 0.8, "slow", np.where(speed <= 1.3, "normal", "fast"))
+    return np.where(still(progress), "pause", kinds).tolist()
 
 
 def direction(said: int, truth: int) -> str:
@@ -113,7 +123,7 @@ def anatomy(streams, phases_said, refs) -> dict:
     mid, pause_u, pause_u_wrong, pause_len, pause_len_wrong = (Counter() for _ in range(5))
     for s, said in zip(streams, phases_said, strict=True):
         ref_phases = refs[s.activity].phases
-        kinds = motion(s.progress, len(ref_phases))
+        kinds = motion(s.progress, s.times, len(ref_phases), refs[s.activity].fps)
         held = 0
         for t, (b, kind) in enumerate(zip(boundary_bucket(s.phases), kinds, strict=True)):
             wrong = bool(said[t] != s.phases[t])
@@ -144,21 +154,34 @@ def anatomy(streams, phases_said, refs) -> dict:
     }
 
 
+def paused_states(aligner: Aligner, s) -> np.ndarray:
+    """Per frame of stream ``s``: whether ``aligner`` calls it ``paused``. With lookahead
+    L, step k answers for frame k - L, so L frames without a pose follow the stream."""
+    emb, x, lag = s.full("learned"), s.inputs(), aligner.lookahead
+    said = []
+    for t in range(len(s) + lag):
+        if t < len(s):
+            est = aligner.step(None if s.lost[t] else emb[t], float(s.times[t]), inputs=x[t])
+        else:
+            est = aligner.step(None, float(s.times[-1]), inputs=np.zeros_like(x[0]))
+        said.append(est.state == "paused")
+    return np.array(said[lag:])
+
+
 def pause_state(streams, refs) -> dict:
     """How the aligner's ``paused`` state matches the user's pauses (module docstring)."""
     flagged = Counter()
     for s in streams:
         aligner = Aligner(refs[s.activity])
         need = aligner.config.pause_frames
-        emb, x = s.full("learned"), s.inputs()
-        still = np.abs(np.diff(s.progress, prepend=-1.0)) < 1e-9
         run = 0
-        for t in range(len(s)):
-            run = run + 1 if still[t] else 0
-            est = aligner.step(None if s.lost[t] else emb[t], float(s.times[t]), inputs=x[t])
-            key = "paused" if run >= need else "moving"
+        for held, said in zip(still(s.progress), paused_states(aligner, s), strict=True):
+            run = run + 1 if held else 0
+            if 0 < run < need:
+                continue  # a pause just begun: neither moving nor long enough to flag
+            key = "paused" if run else "moving"
             flagged[key] += 1
-            flagged[key + "_flagged"] += est.state == "paused"
+            flagged[key + "_flagged"] += bool(said)
     return {"paused_frames": flagged["paused"], "moving_frames": flagged["moving"],
             "recall_pct": round(100 * flagged["paused_flagged"] / max(flagged["paused"], 1), 1),
             "false_flag_pct": round(100 * flagged["moving_flagged"] / max(flagged["moving"], 1),

@@ -89,7 +89,7 @@ def register(subparsers) -> None:
                         "masa_rt/assets/masa_hands_causal.pt)")
     # 12 rather than 4: 72 streams per scenario instead of 24. On 24, two seeds of the
     # same engine differed by 2.5 points clean; on 72, by 0.5 (docs/results.md §3,
-    # "Twelfth round"). Scoring prebuilt references takes about 50 s instead of 17.
+    # "Twelfth round"). Scoring prebuilt references takes about 45 s instead of 17.
     p.add_argument("--per-activity", type=positive_int, default=12, metavar="N",
                    help="val streams per activity and scenario (default 12)")
     p.add_argument("--seed", type=nonnegative_int, default=0,

@@ -22,27 +22,29 @@ def test_boundary_buckets_count_from_each_change():
     assert got[9] == "until_1" and got[8] == "until_2" and got[3] == "mid"
     assert got[10] == "since_0" and got[11] == "since_1"
     assert got[12] == "until_1"  # a phase's last frame, however short the phase
-    assert got[13] == "since_0" and got[19] == "since_6" and got[20] == "mid"
+    assert got[13] == "since_0" and got[18] == "since_5" and got[19] == "mid"  # 6 a side
     assert got[:3] == ["mid"] * 3
 
 
-def test_motion_tells_pauses_and_speeds():
+def test_motion_tells_pauses_and_speeds_from_the_frame_times():
     ref_frames = 11  # one reference frame = 0.1 of progress
-    progress = np.array([0.0, 0.1, 0.2, 0.2, 0.2, 0.25, 0.45])
-    assert anat.motion(progress, ref_frames) == ["normal", "normal", "normal", "pause",
-                                                 "pause", "slow", "fast"]
+    progress = np.array([0.0, 0.1, 0.2, 0.2, 0.2, 0.25, 0.45, 0.65])
+    times = np.array([0, 1, 2, 3, 4, 5, 6, 8]) / 30  # the last frame after a dropped one
+    assert anat.motion(progress, times, ref_frames, 30.0) == [
+        "normal", "normal", "normal", "pause", "pause", "slow", "fast", "normal"]
 
 
 def _stream(phases, progress, activity="a"):
-    return SimpleNamespace(activity=activity, phases=np.asarray(phases),
-                           progress=np.asarray(progress, dtype=np.float64))
+    progress = np.asarray(progress, dtype=np.float64)
+    return SimpleNamespace(activity=activity, phases=np.asarray(phases), progress=progress,
+                           times=np.arange(len(progress)) / 30.0)
 
 
 def test_an_engine_one_frame_late_errs_only_on_each_first_frame():
     phases = np.array([0] * 12 + [1] * 12 + [2] * 12)
     progress = np.arange(36) / 35
     late = np.concatenate([[0], phases[:-1]])
-    refs = {"a": SimpleNamespace(phases=phases)}
+    refs = {"a": SimpleNamespace(phases=phases, fps=30.0)}
     r = anat.anatomy([_stream(phases, progress)], [late], refs)
     assert r["wrong"] == 2 and r["frames"] == 36
     assert r["by_boundary"]["since_0"] == {"frames": 2, "wrong_pct": 100.0,
@@ -60,13 +62,57 @@ def test_a_pause_near_the_end_read_as_the_next_phase_is_counted_by_position():
     phases = ref_phases[np.floor(f).astype(int)]
     said = phases.copy()
     said[10:16] = 1
-    refs = {"a": SimpleNamespace(phases=ref_phases)}
+    refs = {"a": SimpleNamespace(phases=ref_phases, fps=30.0)}
     r = anat.anatomy([_stream(phases, progress)], [said], refs)
     assert r["wrong"] == 6
     assert r["pauses"]["by_position"]["0.8"] == {"frames": 6, "wrong_pct": 100.0}
     assert r["pauses"]["by_frames_paused"]["00+"]["frames"] == 4  # paused 1..4 frames
     assert r["mid_phase"]["pause"]["next"] == sum(
         b == "mid" for b in anat.boundary_bucket(phases)[10:16]) == 1
+
+
+class _Says:
+    """An Aligner stand-in that answers ``paused`` on the steps given, with lookahead."""
+
+    def __init__(self, paused_steps, lookahead=0):
+        self.paused, self.lookahead, self.t = set(paused_steps), lookahead, 0
+        self.config = SimpleNamespace(pause_frames=4)
+
+    def step(self, embedding, t, inputs=None):
+        self.t += 1
+        return SimpleNamespace(state="paused" if self.t - 1 in self.paused else "tracking")
+
+
+class _StillStream:
+    """20 frames: moving 0..5, still 6..15 (canonical time held), moving 16..19."""
+
+    activity = "a"
+    progress = np.concatenate([np.arange(6), [5.0] * 10, np.arange(6, 10)]) / 19
+    times = np.arange(20) / 30.0
+    lost = np.zeros(20, bool)
+
+    def __len__(self):
+        return 20
+
+    def full(self, method):
+        return np.ones((20, 4), np.float32)
+
+    def inputs(self):
+        return np.zeros((20, 3), np.float32)
+
+
+@pytest.mark.parametrize("lookahead", [0, 2])
+def test_pause_state_scores_the_states_of_the_frames_they_describe(monkeypatch, lookahead):
+    s = _StillStream()
+    # The aligner calls frames 9..15 paused (and frame 2, moving); with lookahead L it
+    # answers for frame k at step k + L.
+    says = [2, *range(9, 16)]
+    monkeypatch.setattr(anat, "Aligner",
+                        lambda ref: _Says([k + lookahead for k in says], lookahead))
+    r = anat.pause_state([s], {"a": None})
+    # Still frames 6..15: 6, 7, 8 begin the pause (run 1..3) and count as neither.
+    assert r["paused_frames"] == 7 and r["moving_frames"] == 10
+    assert r["recall_pct"] == 100.0 and r["false_flag_pct"] == 10.0
 
 
 def test_pause_state_counts_every_frame_of_a_real_stream():
@@ -86,6 +132,9 @@ def test_pause_state_counts_every_frame_of_a_real_stream():
     streams = make_streams(["stir_cup"], [SCENARIOS["pause"]], 1, 0, spec, canon, emb)
     refs = load_references(Path(__file__).resolve().parents[1] / "examples", ["stir_cup"])
     r = anat.pause_state(streams, refs)
-    assert r["paused_frames"] + r["moving_frames"] == len(streams[0])
-    assert r["paused_frames"] >= 30  # the scenario's 2 s pause, at 30 fps
-    assert 0.0 <= r["recall_pct"] <= 100.0 and 0.0 <= r["false_flag_pct"] <= 100.0
+    held = anat.still(streams[0].progress)
+    pauses = int(np.sum(held[1:] & ~held[:-1]) + held[0])
+    # Every frame is counted but the first 3 of each pause (its start, neither state).
+    total = r["paused_frames"] + r["moving_frames"]
+    assert len(streams[0]) - 3 * pauses <= total < len(streams[0])
+    assert r["paused_frames"] >= 50  # the scenario's 2 s pause, at 30 fps
