@@ -772,7 +772,9 @@ def markdown_report(report: dict[str, Any], command: str = "", model: str = "") 
             f"MAE <= 3 %: {clean['phase_acc_pct']:.1f} % and {clean['progress_mae_pct']:.2f} "
             f"%, {'met' if met else 'NOT met'}. What bounds it on these streams (timing, "
             "each subject's key poses, the metric's own ceiling): `python "
-            "benchmarks/phase_ceiling.py`, discussed in docs/results.md section 3.",
+            "benchmarks/phase_ceiling.py`; where the wrong frames are (near phase changes, "
+            "in pauses close to a phase's end): `python benchmarks/error_anatomy.py`; both "
+            "discussed in docs/results.md section 3.",
             "",
         ]
     if "engine_check" in report:
