@@ -83,8 +83,7 @@ def boundary_bucket(phases: np.ndarray) -> list[str]:
 
 def still(progress: np.ndarray) -> np.ndarray:
     """Per frame: canonical time stands still since the frame before (the first: no)."""
-    out = np.abs(np.diff(progress, prepend=np.nan)) < 1e-9
-    return out & np.isfinite(np.diff(progress, prepend=np.nan))
+    return np.abs(np.diff(progress, prepend=np.nan)) < 1e-9  # NaN < x is False
 
 
 def motion(progress: np.ndarray, times: np.ndarray, ref_frames: int, fps: float) -> list[str]:
