@@ -22,8 +22,8 @@ frame whose reported phase is wrong by where it sits:
 the engine (``phase_ceiling.py``'s ``delay_0``): where rounding onto the reference's
 frames alone puts wrong frames.
 
-``--pause-state`` also steps every stream through its own ``Aligner`` and reports how
-often the estimate's state is ``paused`` while the user is (canonical time still for at
+``--pause-state`` also reports, from the same run, how often the estimate's state is
+``paused`` while the user is (canonical time still for at
 least ``pause_frames`` frames: recall) and while the user moves (false flags); the first
 ``pause_frames - 1`` frames of a pause count as neither.
 
@@ -54,7 +54,7 @@ from engine.harness import (  # noqa: E402
     run_per_activity,
     use_references,
 )
-from masa_rt.align import Aligner  # noqa: E402
+from masa_rt.align import STATES, AlignerConfig  # noqa: E402
 from masa_rt.atomic import atomic_write_json  # noqa: E402
 from masa_rt.checkpoint import load_model  # noqa: E402
 from masa_rt.synth import HAND_ACTIVITIES  # noqa: E402
@@ -153,28 +153,15 @@ def anatomy(streams, phases_said, refs) -> dict:
     }
 
 
-def paused_states(aligner: Aligner, s) -> np.ndarray:
-    """Per frame of stream ``s``: whether ``aligner`` calls it ``paused``. With lookahead
-    L, step k answers for frame k - L, so L frames without a pose follow the stream."""
-    emb, x, lag = s.full("learned"), s.inputs(), aligner.lookahead
-    said = []
-    for t in range(len(s) + lag):
-        if t < len(s):
-            est = aligner.step(None if s.lost[t] else emb[t], float(s.times[t]), inputs=x[t])
-        else:
-            est = aligner.step(None, float(s.times[-1]), inputs=np.zeros_like(x[0]))
-        said.append(est.state == "paused")
-    return np.array(said[lag:])
-
-
-def pause_state(streams, refs) -> dict:
-    """How the aligner's ``paused`` state matches the user's pauses (module docstring)."""
+def pause_state(streams, states, need: int) -> dict:
+    """How the aligner's ``paused`` state (``states``: per stream, indices into STATES, as
+    ``run_bank`` records them, each for the frame it describes) matches the user's
+    pauses of at least ``need`` frames (module docstring)."""
     flagged = Counter()
-    for s in streams:
-        aligner = Aligner(refs[s.activity])
-        need = aligner.config.pause_frames
+    paused = STATES.index("paused")
+    for s, said_states in zip(streams, states, strict=True):
         run = 0
-        for held, said in zip(still(s.progress), paused_states(aligner, s), strict=True):
+        for held, said in zip(still(s.progress), said_states == paused, strict=True):
             run = run + 1 if held else 0
             if 0 < run < need:
                 continue  # a pause just begun: neither moving nor long enough to flag
@@ -207,6 +194,8 @@ def main() -> int:
     refs = use_references(built["learned"], load_references(args.references, acts))
     streams = make_streams(acts, [SCENARIOS[args.scenario]], args.per_activity, args.seed,
                            spec, canon, emb)
+    preds = run_per_activity(refs, streams, "learned") if not args.truth or args.pause_state \
+        else None
     if args.truth:
         said = []
         for s in streams:
@@ -214,12 +203,14 @@ def main() -> int:
             idx = np.rint(s.progress * (len(ref_phases) - 1)).astype(np.int64)
             said.append(ref_phases[np.clip(idx, 0, len(ref_phases) - 1)])
     else:
-        said = [p.phase for p in run_per_activity(refs, streams, "learned")]
+        said = [p.phase for p in preds]
     report = {"references": args.references, "truth": args.truth, "seed": args.seed,
               "scenario": args.scenario, "streams": len(streams), "model": str(meta["path"]),
               **anatomy(streams, said, refs)}
     if args.pause_state:
-        report["pause_state"] = pause_state(streams, refs)
+        report["pause_state"] = pause_state(streams, [p.state for p in preds],
+                                            AlignerConfig.for_references(list(refs.values()))
+                                            .pause_frames)
     print(json.dumps(report, indent=1))
     if args.out:
         atomic_write_json(args.out, report)

@@ -393,11 +393,13 @@ def _observe(seq: Any, scen: Scenario, act: str, index: int, rng: np.random.Gene
 
 @dataclass
 class Predictions:
-    """Per presented frame: reported phase (-1 = none), progress (NaN = none), activity."""
+    """Per presented frame: reported phase (-1 = none), progress (NaN = none), activity,
+    and the aligner's state (an index into ``masa_rt.align.STATES``; online runs only)."""
 
     phase: np.ndarray
     progress: np.ndarray
     activity: np.ndarray | None = None  # (n,) activity index into the activity list
+    state: np.ndarray | None = None
 
 
 def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
@@ -430,6 +432,7 @@ def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
     phase = np.full((len(streams), n_max), -1, dtype=np.int64)
     prog = np.full((len(streams), n_max), np.nan)
     ref = np.zeros((len(streams), n_max), dtype=np.int64)
+    state = np.zeros((len(streams), n_max), dtype=np.int64)
     sorted_len = lengths[order] + lag
     ids = order.tolist()
     for k in range(n_max):
@@ -439,12 +442,14 @@ def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
         phase[:m, k] = out.phase_id
         prog[:m, k] = out.progress
         ref[:m, k] = out.ref
+        state[:m, k] = out.state
     result: list[Predictions | None] = [None] * len(streams)
     for row, s in enumerate(order.tolist()):
         n = slice(lag, lag + lengths[s])  # the steps whose estimates describe the frames
         p = prog[row, n].copy()
         p[phase[row, n] < 0] = np.nan  # waiting: no report
-        result[s] = Predictions(phase[row, n].copy(), p, ref[row, n].copy())
+        result[s] = Predictions(phase[row, n].copy(), p, ref[row, n].copy(),
+                                state[row, n].copy())
     return result  # type: ignore[return-value]
 
 

@@ -71,45 +71,17 @@ def test_a_pause_near_the_end_read_as_the_next_phase_is_counted_by_position():
         b == "mid" for b in anat.boundary_bucket(phases)[10:16]) == 1
 
 
-class _Says:
-    """An Aligner stand-in that answers ``paused`` on the steps given, with lookahead."""
-
-    def __init__(self, paused_steps, lookahead=0):
-        self.paused, self.lookahead, self.t = set(paused_steps), lookahead, 0
-        self.config = SimpleNamespace(pause_frames=4)
-
-    def step(self, embedding, t, inputs=None):
-        self.t += 1
-        return SimpleNamespace(state="paused" if self.t - 1 in self.paused else "tracking")
-
-
 class _StillStream:
     """20 frames: moving 0..5, still 6..15 (canonical time held), moving 16..19."""
 
-    activity = "a"
     progress = np.concatenate([np.arange(6), [5.0] * 10, np.arange(6, 10)]) / 19
-    times = np.arange(20) / 30.0
-    lost = np.zeros(20, bool)
-
-    def __len__(self):
-        return 20
-
-    def full(self, method):
-        return np.ones((20, 4), np.float32)
-
-    def inputs(self):
-        return np.zeros((20, 3), np.float32)
 
 
-@pytest.mark.parametrize("lookahead", [0, 2])
-def test_pause_state_scores_the_states_of_the_frames_they_describe(monkeypatch, lookahead):
-    s = _StillStream()
-    # The aligner calls frames 9..15 paused (and frame 2, moving); with lookahead L it
-    # answers for frame k at step k + L.
-    says = [2, *range(9, 16)]
-    monkeypatch.setattr(anat, "Aligner",
-                        lambda ref: _Says([k + lookahead for k in says], lookahead))
-    r = anat.pause_state([s], {"a": None})
+def test_pause_state_scores_each_frame_against_the_users_pause():
+    # The aligner called frames 9..15 paused (and frame 2, moving).
+    said = np.zeros(20, dtype=np.int64)
+    said[[2, *range(9, 16)]] = anat.STATES.index("paused")
+    r = anat.pause_state([_StillStream()], [said], need=4)
     # Still frames 6..15: 6, 7, 8 begin the pause (run 1..3) and count as neither.
     assert r["paused_frames"] == 7 and r["moving_frames"] == 10
     assert r["recall_pct"] == 100.0 and r["false_flag_pct"] == 10.0
@@ -123,6 +95,7 @@ def test_pause_state_counts_every_frame_of_a_real_stream():
         load_references,
         make_references,
         make_streams,
+        run_per_activity,
     )
     from masa_rt.checkpoint import load_model
 
@@ -131,7 +104,8 @@ def test_pause_state_counts_every_frame_of_a_real_stream():
     _built, canon = make_references(["stir_cup"], spec, emb)
     streams = make_streams(["stir_cup"], [SCENARIOS["pause"]], 1, 0, spec, canon, emb)
     refs = load_references(Path(__file__).resolve().parents[1] / "examples", ["stir_cup"])
-    r = anat.pause_state(streams, refs)
+    preds = run_per_activity(refs, streams, "learned")
+    r = anat.pause_state(streams, [p.state for p in preds], need=4)
     held = anat.still(streams[0].progress)
     pauses = int(np.sum(held[1:] & ~held[:-1]) + held[0])
     # Every frame is counted but the first 3 of each pause (its start, neither state).
