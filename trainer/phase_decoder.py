@@ -55,6 +55,8 @@ class DecoderConfig:
     # 128 rather than 64: +0.7 to +2.3 points in seven of eight harness scenarios (clean
     # 89.4 against 87.7 %; docs/results.md §3, "Ninth round"), for 2.5-4.5x the decoder's
     # time per frame; --decoder-hidden 64 where many streams x references must fit a CPU.
+    # 256 gains +0.2 on the mean of all scenarios, inside the draw noise ("Thirteenth
+    # round"), for about 4x the products: not worth it.
     hidden: int = 128
     layers: int = 2
     batch_size: int = 16
