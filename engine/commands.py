@@ -91,12 +91,18 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
                         "the frame L before the newest, and every estimate then describes "
                         "the user L frames ago (3 at 30 fps: 100 ms) for fewer boundary "
                         "errors; see docs/aligner.md")
+    p.add_argument("--decoder-retime", action="store_true", default=None,
+                   help="replay the demo phase by phase as people perform it (a speed "
+                        "per phase, eased pauses partway through some phases) instead of "
+                        "the augmentation's speed warp: +2.6 to +3.4 points clean where "
+                        "measured (docs/results.md, thirteenth round)")
 
 
 def decoder_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``add_decoder_options`` flags as ``DecoderConfig`` fields (None: the default)."""
     return {"steps": args.decoder_steps, "edit_prob": args.decoder_edit_prob,
-            "hidden": args.decoder_hidden, "lookahead": args.decoder_lookahead}
+            "hidden": args.decoder_hidden, "lookahead": args.decoder_lookahead,
+            "retime": args.decoder_retime}
 
 
 def register(subparsers) -> None:

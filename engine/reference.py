@@ -259,7 +259,8 @@ def with_phase_decoder(ref: Reference, demos: Sequence[dict[str, Any]], spec: In
                                   len(ref.phase_names), cfg, progress=report)
     meta = dict(ref.meta, phase_decoder={"steps": cfg.steps, "hidden": cfg.hidden,
                                          "layers": cfg.layers, "edit_prob": cfg.edit_prob,
-                                         "lookahead": cfg.lookahead, "demos": len(demos)})
+                                         "lookahead": cfg.lookahead, "demos": len(demos),
+                                         "retime": cfg.retime is not None})
     return replace(ref, decoder=decoder, meta=meta)
 
 

@@ -17,8 +17,10 @@ from trainer.phase_decoder import (
     EDITS,
     DecoderConfig,
     DecoderNet,
+    RetimeConfig,
     _batch,
     decoder_config,
+    retime_demo,
     scripted_edit,
     train_phase_decoder,
 )
@@ -305,6 +307,63 @@ def test_scripted_edit_rebases_the_moved_phase() -> None:
     with pytest.raises(ValueError, match="edit_prob"):
         train_phase_decoder([(joints, phases)], InputSpec(layout="h2o_hands", fps=30.0), 5,
                             DecoderConfig(steps=1, edit_prob=1.5))
+
+
+@settings(max_examples=60, deadline=None)
+@given(durations=st.lists(st.integers(1, 12), min_size=1, max_size=8),
+       pause_prob=st.sampled_from([0.0, 0.5, 1.0]), seed=st.integers(0, 2**16))
+def test_retime_labels_follow_the_frames(durations, pause_prob, seed) -> None:
+    joints, phases = _ramp_demo(durations)
+    cfg = RetimeConfig(pause_prob=pause_prob, pause_frames=(2, 5))
+    out_j, out_p = retime_demo(joints, phases, np.random.default_rng(seed), cfg)
+    assert len(out_j) == len(out_p) and out_j.shape[1:] == joints.shape[1:]
+    src = out_j[:, 0, 0]  # the demo position each frame plays (interpolated)
+    # In play order, never backwards, starting at the demo's first frame and reaching its
+    # last phase; each frame labelled with the phase of the demo frame it starts from.
+    assert src[0] == 0 and np.all(np.diff(src) >= -1e-4) and np.all(np.diff(out_p) >= 0)
+    assert np.array_equal(out_p, phases[np.floor(src + 1e-4).astype(np.int64)])
+    assert np.array_equal(np.unique(out_p), np.arange(len(durations)))
+
+
+def test_retime_pauses_ease_in_and_hold_inside_their_phase() -> None:
+    joints, phases = _ramp_demo([30, 30, 30])
+    cfg = RetimeConfig(speed=(1.0, 1.0), pause_prob=1.0, pause_frames=(10, 10))
+    out_j, out_p = retime_demo(joints, phases, np.random.default_rng(0), cfg)
+    src = out_j[:, 0, 0]
+    assert len(src) == 3 * (30 + 10)  # speed 1: every phase's frames, plus its pause
+    for k in range(3):
+        mine = src[out_p == k]
+        step = np.diff(mine)
+        still = np.flatnonzero(step < 1e-6)
+        still = still[:np.argmax(np.diff(still, append=-1) != 1) + 1]  # the first still run
+        assert len(still) == 10  # the hold: 10 more frames of the pose it eased into
+        u = (mine[still[0]] - 30 * k) / 30
+        assert cfg.pause_at[0] - 0.05 <= u <= cfg.pause_at[1] + 0.05  # partway, not at a change
+        # Eased: the move slows into the stop and out of it again.
+        assert step[still[0] - 1] < 0.5 * step.max() and step[still[-1] + 1] < 0.5 * step.max()
+    # No pause and speed 1: the demo itself.
+    plain = RetimeConfig(speed=(1.0, 1.0), pause_prob=0.0)
+    same_j, same_p = retime_demo(joints, phases, np.random.default_rng(0), plain)
+    assert np.array_equal(same_j, joints) and np.array_equal(same_p, phases)
+
+
+def test_retime_config_is_checked_and_reaches_the_batches() -> None:
+    for bad in [{"speed": (0.0, 1.0)}, {"pause_prob": 1.5}, {"pause_frames": (0, 3)},
+                {"pause_at": (0.5, 1.0)}]:
+        with pytest.raises(ValueError, match="RetimeConfig"):
+            RetimeConfig(**bad)
+    assert decoder_config({"retime": True}).retime == RetimeConfig()
+    assert decoder_config({"retime": None}).retime is None is DecoderConfig().retime
+    spec = InputSpec(layout="h2o_hands", fps=30.0)
+    demo = generate("screw_lid", np.random.default_rng(0), clean=True)
+    cfg = DecoderConfig(batch_size=4, edit_prob=0.0,
+                        retime=RetimeConfig(speed=(0.5, 0.5), pause_prob=0.0))
+    x, y = _batch([(demo.joints, demo.phases)], spec, cfg, np.random.default_rng(3))
+    # At half speed every view is about twice the demo before its crop; labels stay in
+    # the demo's phases.
+    assert x.shape[1] > 1.5 * len(demo.phases)
+    live = y[y >= 0]
+    assert live.numel() > 0 and int(live.max()) < len(demo.phase_names)
 
 
 def test_decoder_config_applies_and_checks_options() -> None:
