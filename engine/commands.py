@@ -94,7 +94,7 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-retime", action="store_true", default=None,
                    help="replay the demo phase by phase as people perform it (a speed "
                         "per phase, eased pauses partway through some phases) instead of "
-                        "the augmentation's speed warp: +2.6 to +3.4 points clean where "
+                        "the augmentation's speed warp: about +3 points clean where "
                         "measured (docs/results.md, thirteenth round)")
 
 

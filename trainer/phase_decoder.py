@@ -107,9 +107,9 @@ class DecoderConfig:
     # speed warp; the augmentation then keeps every frame of the retimed replay. The
     # trainer's warp holds a frame abruptly anywhere, phase changes included, so a
     # decoder trained on it never sees a user slow to a stop short of a key pose with the
-    # phase that stop belongs to (docs/results.md §3, "Thirteenth round": +2.6 / +3.4
-    # points clean on open_bottle, seeds 0 / 1). Off by default until the shipped
-    # references are rebuilt with it (``--decoder-retime``).
+    # phase that stop belongs to (docs/results.md §3, "Thirteenth round": +2.9 / +3.2
+    # points clean on pour_milk and open_bottle, seeds 0 / 1). Off by default until the
+    # shipped references are rebuilt with it (``--decoder-retime``).
     retime: RetimeConfig | None = None
 
 
