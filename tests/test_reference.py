@@ -152,7 +152,8 @@ def test_cli_reference_build(ckpt, tmp_path, capsys):
     _demo(tmp_path / "d.npz", 20, 30.0, 4)
     assert main(["reference", "build", str(tmp_path / "d.npz"), "--checkpoint", str(ckpt),
                  "-o", str(tmp_path / "r.npz"), "--decoder-steps", "3",
-                 "--decoder-edit-prob", "0.5", "--decoder-hidden", "8"]) == 0
+                 "--decoder-edit-prob", "0.5", "--decoder-hidden", "8",
+                 "--decoder-retime"]) == 0
     assert "pour_milk, 20 frames, 3 phases" in capsys.readouterr().out
     ref = Reference.load(tmp_path / "r.npz")
     assert len(ref) == 20
@@ -160,6 +161,7 @@ def test_cli_reference_build(ckpt, tmp_path, capsys):
     assert ref.meta["phase_decoder"]["steps"] == 3
     assert ref.meta["phase_decoder"]["edit_prob"] == 0.5
     assert ref.meta["phase_decoder"]["hidden"] == 8 == ref.decoder.hidden
+    assert ref.meta["phase_decoder"]["retime"] is True
 
 
 def test_cli_reference_build_several_demos(ckpt, tmp_path, capsys):
