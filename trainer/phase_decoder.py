@@ -112,6 +112,14 @@ class DecoderConfig:
     # shipped references are rebuilt with it (``--decoder-retime``).
     retime: RetimeConfig | None = None
 
+    @property
+    def view_augment(self) -> AugmentConfig:
+        """The augmentation each batch's view gets: ``augment``, without its own timing
+        (every frame kept) where ``retime`` already timed the replay."""
+        if self.retime is None:
+            return self.augment
+        return replace(self.augment, temporal="drop", keep_ratio=(1.0, 1.0))
+
 
 def decoder_config(options: Mapping[str, Any] | None = None) -> DecoderConfig:
     """``DecoderConfig`` with ``options`` (field: value; None keeps the default) applied,
@@ -241,8 +249,8 @@ def retime_demo(joints: np.ndarray, phases: np.ndarray, rng: np.random.Generator
         n = max(1, int(round(length / np.exp(rng.uniform(lo, hi)))))
         if n >= 4 and rng.random() < cfg.pause_prob:
             u = rng.uniform(*cfg.pause_at)
-            n1, hold = max(1, int(round(n * u))), int(rng.integers(cfg.pause_frames[0],
-                                                                  cfg.pause_frames[1] + 1))
+            hold = int(rng.integers(cfg.pause_frames[0], cfg.pause_frames[1] + 1))
+            n1 = max(1, int(round(n * u)))
             n2 = max(1, n - n1)
             frac = np.concatenate([u * minimum_jerk(np.arange(n1) / n1), np.full(hold, u),
                                    u + (1 - u) * minimum_jerk(np.arange(n2) / n2)])
@@ -273,10 +281,7 @@ def _batch(demos: list[tuple[np.ndarray, np.ndarray]], spec: InputSpec,
         drawn.append((joints, phases))
     joints, lengths = _pad([j for j, _ in drawn])
     layout = get_layout(spec.layout)
-    augment = cfg.augment
-    if cfg.retime is not None:  # the retime was the timing; keep every frame of it
-        augment = replace(augment, temporal="drop", keep_ratio=(1.0, 1.0))
-    view = augment_view(joints, lengths, rng, augment,
+    view = augment_view(joints, lengths, rng, cfg.view_augment,
                         mirror_index=np.array(layout.mirror), up_axis=layout.up_axis)
     mask, g = view["mask"], view["g"]
     x = np.where(mask[..., None], frame_features(view["joints"], spec), 0.0)
