@@ -13,7 +13,13 @@ import argparse
 from typing import Any
 
 from engine import harness_commands, security_commands, serve_commands
-from masa_rt.cli_types import nonnegative_int, positive_float, positive_int, probability
+from masa_rt.cli_types import (
+    float_range,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -91,18 +97,23 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
                         "the frame L before the newest, and every estimate then describes "
                         "the user L frames ago (3 at 30 fps: 100 ms) for fewer boundary "
                         "errors; see docs/aligner.md")
-    p.add_argument("--decoder-retime", action="store_true", default=None,
+    p.add_argument("--decoder-retime", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the demo phase by phase as people perform it (a speed "
                         "per phase, eased pauses partway through some phases) instead of "
-                        "the augmentation's speed warp: about +3 points clean where "
-                        "measured (docs/results.md, thirteenth round)")
+                        "the augmentation's speed warp (default on: about +2 points clean "
+                        "where measured, docs/results.md, thirteenth round); "
+                        "--no-decoder-retime for the warp")
+    p.add_argument("--decoder-bone-jitter", type=float_range(0.0, 1.0, hi_open=True), default=None,
+                   metavar="F",
+                   help="scale each bone of the decoder's training replays by its own "
+                        "factor in 1 +- F, as another person's hands (default 0: off)")
 
 
 def decoder_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``add_decoder_options`` flags as ``DecoderConfig`` fields (None: the default)."""
     return {"steps": args.decoder_steps, "edit_prob": args.decoder_edit_prob,
             "hidden": args.decoder_hidden, "lookahead": args.decoder_lookahead,
-            "retime": args.decoder_retime}
+            "retime": args.decoder_retime, "bone_jitter": args.decoder_bone_jitter}
 
 
 def register(subparsers) -> None:

@@ -260,7 +260,8 @@ def with_phase_decoder(ref: Reference, demos: Sequence[dict[str, Any]], spec: In
     meta = dict(ref.meta, phase_decoder={"steps": cfg.steps, "hidden": cfg.hidden,
                                          "layers": cfg.layers, "edit_prob": cfg.edit_prob,
                                          "lookahead": cfg.lookahead, "demos": len(demos),
-                                         "retime": cfg.retime is not None})
+                                         "retime": cfg.retime is not None,
+                                         "bone_jitter": cfg.bone_jitter})
     return replace(ref, decoder=decoder, meta=meta)
 
 

@@ -23,6 +23,7 @@ from trainer.phase_decoder import (
     retime_demo,
     scripted_edit,
     train_phase_decoder,
+    vary_bones,
 )
 
 D_IN, PHASES = 12, 3
@@ -353,7 +354,10 @@ def test_retime_config_is_checked_and_reaches_the_batches() -> None:
         with pytest.raises(ValueError, match="RetimeConfig"):
             RetimeConfig(**bad)
     assert decoder_config({"retime": True}).retime == RetimeConfig()
-    assert decoder_config({"retime": None}).retime is None is DecoderConfig().retime
+    # On by default; False (--no-decoder-retime) turns it off.
+    assert decoder_config({"retime": None}).retime == RetimeConfig() == DecoderConfig().retime
+    assert decoder_config({"retime": False}).retime is None
+    assert DecoderConfig(retime=None).view_augment == DecoderConfig().augment
     spec = InputSpec(layout="h2o_hands", fps=30.0)
     demo = generate("screw_lid", np.random.default_rng(0), clean=True)
     cfg = DecoderConfig(batch_size=4, edit_prob=0.0,
@@ -366,13 +370,36 @@ def test_retime_config_is_checked_and_reaches_the_batches() -> None:
     assert live.numel() > 0 and int(live.max()) < len(demo.phase_names)
 
 
+def test_vary_bones_scales_each_bone_and_keeps_the_pose() -> None:
+    from masa_rt.skeleton import get_layout
+
+    parents = get_layout("h2o_hands").parents
+    joints = generate("pour_milk", np.random.default_rng(0), clean=True).joints[:20]
+    out = vary_bones(joints, parents, np.random.default_rng(1), 0.08)
+    roots = [j for j, p in enumerate(parents) if p < 0]
+    np.testing.assert_array_equal(out[:, roots], joints[:, roots])
+    bones = [(j, p) for j, p in enumerate(parents) if p >= 0]
+    before = np.stack([joints[:, j] - joints[:, p] for j, p in bones], axis=1)
+    after = np.stack([out[:, j] - out[:, p] for j, p in bones], axis=1)
+    ratio = np.linalg.norm(after, axis=-1) / np.linalg.norm(before, axis=-1)  # (T, bones)
+    # One factor per bone for the whole replay, inside 1 +- 0.08, and not all the same.
+    np.testing.assert_allclose(ratio, ratio[:1].repeat(len(ratio), 0), rtol=1e-4)
+    assert np.all(np.abs(ratio - 1) <= 0.08 + 1e-4) and np.ptp(ratio[0]) > 0.02
+    cos = (after * before).sum(-1) / np.linalg.norm(after, axis=-1) / np.linalg.norm(
+        before, axis=-1)
+    np.testing.assert_allclose(cos, 1.0, atol=1e-4)  # every bone keeps its direction
+    np.testing.assert_allclose(vary_bones(joints, parents, np.random.default_rng(1), 0.0),
+                               joints, atol=1e-6)
+
+
 def test_decoder_config_applies_and_checks_options() -> None:
     cfg = decoder_config({"steps": 10, "hidden": 128, "edit_prob": None})
     assert (cfg.steps, cfg.hidden, cfg.edit_prob) == (10, 128, DecoderConfig().edit_prob)
     assert decoder_config(None) == DecoderConfig() == decoder_config({"steps": None})
     assert decoder_config({"steps": 0}).steps == 0  # no decoder: allowed here
     for bad, match in [({"stpes": 5}, "unknown option.*stpes"), ({"steps": -1}, "steps"),
-                       ({"hidden": 0}, "hidden"), ({"edit_prob": -0.1}, "edit_prob")]:
+                       ({"hidden": 0}, "hidden"), ({"edit_prob": -0.1}, "edit_prob"),
+                       ({"bone_jitter": 1.0}, "bone_jitter")]:
         with pytest.raises(ValueError, match=match):
             decoder_config(bad)
 

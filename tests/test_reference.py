@@ -19,6 +19,7 @@ from masa_rt.cli import main  # noqa: E402
 from masa_rt.model import MasaConfig, MasaModel  # noqa: E402
 from masa_rt.preprocess import InputSpec, frame_features  # noqa: E402
 from masa_rt.sequence import Sequence, save_sequence  # noqa: E402
+from trainer.phase_decoder import DecoderConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +154,7 @@ def test_cli_reference_build(ckpt, tmp_path, capsys):
     assert main(["reference", "build", str(tmp_path / "d.npz"), "--checkpoint", str(ckpt),
                  "-o", str(tmp_path / "r.npz"), "--decoder-steps", "3",
                  "--decoder-edit-prob", "0.5", "--decoder-hidden", "8",
-                 "--decoder-retime"]) == 0
+                 "--no-decoder-retime", "--decoder-bone-jitter", "0.05"]) == 0
     assert "pour_milk, 20 frames, 3 phases" in capsys.readouterr().out
     ref = Reference.load(tmp_path / "r.npz")
     assert len(ref) == 20
@@ -161,7 +162,8 @@ def test_cli_reference_build(ckpt, tmp_path, capsys):
     assert ref.meta["phase_decoder"]["steps"] == 3
     assert ref.meta["phase_decoder"]["edit_prob"] == 0.5
     assert ref.meta["phase_decoder"]["hidden"] == 8 == ref.decoder.hidden
-    assert ref.meta["phase_decoder"]["retime"] is True
+    assert ref.meta["phase_decoder"]["retime"] is False  # on by default, off by flag
+    assert ref.meta["phase_decoder"]["bone_jitter"] == 0.05
 
 
 def test_cli_reference_build_several_demos(ckpt, tmp_path, capsys):
@@ -230,5 +232,9 @@ def test_shipped_references_belong_to_the_shipped_model():
         ref, late = Reference.load(path), Reference.load(root / "lookahead3" / path.name)
         assert ref.model_fingerprint == late.model_fingerprint == fingerprint
         assert ref.decoder.lookahead == 0 and late.decoder.lookahead == 3
+        # Trained as a build with today's defaults would train them (the retimed replays;
+        # the lookahead set is rebuilt next).
+        meta = ref.meta["phase_decoder"]
+        assert meta["retime"] is True and meta["steps"] == DecoderConfig().steps
         np.testing.assert_allclose(late.embeddings, ref.embeddings, atol=1e-5)  # other builds
         np.testing.assert_array_equal(late.phases, ref.phases)
