@@ -13,17 +13,13 @@ from masa_rt.align import Aligner, AlignerBank, AlignerConfig, Reference, Refere
 from masa_rt.phase_decoder import DecoderStack, PhaseDecoder, PhaseDecoderError
 from masa_rt.preprocess import InputSpec, frame_features
 from masa_rt.synth.generate import generate
+from trainer.demo_replay import EDITS, RetimeConfig, retime_demo, scripted_edit, vary_bones
 from trainer.phase_decoder import (
-    EDITS,
     DecoderConfig,
     DecoderNet,
-    RetimeConfig,
     _batch,
     decoder_config,
-    retime_demo,
-    scripted_edit,
     train_phase_decoder,
-    vary_bones,
 )
 
 D_IN, PHASES = 12, 3

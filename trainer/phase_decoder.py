@@ -1,12 +1,14 @@
 """Train a reference's phase decoder (``masa_rt.phase_decoder``) from its labelled demos.
 
 The demonstrations of a reference carry phase labels; that is all the supervision there
-is, one or a few performances. Each step replays a batch of them through the trainer's own
-augmentation (``masa_rt.augment.augment_view``: one view of the pair): per-segment speed changes and
-pauses, rotation about the vertical, mirror, per-hand offsets that drift, joint dropout and
-noise. The labels follow each augmented frame through its index map ``g``, so they stay
-exact. The torch module below has the numpy decoder's exact layout and is converted to it
-at the end; ``tests/test_phase_decoder.py`` checks the two agree.
+is, one or a few performances. Each step replays a batch of them as other people would
+perform them (``trainer.demo_replay``: scripted deviations, per-phase timing and pauses,
+bone lengths), then through the trainer's own augmentation
+(``masa_rt.augment.augment_view``: one view of the pair): rotation about the vertical,
+mirror, per-hand offsets that drift, joint dropout and noise. The labels follow each
+frame through both, so they stay exact. The torch module below has the numpy decoder's
+exact layout and is converted to it at the end; ``tests/test_phase_decoder.py`` checks the
+two agree.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from masa_rt.augment import AugmentConfig, augment_view
 from masa_rt.phase_decoder import PhaseDecoder
 from masa_rt.preprocess import InputSpec, frame_features, normalise_joints
 from masa_rt.skeleton import get_layout
-from masa_rt.synth.generate import minimum_jerk
 from trainer.data import _pad
+from trainer.demo_replay import EDITS, RetimeConfig, retime_demo, scripted_edit, vary_bones
 
-__all__ = ["EDITS", "DecoderConfig", "DecoderNet", "RetimeConfig", "decoder_config",
-           "retime_demo", "scripted_edit", "train_phase_decoder", "vary_bones"]
+__all__ = ["DecoderConfig", "DecoderNet", "decoder_config", "train_phase_decoder"]
 
 log = logging.getLogger(__name__)
+
+MAX_LOOKAHEAD = 30  # frames: one second at the shipped model's rate
 
 
 def _augment() -> AugmentConfig:
@@ -42,32 +45,6 @@ def _augment() -> AugmentConfig:
     return AugmentConfig(crop="independent", rotate_max_deg=45.0, temporal="warp",
                          warp_segments=8, joint_dropout=0.1, part_jitter_std=0.1,
                          part_jitter_deg=4.0)
-
-
-@dataclass
-class RetimeConfig:
-    """How a demo is replayed in time for the decoder (``DecoderConfig.retime``): as people
-    perform it, each phase at its own speed, and some phases paused partway with the hand
-    easing into and out of the stop. The ranges are the synthetic subjects'
-    (``masa_rt.synth.generate.Variation``: speed, pause_prob, pause_seconds at 30 fps)."""
-
-    speed: tuple[float, float] = (0.5, 2.0)     # per phase, log-uniform
-    pause_prob: float = 0.15                    # per phase
-    pause_frames: tuple[int, int] = (9, 45)     # how long a pause holds
-    pause_at: tuple[float, float] = (0.2, 0.8)  # where in its phase (share of its frames)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.speed[0] <= self.speed[1]:
-            raise ValueError(f"RetimeConfig.speed: expected 0 < lo <= hi, found {self.speed}")
-        if not 0.0 <= self.pause_prob <= 1.0:
-            raise ValueError(f"RetimeConfig.pause_prob: expected 0 .. 1, found "
-                             f"{self.pause_prob}")
-        if not 1 <= self.pause_frames[0] <= self.pause_frames[1]:
-            raise ValueError(f"RetimeConfig.pause_frames: expected 1 <= lo <= hi, found "
-                             f"{self.pause_frames}")
-        if not 0.0 < self.pause_at[0] <= self.pause_at[1] < 1.0:
-            raise ValueError(f"RetimeConfig.pause_at: expected 0 < lo <= hi < 1, found "
-                             f"{self.pause_at}")
 
 
 @dataclass
@@ -178,111 +155,6 @@ class DecoderNet(nn.Module):
                 short = name.replace("weight", "w").replace("bias", "b")
                 arrays[f"{short}{i}"] = a(getattr(self.gru, f"{name}_l{i}"))
         return PhaseDecoder(arrays, lookahead)
-
-
-EDITS = ("skip", "repeat", "restart")
-MAX_LOOKAHEAD = 30  # frames: one second at the shipped model's rate
-
-
-def _runs(phases: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) frame range of each run of one label, in order (in a demo played in
-    order: one run per phase)."""
-    cuts = np.flatnonzero(np.diff(phases)) + 1
-    bounds = [0, *cuts.tolist(), len(phases)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
-
-
-def _from_pose(joints: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """``joints`` (n, J, C), one phase's motion, re-based to begin at pose ``start``: the
-    offset fades out linearly, so the phase still ends at its own key pose (how the
-    generator plays a phase that starts from another key pose)."""
-    fade = np.linspace(1.0, 0.0, len(joints), dtype=np.float32)[:, None, None]
-    return joints + fade * (start - joints[0])
-
-
-def scripted_edit(joints: np.ndarray, phases: np.ndarray, kind: str,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A labelled demo played with one scripted deviation, its labels following each frame
-    (as ``synth.generate.Perturbation``; the phase is drawn from ``rng``):
-
-    - ``skip``: an inner phase ``p`` never happens; ``p + 1`` starts from the end of
-      ``p - 1``;
-    - ``repeat``: after ``p``, ``p + 1`` is started (40 %), undone back to the start of
-      ``p`` by reverse playback, and ``p`` is done again;
-    - ``restart``: after phases ``0 .. r - 1``, phase 0 is played again from where the user
-      is, then the whole demo.
-
-    Demos with fewer than three phases (four for ``skip``) come back unchanged.
-    """
-    runs = _runs(phases)
-    k = len(runs)
-    if k < 3 or (kind == "skip" and k < 4):
-        return joints, phases
-    idx = np.arange(len(phases))
-    if kind == "skip":
-        p = int(rng.integers(1, k - 2))
-        (s0, _), (s1, e1) = runs[p], runs[p + 1]
-        moved = _from_pose(joints[s1:e1], joints[s0])
-        parts = [joints[:s0], moved, joints[e1:]]
-        labels = [phases[:s0], phases[s1:e1], phases[e1:]]
-    elif kind == "repeat":
-        p = int(rng.integers(0, k - 1))
-        (s0, e0), (s1, e1) = runs[p], runs[p + 1]
-        into = idx[s1:s1 + max(1, int(0.4 * (e1 - s1)))]
-        back = np.concatenate([into[::-1], idx[s0:e0][::-1]])
-        order = np.concatenate([idx[:e0], into, back, idx[s0:]])
-        return joints[order], phases[order]
-    elif kind == "restart":
-        r = int(rng.integers(1, k - 1))
-        (s0, e0), (sr, _) = runs[0], runs[r]
-        parts = [joints[:sr], _from_pose(joints[s0:e0], joints[sr]), joints[e0:]]
-        labels = [phases[:sr], phases[s0:e0], phases[e0:]]
-    else:
-        raise ValueError(f"scripted_edit: kind expected one of {', '.join(EDITS)}, "
-                         f"found {kind!r}")
-    return np.concatenate(parts), np.concatenate(labels)
-
-
-def retime_demo(joints: np.ndarray, phases: np.ndarray, rng: np.random.Generator,
-                cfg: RetimeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """A labelled demo replayed phase by phase as a person might perform it: each phase at
-    a speed drawn from ``cfg.speed`` (frames interpolated, not repeated), and with
-    probability ``cfg.pause_prob`` a pause partway through it, the two partial moves each
-    eased (minimum-jerk) into and out of the stop. Every output frame is labelled with
-    the phase of the demo frame it starts from, so the labels stay exact."""
-    lo, hi = np.log(cfg.speed[0]), np.log(cfg.speed[1])
-    positions = []
-    for start, end in _runs(phases):
-        length = end - start
-        n = max(1, int(round(length / np.exp(rng.uniform(lo, hi)))))
-        if n >= 4 and rng.random() < cfg.pause_prob:
-            u = rng.uniform(*cfg.pause_at)
-            hold = int(rng.integers(cfg.pause_frames[0], cfg.pause_frames[1] + 1))
-            n1 = max(1, int(round(n * u)))
-            n2 = max(1, n - n1)
-            frac = np.concatenate([u * minimum_jerk(np.arange(n1) / n1), np.full(hold, u),
-                                   u + (1 - u) * minimum_jerk(np.arange(n2) / n2)])
-        else:
-            frac = np.arange(n) / n
-        positions.append(start + length * frac)
-    pos = np.concatenate(positions)
-    i0 = np.floor(pos).astype(np.int64)
-    i1 = np.minimum(i0 + 1, len(joints) - 1)
-    w = (pos - i0).astype(np.float32)[:, None, None]
-    return (1 - w) * joints[i0] + w * joints[i1], phases[i0]
-
-
-def vary_bones(joints: np.ndarray, parents: Sequence[int], rng: np.random.Generator,
-               jitter: float) -> np.ndarray:
-    """``joints`` (T, J, C) with every bone ``parent -> j`` scaled by one factor drawn in
-    ``1 +- jitter`` for the whole replay; each joint moves with its parent, so the pose
-    (every bone's direction) is kept. Roots (parent -1) stay where they are."""
-    factor = 1.0 + rng.uniform(-jitter, jitter, len(parents)).astype(np.float32)
-    out = joints.copy()
-    for j, p in enumerate(parents):  # topological order: out[p] is final before j
-        if p >= 0:
-            out[:, j] = out[:, p] + factor[j] * (joints[:, j] - joints[:, p])
-    return out
 
 
 def _batch(demos: list[tuple[np.ndarray, np.ndarray]], spec: InputSpec,
