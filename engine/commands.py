@@ -103,8 +103,8 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
                         "the augmentation's speed warp (default on: about +2 points clean "
                         "where measured, docs/results.md, thirteenth round); "
                         "--no-decoder-retime for the warp")
-    p.add_argument("--decoder-bone-jitter", type=float_range(0.0, 1.0, hi_open=True), default=None,
-                   metavar="F",
+    p.add_argument("--decoder-bone-jitter", type=float_range(0.0, 1.0, hi_open=True),
+                   default=None, metavar="F",
                    help="scale each bone of the decoder's training replays by its own "
                         "factor in 1 +- F, as another person's hands (default 0: off)")
 
