@@ -108,7 +108,7 @@ class DecoderConfig:
 def decoder_config(options: Mapping[str, Any] | None = None) -> DecoderConfig:
     """``DecoderConfig`` with ``options`` (field: value; None keeps the default) applied,
     checked: a CLI flag or a caller's typo fails here with the field's name. ``retime``
-    may be a bool (True: ``RetimeConfig()``)."""
+    may be a bool (True: ``RetimeConfig()``; False: off, the augmentation's warp)."""
     given = {k: v for k, v in (options or {}).items() if v is not None}
     unknown = sorted(set(given) - {f.name for f in fields(DecoderConfig)})
     if unknown:
