@@ -85,8 +85,8 @@ class DecoderConfig:
     # trainer's warp holds a frame abruptly anywhere, phase changes included, so a
     # decoder trained on it never sees a user slow to a stop short of a key pose with the
     # phase that stop belongs to (docs/results.md §3, "Thirteenth round": +1.7 to +3.2
-    # points clean on four activities, seeds 0 and 1; "Fourteenth round": the six shipped
-    # references). None: the warp (``--no-decoder-retime``).
+    # points clean on four activities, seeds 0 and 1; "Fourteenth round": the shipped
+    # references, both sets). None: the warp (``--no-decoder-retime``).
     retime: RetimeConfig | None = field(default_factory=RetimeConfig)
     # Per replay, every bone's length scaled by its own factor in 1 +- bone_jitter (a
     # subject with other hands: the synthetic subjects' spread is 0.08,
@@ -95,6 +95,24 @@ class DecoderConfig:
     # inside what a new draw of the same decoders moves them (docs/results.md §3,
     # "Fourteenth round").
     bone_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Checked here, so a config built in code fails as a CLI flag does.
+        if self.steps < 0:
+            raise ValueError(f"DecoderConfig.steps: expected >= 0 (0: no decoder), found "
+                             f"{self.steps}")
+        if self.hidden < 1 or self.layers < 1:
+            raise ValueError(f"DecoderConfig: hidden and layers must be >= 1, found "
+                             f"{self.hidden}, {self.layers}")
+        if not 0.0 <= self.edit_prob <= 1.0:
+            raise ValueError(f"DecoderConfig.edit_prob: expected 0 .. 1, found "
+                             f"{self.edit_prob}")
+        if not 0 <= self.lookahead <= MAX_LOOKAHEAD:
+            raise ValueError(f"DecoderConfig.lookahead: expected 0 .. {MAX_LOOKAHEAD} frames, "
+                             f"found {self.lookahead}")
+        if not 0.0 <= self.bone_jitter < 1.0:
+            raise ValueError(f"DecoderConfig.bone_jitter: expected 0 .. 1 (exclusive), found "
+                             f"{self.bone_jitter}")
 
     @property
     def view_augment(self) -> AugmentConfig:
@@ -116,21 +134,7 @@ def decoder_config(options: Mapping[str, Any] | None = None) -> DecoderConfig:
                          f"{', '.join(f.name for f in fields(DecoderConfig))}")
     if isinstance(given.get("retime"), bool):  # a CLI switch: the default ranges, or off
         given["retime"] = RetimeConfig() if given["retime"] else None
-    cfg = replace(DecoderConfig(), **given)
-    if cfg.steps < 0:
-        raise ValueError(f"DecoderConfig.steps: expected >= 0 (0: no decoder), found {cfg.steps}")
-    if cfg.hidden < 1 or cfg.layers < 1:
-        raise ValueError(f"DecoderConfig: hidden and layers must be >= 1, found {cfg.hidden}, "
-                         f"{cfg.layers}")
-    if not 0.0 <= cfg.edit_prob <= 1.0:
-        raise ValueError(f"DecoderConfig.edit_prob: expected 0 .. 1, found {cfg.edit_prob}")
-    if not 0 <= cfg.lookahead <= MAX_LOOKAHEAD:
-        raise ValueError(f"DecoderConfig.lookahead: expected 0 .. {MAX_LOOKAHEAD} frames, "
-                         f"found {cfg.lookahead}")
-    if not 0.0 <= cfg.bone_jitter < 1.0:
-        raise ValueError(f"DecoderConfig.bone_jitter: expected 0 .. 1 (exclusive), found "
-                         f"{cfg.bone_jitter}")
-    return cfg
+    return replace(DecoderConfig(), **given)  # checked by DecoderConfig.__post_init__
 
 
 class DecoderNet(nn.Module):
@@ -203,10 +207,8 @@ def train_phase_decoder(demos: Sequence[tuple[np.ndarray, np.ndarray]], spec: In
     ``progress(step, loss)`` is called every 50 steps (a CLI shows it).
     """
     cfg = cfg or DecoderConfig()
-    if cfg.steps < 1:
+    if cfg.steps < 1:  # the config allows 0 (no decoder); training needs a step
         raise ValueError(f"DecoderConfig.steps: expected >= 1, found {cfg.steps}")
-    if not 0.0 <= cfg.edit_prob <= 1.0:
-        raise ValueError(f"DecoderConfig.edit_prob: expected 0 .. 1, found {cfg.edit_prob}")
     if not spec.uses_joints or spec.feature_dim:
         raise ValueError("phase decoder: needs skeleton-only input (input_kind 'skeleton')")
     normed = []
