@@ -47,6 +47,15 @@ def _reference_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference_ensemble(args: argparse.Namespace) -> int:
+    from engine.reference import ensemble_references
+
+    ref = ensemble_references(args.references, args.out)
+    print(f"wrote {args.out}: {ref.activity}, {len(ref)} frames, an ensemble of "
+          f"{ref.decoder.size} phase decoders")
+    return 0
+
+
 def _add_export(subparsers) -> None:
     p = subparsers.add_parser("export", help="export a checkpoint's streaming step to ONNX")
     p.add_argument("--checkpoint", default=None, metavar="RUN_OR_PT",
@@ -78,6 +87,13 @@ def _add_reference(subparsers) -> None:
                         "times (default 0)")
     add_decoder_options(b)
     b.set_defaults(func=_reference_build)
+    e = sub.add_parser("ensemble", help="combine the phase decoders of references of one "
+                                        "demo built apart into one reference")
+    e.add_argument("references", nargs="+", metavar="REF.npz",
+                   help="references of one demo and model (two or more), each with a "
+                        "phase decoder; the first gives everything but the decoder")
+    e.add_argument("-o", "--out", required=True, help="output reference .npz")
+    e.set_defaults(func=_reference_ensemble)
 
 
 def add_decoder_options(p: argparse.ArgumentParser) -> None:
@@ -107,13 +123,18 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
                    default=None, metavar="F",
                    help="scale each bone of the decoder's training replays by its own "
                         "factor in 1 +- F, as another person's hands (default 0: off)")
+    p.add_argument("--decoder-members", type=positive_int, default=None, metavar="M",
+                   help="train M decoders (seeds 0 .. M-1) whose log-probabilities are "
+                        "averaged (default 1); M times the build time and the decoder's "
+                        "time per frame, for fewer wrong frames (docs/aligner.md)")
 
 
 def decoder_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``add_decoder_options`` flags as ``DecoderConfig`` fields (None: the default)."""
     return {"steps": args.decoder_steps, "edit_prob": args.decoder_edit_prob,
             "hidden": args.decoder_hidden, "lookahead": args.decoder_lookahead,
-            "retime": args.decoder_retime, "bone_jitter": args.decoder_bone_jitter}
+            "retime": args.decoder_retime, "bone_jitter": args.decoder_bone_jitter,
+            "members": args.decoder_members}
 
 
 def register(subparsers) -> None:

@@ -41,12 +41,13 @@ from masa_rt.align import Reference, is_reference_file, offline_dtw
 from masa_rt.checkpoint import load_model, model_fingerprint
 from masa_rt.cli_types import check_output_path
 from masa_rt.model import MasaModel
+from masa_rt.phase_decoder import DecoderEnsemble, PhaseDecoderError
 from masa_rt.preprocess import InputSpec, frame_features
 from masa_rt.sequence import Sequence as PoseSequence
 from masa_rt.sequence import load_sequence
 
 __all__ = ["POLICIES", "ReferenceBuildError", "average_demos", "build_reference",
-           "embed_demo", "reference_from_demos"]
+           "decoder_members_meta", "embed_demo", "ensemble_references", "reference_from_demos"]
 
 log = logging.getLogger(__name__)
 
@@ -252,17 +253,70 @@ def with_phase_decoder(ref: Reference, demos: Sequence[dict[str, Any]], spec: In
                     "input is %s)", ref.name, spec.input_kind)
         return ref
 
-    def report(step: int, loss: float) -> None:
-        log.info("phase decoder: step %d/%d, loss %.3f", step + 1, cfg.steps, loss)
+    trained, about = [], []
+    for i in range(cfg.members):  # an ensemble's members differ in their seed only
+        member = replace(cfg, seed=cfg.seed + i)
+        which = f" {i + 1}/{cfg.members}" if cfg.members > 1 else ""
 
-    decoder = train_phase_decoder([(d["joints"], d["phases"]) for d in demos], spec,
-                                  len(ref.phase_names), cfg, progress=report)
-    meta = dict(ref.meta, phase_decoder={"steps": cfg.steps, "hidden": cfg.hidden,
-                                         "layers": cfg.layers, "edit_prob": cfg.edit_prob,
-                                         "lookahead": cfg.lookahead, "demos": len(demos),
-                                         "retime": cfg.retime is not None,
-                                         "bone_jitter": cfg.bone_jitter})
-    return replace(ref, decoder=decoder, meta=meta)
+        def report(step: int, loss: float, which: str = which) -> None:
+            log.info("phase decoder%s: step %d/%d, loss %.3f", which, step + 1, cfg.steps,
+                     loss)
+
+        trained.append(train_phase_decoder([(d["joints"], d["phases"]) for d in demos],
+                                           spec, len(ref.phase_names), member,
+                                           progress=report))
+        about.append({"steps": cfg.steps, "hidden": cfg.hidden, "layers": cfg.layers,
+                      "edit_prob": cfg.edit_prob, "lookahead": cfg.lookahead,
+                      "demos": len(demos), "retime": cfg.retime is not None,
+                      "bone_jitter": cfg.bone_jitter, "seed": member.seed})
+    meta = dict(ref.meta, phase_decoder=about[0] if len(about) == 1 else {"members": about})
+    return replace(ref, decoder=DecoderEnsemble(trained), meta=meta)
+
+
+def decoder_members_meta(ref: Reference) -> list[dict[str, Any]]:
+    """How each of ``ref``'s phase decoders was trained (``meta["phase_decoder"]``: one
+    dict, or ``{"members": [dict, ...]}`` for an ensemble); [] without a decoder."""
+    about = ref.meta.get("phase_decoder")
+    if ref.decoder is None or not isinstance(about, dict):
+        return []
+    return list(about["members"]) if "members" in about else [about]
+
+
+def ensemble_references(paths: Sequence[str | os.PathLike[str]],
+                        out_path: str | os.PathLike[str]) -> Reference:
+    """One reference whose phase decoder is the ensemble of the decoders of ``paths``:
+    references of one demo built apart (``reference build`` with other seeds or decoder
+    options, possibly on other machines). They must agree on everything but their
+    decoders: model, embeddings, phases, times; the first gives the rest."""
+    if len(paths) < 2:
+        raise ReferenceBuildError("reference ensemble: give two or more references")
+    check_output_path(out_path, list(paths), replaceable=("a reference", _replaceable))
+    refs = [Reference.load(p) for p in paths]
+    first = refs[0]
+    for p, r in zip(paths[1:], refs[1:], strict=True):
+        same = (r.model_fingerprint == first.model_fingerprint
+                and r.phase_names == first.phase_names
+                and np.array_equal(r.embeddings, first.embeddings)
+                and np.array_equal(r.phases, first.phases)
+                and np.array_equal(r.times, first.times))
+        if not same:
+            raise ReferenceBuildError(
+                f"{p}: not the same reference as {paths[0]} (model, embeddings, phases or "
+                "times differ); an ensemble combines decoders of one reference")
+    missing = [str(p) for p, r in zip(paths, refs, strict=True) if r.decoder is None]
+    if missing:
+        raise ReferenceBuildError(f"no phase decoder in {', '.join(missing)}")
+    try:
+        decoder = DecoderEnsemble([m for r in refs for m in r.decoder.members])
+    except PhaseDecoderError as e:
+        raise ReferenceBuildError(f"reference ensemble: {e}") from None
+    about = [m for r in refs for m in decoder_members_meta(r)]
+    meta = dict(first.meta, phase_decoder={"members": about},
+                ensemble_of=[str(p) for p in paths])
+    ref = replace(first, decoder=decoder, meta=meta)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    ref.save(out_path)
+    return ref
 
 
 def check_same_activity(seqs: Sequence[PoseSequence], labels: Sequence[str],

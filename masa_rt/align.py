@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from masa_rt.atomic import atomic_write
-from masa_rt.phase_decoder import DecoderStack, PhaseDecoder
+from masa_rt.phase_decoder import DecoderEnsemble, DecoderStack, PhaseDecoder, mean_log_probs
 
 __all__ = [
     "REFERENCE_FORMAT_VERSION",
@@ -58,11 +58,12 @@ __all__ = [
     "subsequence_dtw",
 ]
 
-# A file is written with the lowest version that reads it right: 1, or 2 for a phase
+# A file is written with the lowest version that reads it right: 1, 2 for a phase
 # decoder with lookahead (decoder.lookahead), which a version-1 server would run as a
-# causal one; references without it stay readable by version-1 servers.
-_FORMAT_CAUSAL, _FORMAT_LOOKAHEAD = 1, 2
-REFERENCE_FORMAT_VERSION = _FORMAT_LOOKAHEAD  # the newest this code reads
+# causal one, 3 for an ensemble of decoders (decoder.members, arrays stacked), which
+# older servers cannot read; other references stay readable by version-1 servers.
+_FORMAT_CAUSAL, _FORMAT_LOOKAHEAD, _FORMAT_ENSEMBLE = 1, 2, 3
+REFERENCE_FORMAT_VERSION = _FORMAT_ENSEMBLE  # the newest this code reads
 STATES = ("waiting", "tracking", "paused", "off_script", "tracking_lost", "finished")
 _EPS = 1e-8
 
@@ -116,7 +117,9 @@ class Reference:
     meta: dict[str, Any] = field(default_factory=dict)
     # Optional: trained on the demo's labels (masa_rt.phase_decoder); the aligner adds its
     # -log(p(phase) / max p) to the cost of each frame of that phase (decoder_weight).
-    decoder: PhaseDecoder | None = None
+    # One decoder or several (an ensemble, their log-probabilities averaged); a lone
+    # PhaseDecoder given here is held as an ensemble of one.
+    decoder: DecoderEnsemble | None = None
     # Derived on construction, per frame: first/last frame of the run of equal phase the
     # frame belongs to (a run, not a phase id, so a phase that recurs is still linear).
     run_start: np.ndarray = field(init=False, repr=False)
@@ -144,6 +147,8 @@ class Reference:
         if not math.isfinite(self.fps) or self.fps <= 0:
             raise ReferenceFormatError(f"fps: expected a number > 0, found {self.fps}")
         self.meta = dict(self.meta)
+        if isinstance(self.decoder, PhaseDecoder):
+            self.decoder = DecoderEnsemble([self.decoder])
         if self.decoder is not None and self.decoder.num_phases != len(self.phase_names):
             raise ReferenceFormatError(
                 f"decoder: expected {len(self.phase_names)} phases (phase_names), found "
@@ -207,9 +212,7 @@ class Reference:
     def save(self, path: str | Path) -> None:
         """Write a ``.npz`` (no pickles; strings as unicode arrays) atomically."""
         arrays = {
-            "format_version": np.int64(
-                _FORMAT_LOOKAHEAD if self.decoder is not None and self.decoder.lookahead
-                else _FORMAT_CAUSAL),
+            "format_version": np.int64(self._format_version()),
             "name": np.str_(self.name),
             "activity": np.str_(self.activity),
             "embeddings": self.embeddings,
@@ -223,6 +226,13 @@ class Reference:
         }
         with atomic_write(path, "wb") as f:
             np.savez(f, **arrays)
+
+    def _format_version(self) -> int:
+        if self.decoder is None:
+            return _FORMAT_CAUSAL
+        if self.decoder.size > 1:
+            return _FORMAT_ENSEMBLE
+        return _FORMAT_LOOKAHEAD if self.decoder.lookahead else _FORMAT_CAUSAL
 
     @classmethod
     def load(cls, path: str | Path) -> Reference:
@@ -242,7 +252,7 @@ class Reference:
                 phase_names=[str(s) for s in np.atleast_1d(data["phase_names"])],
                 times=data["times"], fps=float(data["fps"]),
                 model_fingerprint=str(data["model_fingerprint"]), meta=meta,
-                decoder=PhaseDecoder.from_npz_members(data),
+                decoder=DecoderEnsemble.from_npz_members(data),
             )
         except (ValueError, TypeError) as e:  # includes ReferenceFormatError, JSON errors
             raise ReferenceFormatError(f"{path}: {e}") from None
@@ -563,7 +573,9 @@ class _Model:
         state (its (K_g, L, H) block); ``dec_targets[g][i]`` is the column range of the
         group's i-th reference and the phase of each of its frames, where that decoder's
         log-probabilities go. (Column ranges, not one index array: assigning a (B, frames)
-        block through two index arrays took 25x as long.)
+        block through two index arrays took 25x as long.) An ensemble's members are
+        consecutive decoders of the stack; ``dec_starts[g]`` is the first of each
+        reference's (None where every reference of the group has one decoder).
         """
         with_dec = [(k, r.decoder) for k, r in enumerate(refs)
                     if r.decoder is not None and cfg.decoder_weight > 0]
@@ -578,21 +590,24 @@ class _Model:
                              f"lookaheads {sorted(lookaheads)} (frames); build them with one "
                              "--decoder-lookahead")
         self.lookahead = lookaheads.pop() if lookaheads else 0
-        groups: dict[tuple[int, int], list[tuple[int, PhaseDecoder]]] = {}
+        groups: dict[tuple[int, int], list[tuple[int, DecoderEnsemble]]] = {}
         for k, d in with_dec:
             groups.setdefault((d.hidden, d.layers), []).append((k, d))
         self.decoders: list[DecoderStack] = []
         self.dec_slots: list[slice] = []
         self.dec_targets: list[list[tuple[slice, np.ndarray]]] = []
         self.dec_refs: list[np.ndarray] = []  # group g's references, in its order
+        self.dec_starts: list[np.ndarray | None] = []
         start = 0
         for members in groups.values():
-            stack = DecoderStack([d for _, d in members])
+            stack = DecoderStack([m for _, d in members for m in d.members])
             self.decoders.append(stack)
             self.dec_slots.append(slice(start, start + stack.k * stack.layers * stack.hidden))
             self.dec_targets.append([(self.ref_cols[k], self.phases[self.ref_cols[k]])
                                      for k, _ in members])
             self.dec_refs.append(np.array([k for k, _ in members], dtype=np.int64))
+            sizes = [d.size for _, d in members]
+            self.dec_starts.append(np.cumsum([0, *sizes[:-1]]) if max(sizes) > 1 else None)
             start = self.dec_slots[-1].stop
         self.dec_size = max(start, 1)
         # First and last local frame of each (reference, phase) that is one run of frames;
@@ -875,12 +890,15 @@ class _Sessions:
         n = len(live)
         used = heard[live]  # of the live rows
         out = live[used]
-        for stack, slots, targets, refs in zip(M.decoders, M.dec_slots, M.dec_targets,
-                                               M.dec_refs, strict=True):
+        for stack, slots, targets, refs, starts in zip(M.decoders, M.dec_slots,
+                                                       M.dec_targets, M.dec_refs,
+                                                       M.dec_starts, strict=True):
             old = state[live, slots].reshape(n, stack.k, stack.layers, stack.hidden)
             logp, new = stack.step(x[live], old)
             state[live, slots] = new.reshape(n, -1)
             logp = logp[used]
+            if starts is not None:  # ensembles: one row of log-probabilities per reference
+                logp = mean_log_probs(logp, starts)
             most = logp.max(axis=2, keepdims=True)
             best[out[:, None], refs] = logp.argmax(axis=2)
             top[out[:, None], refs] = most[:, :, 0]

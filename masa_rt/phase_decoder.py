@@ -20,6 +20,12 @@ Numpy only: the serving path runs it without torch. With several references load
 frame steps every reference's decoder: ``DecoderStack`` steps K decoders of one shape in
 one pass (one product per weight for all K, instead of K small ones and K times the
 Python), which is what the aligner runs.
+
+A reference may carry several decoders trained apart (other seeds, other replays):
+``DecoderEnsemble``. Their log-probabilities are averaged and renormalised (the
+normalised geometric mean of their probabilities, ``mean_log_probs``): one decoder's
+errors are mostly its own draw's, so the mean is right more often than its members
+(docs/results.md §3, "Fifteenth round").
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["DecoderStack", "PhaseDecoder", "PhaseDecoderError"]
+__all__ = ["DecoderEnsemble", "DecoderStack", "PhaseDecoder", "PhaseDecoderError",
+           "mean_log_probs"]
 
 _PREFIX = "decoder."
+_MEMBERS = "members"  # "decoder.members": M of an ensemble's stacked arrays (absent: one)
 
 
 class PhaseDecoderError(ValueError):
@@ -55,6 +63,17 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     """Over the last axis, in place on ``logits``; -inf entries stay -inf."""
     logits -= logits.max(axis=-1, keepdims=True)
     return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+
+
+def _run(decoder: PhaseDecoder | DecoderEnsemble, x: np.ndarray) -> np.ndarray:
+    """``decoder`` over a whole stream ``(T, D)`` from a fresh state, one frame at a time
+    (as a live stream steps it) -> ``(T, P)`` log-probabilities."""
+    state = decoder.initial_state(1)
+    out = np.empty((len(x), decoder.num_phases), dtype=np.float32)
+    for t in range(len(x)):
+        logp, state = decoder.step(np.asarray(x[t:t + 1], dtype=np.float32), state)
+        out[t] = logp[0]
+    return out
 
 
 class PhaseDecoder:
@@ -155,12 +174,7 @@ class PhaseDecoder:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """A whole stream ``(T, D)`` from a fresh state -> ``(T, P)`` log-probabilities."""
-        state = self.initial_state(1)
-        out = np.empty((len(x), self.num_phases), dtype=np.float32)
-        for t in range(len(x)):
-            logp, state = self.step(np.asarray(x[t:t + 1], dtype=np.float32), state)
-            out[t] = logp[0]
-        return out
+        return _run(self, x)
 
 
 class DecoderStack:
@@ -233,3 +247,102 @@ class DecoderStack:
         for i, d in enumerate(self.decoders):
             logp[:, i, :d.num_phases], new[:, i] = d.step(x, state[:, i])
         return logp, new
+
+
+def mean_log_probs(logp: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
+    """Members' log-probabilities ``(B, M, P)`` -> the ensemble's ``(B, P)``: their mean,
+    renormalised (log of the normalised geometric mean of the probabilities). With
+    ``starts`` (the first member of each of G ensembles laid end to end along axis 1),
+    ``(B, G, P)``. -inf phases (padding) stay -inf."""
+    if starts is None:
+        mean = logp.mean(axis=1)
+    else:
+        counts = np.diff(np.append(starts, logp.shape[1]))
+        mean = np.add.reduceat(logp, starts, axis=1) / counts[:, None]
+    return _log_softmax(mean)
+
+
+class DecoderEnsemble:
+    """M phase decoders of one shape, phases and lookahead whose log-probabilities are
+    averaged (``mean_log_probs``). What a reference carries; one member is one decoder,
+    stored and stepped exactly as before."""
+
+    def __init__(self, members: list[PhaseDecoder] | tuple[PhaseDecoder, ...]) -> None:
+        self.members = tuple(members)
+        if not self.members:
+            raise PhaseDecoderError("DecoderEnsemble: no decoder")
+        first = self.members[0]
+        for i, d in enumerate(self.members[1:], 1):
+            mine = (d.input_dim, d.hidden, d.layers, d.num_phases, d.lookahead)
+            want = (first.input_dim, first.hidden, first.layers, first.num_phases,
+                    first.lookahead)
+            if mine != want:
+                raise PhaseDecoderError(
+                    f"DecoderEnsemble: member {i} has (input, hidden, layers, phases, "
+                    f"lookahead) {mine}, member 0 {want}; an ensemble's decoders share "
+                    "them")
+        # What every member shares, so an ensemble reads as one decoder.
+        self.size = len(self.members)
+        self.input_dim, self.hidden, self.layers = first.input_dim, first.hidden, first.layers
+        self.num_phases, self.lookahead = first.num_phases, first.lookahead
+        self._stack: DecoderStack | None = None  # built on the first step
+
+    # -- file members ----------------------------------------------------------------------
+
+    def to_npz_members(self) -> dict[str, np.ndarray]:
+        """One member: exactly ``PhaseDecoder.to_npz_members`` (readable by servers that
+        predate ensembles); M > 1: each array stacked on a leading axis of M, and
+        ``decoder.members``."""
+        if self.size == 1:
+            return self.members[0].to_npz_members()
+        per = [d.to_npz_members() for d in self.members]
+        out = {k: np.stack([p[k] for p in per]) for k in per[0]
+               if k != _PREFIX + "lookahead"}
+        if self.lookahead:
+            out[_PREFIX + "lookahead"] = per[0][_PREFIX + "lookahead"]
+        out[_PREFIX + _MEMBERS] = np.array(self.size, dtype=np.int64)
+        return out
+
+    @classmethod
+    def from_npz_members(cls, members: Mapping[str, np.ndarray]) -> DecoderEnsemble | None:
+        """The decoder(s) stored in a reference archive, or None if it has none."""
+        count = members.get(_PREFIX + _MEMBERS)
+        if count is None:
+            one = PhaseDecoder.from_npz_members(members)
+            return None if one is None else cls([one])
+        if np.shape(count) != () or not np.issubdtype(np.asarray(count).dtype, np.integer) \
+                or int(count) < 2:
+            raise PhaseDecoderError(f"phase decoder: members: expected one integer >= 2, "
+                                    f"found {np.asarray(count)!r}")
+        m = int(count)
+        stacked = {k: v for k, v in members.items()
+                   if k.startswith(_PREFIX) and k not in (_PREFIX + _MEMBERS,
+                                                          _PREFIX + "lookahead")}
+        for k, v in stacked.items():
+            if np.ndim(v) < 1 or len(v) != m:
+                raise PhaseDecoderError(f"phase decoder: {k[len(_PREFIX):]}: expected "
+                                        f"{m} members on its first axis, found shape "
+                                        f"{np.shape(v)}")
+        extra = {k: members[k] for k in (_PREFIX + "lookahead",) if k in members}
+        return cls([PhaseDecoder.from_npz_members({k: v[i] for k, v in stacked.items()}
+                                                  | extra) for i in range(m)])
+
+    # -- inference -------------------------------------------------------------------------
+
+    def initial_state(self, batch: int) -> np.ndarray:
+        return np.zeros((batch, self.size, self.layers, self.hidden), dtype=np.float32)
+
+    def step(self, x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One frame of ``B`` streams: inputs ``(B, D)``, state ``(B, M, L, H)`` ->
+        the ensemble's log-probabilities ``(B, P)`` and the new state."""
+        if self.size == 1:  # the decoder itself: bit for bit what one decoder gives
+            logp, new = self.members[0].step(x, state[:, 0])
+            return logp, new[:, None]
+        if self._stack is None:
+            self._stack = DecoderStack(list(self.members))
+        logp, new = self._stack.step(x, state)
+        return mean_log_probs(logp).astype(np.float32), new
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """A whole stream ``(T, D)`` from a fresh state -> ``(T, P)`` log-probabilities."""
+        return _run(self, x)

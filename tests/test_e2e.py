@@ -165,7 +165,7 @@ def test_lookahead_reference_served_end_to_end(tiny_model, tmp_path):
     from masa_rt.phase_decoder import PhaseDecoder
 
     ref = Reference.load(tiny_model[1])
-    late = replace(ref, decoder=PhaseDecoder(ref.decoder.arrays(), lookahead=2))
+    late = replace(ref, decoder=PhaseDecoder(ref.decoder.members[0].arrays(), lookahead=2))
     late.save(tmp_path / "late.npz")
     pipeline = Pipeline.from_files(tiny_model[0], [tmp_path / "late.npz"], capacity=4)
     joints = demo_frames()

@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from masa_rt.align import Aligner, AlignerBank, AlignerConfig, Reference, ReferenceFormatError
-from masa_rt.phase_decoder import DecoderStack, PhaseDecoder, PhaseDecoderError
+from masa_rt.phase_decoder import (
+    DecoderEnsemble,
+    DecoderStack,
+    PhaseDecoder,
+    PhaseDecoderError,
+    mean_log_probs,
+)
 from masa_rt.preprocess import InputSpec, frame_features
 from masa_rt.synth.generate import generate
 from trainer.demo_replay import EDITS, RetimeConfig, retime_demo, scripted_edit, vary_bones
@@ -83,7 +89,7 @@ def test_reference_round_trip_with_and_without_decoder(tmp_path) -> None:
     without.save(tmp_path / "b.npz")
     back = Reference.load(tmp_path / "a.npz")
     for k, v in dec.arrays().items():
-        np.testing.assert_array_equal(back.decoder.arrays()[k], v)
+        np.testing.assert_array_equal(back.decoder.members[0].arrays()[k], v)
     assert Reference.load(tmp_path / "b.npz").decoder is None
 
 
@@ -395,7 +401,7 @@ def test_decoder_config_applies_and_checks_options() -> None:
     assert decoder_config({"steps": 0}).steps == 0  # no decoder: allowed here
     for bad, match in [({"stpes": 5}, "unknown option.*stpes"), ({"steps": -1}, "steps"),
                        ({"hidden": 0}, "hidden"), ({"edit_prob": -0.1}, "edit_prob"),
-                       ({"bone_jitter": 1.0}, "bone_jitter")]:
+                       ({"bone_jitter": 1.0}, "bone_jitter"), ({"members": 0}, "members")]:
         with pytest.raises(ValueError, match=match):
             decoder_config(bad)
 
@@ -582,3 +588,98 @@ def test_lookahead_decoder_term_waits_out_a_lost_frame() -> None:
     # steps 0-1 describe no frame; 5: the newest frame is lost (no decoder output);
     # 6: frame 5 is in the line; 7: the frame stepped (5) is lost, the report holds.
     assert phases == [-1, -1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1]
+
+
+# -- ensembles of decoders -------------------------------------------------------------------
+
+
+def test_ensemble_is_the_renormalised_mean_of_its_members_log_probabilities() -> None:
+    members = [random_decoder(s) for s in (0, 1, 2)]
+    ens = DecoderEnsemble(members)
+    x = np.random.default_rng(3).standard_normal((30, D_IN)).astype(np.float32)
+    mean = np.mean([d.run(x) for d in members], axis=0)
+    want = mean - np.log(np.exp(mean).sum(axis=1, keepdims=True))
+    got = ens.run(x)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(np.exp(got).sum(axis=1), 1.0, atol=1e-5)
+    # One member is the decoder itself, bit for bit.
+    np.testing.assert_array_equal(DecoderEnsemble(members[:1]).run(x), members[0].run(x))
+
+
+def test_mean_log_probs_of_ensembles_laid_end_to_end() -> None:
+    rng = np.random.default_rng(0)
+    logp = np.log(rng.dirichlet(np.ones(4), size=(5, 6))).astype(np.float32)  # (B, 6, P)
+    logp[:, 5, 3] = -np.inf  # a padded phase stays impossible where every member says so
+    starts = np.array([0, 1, 4])  # ensembles of 1, 3 and 2 members
+    got = mean_log_probs(logp, starts)
+    assert got.shape == (5, 3, 4)
+    np.testing.assert_allclose(got[:, 0], logp[:, 0], atol=1e-6)
+    np.testing.assert_allclose(got[:, 1], mean_log_probs(logp[:, 1:4]), atol=1e-6)
+    assert np.isfinite(got[:, 2, :3]).all() and (got[:, 2, 3] == -np.inf).all()
+
+
+def test_ensemble_members_must_agree() -> None:
+    with pytest.raises(PhaseDecoderError, match="no decoder"):
+        DecoderEnsemble([])
+    with pytest.raises(PhaseDecoderError, match="member 1 has"):
+        DecoderEnsemble([random_decoder(0), random_decoder(1, hidden=4)])
+    with pytest.raises(PhaseDecoderError, match="member 1 has"):
+        DecoderEnsemble([random_decoder(0), random_decoder(1, phases=4)])
+    with pytest.raises(PhaseDecoderError, match="member 1 has"):
+        DecoderEnsemble([random_decoder(0), _with_lookahead(random_decoder(1), 2)])
+
+
+def test_ensemble_round_trips_as_format_3_and_one_member_as_before(tmp_path) -> None:
+    members = [_with_lookahead(random_decoder(s), 2) for s in (0, 1)]
+    make_reference(DecoderEnsemble(members)).save(tmp_path / "e.npz")
+    back = Reference.load(tmp_path / "e.npz").decoder
+    assert back.size == 2 and back.lookahead == 2
+    for got, want in zip(back.members, members, strict=True):
+        for k, v in want.arrays().items():
+            np.testing.assert_array_equal(got.arrays()[k], v)
+    with np.load(tmp_path / "e.npz") as f:
+        assert int(f["format_version"]) == 3 and int(f["decoder.members"]) == 2
+        assert f["decoder.w1"].shape == (2, *members[0].w1.shape)
+        stored = dict(f)
+    # One member is written exactly as a lone decoder (older servers read it).
+    make_reference(DecoderEnsemble(members[:1])).save(tmp_path / "one.npz")
+    make_reference(members[0]).save(tmp_path / "lone.npz")
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "lone.npz") as b:
+        assert sorted(a.files) == sorted(b.files) and int(a["format_version"]) == 2
+    for bad, said in [({"decoder.members": np.array(1)}, "members: expected one integer >= 2"),
+                      ({"decoder.members": np.array(3)}, "expected 3 members")]:
+        with pytest.raises(PhaseDecoderError, match=said):
+            DecoderEnsemble.from_npz_members(stored | bad)
+
+
+def test_aligner_runs_an_ensemble_as_the_mean_of_its_members() -> None:
+    """An ensemble of two copies of one decoder is that decoder; an ensemble next to a
+    lone decoder in one stack gets its own mean."""
+    dec = random_decoder(3)
+    cfg = AlignerConfig(decoder_weight=0.05)
+    twice = make_reference(DecoderEnsemble([dec, dec]))
+    once = make_reference(dec)
+    rng = np.random.default_rng(4)
+    q = once.embeddings[rng.integers(0, len(once), 40)]
+    x = rng.standard_normal((40, D_IN)).astype(np.float32)
+    a, b = Aligner(twice, cfg), Aligner(once, cfg)
+    for t in range(40):
+        ea, eb = a.step(q[t], t / 30.0, inputs=x[t]), b.step(q[t], t / 30.0, inputs=x[t])
+        assert (ea.phase_id, ea.state) == (eb.phase_id, eb.state)
+        assert ea.progress == pytest.approx(eb.progress, abs=1e-6)
+        np.testing.assert_allclose(a._sessions.dec_added[0], b._sessions.dec_added[0],
+                                   atol=1e-5)
+    other = random_decoder(4)
+    refs = [make_reference(DecoderEnsemble([dec, other])), make_reference(dec)]
+    refs[1].name = refs[1].activity = "second"
+    al = Aligner(refs, cfg)
+    assert len(al._model.decoders) == 1 and al._model.decoders[0].k == 3
+    ens = refs[0].decoder
+    state = ens.initial_state(1)
+    for t in range(8):
+        al.step(refs[0].embeddings[t], t / 30.0, inputs=x[t])
+        logp, state = ens.step(x[t][None], state)
+        rel = logp[0] - logp[0].max()
+        cols = al._model.ref_cols[0]
+        np.testing.assert_allclose(al._sessions.dec_added[0][cols],
+                                   -0.05 * rel[refs[0].phases], atol=1e-5)

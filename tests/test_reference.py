@@ -11,6 +11,7 @@ from engine.reference import (  # noqa: E402
     ReferenceBuildError,
     average_demos,
     build_reference,
+    decoder_members_meta,
     reference_from_demos,
 )
 from masa_rt.align import Reference  # noqa: E402
@@ -164,6 +165,42 @@ def test_cli_reference_build(ckpt, tmp_path, capsys):
     assert ref.meta["phase_decoder"]["hidden"] == 8 == ref.decoder.hidden
     assert ref.meta["phase_decoder"]["retime"] is False  # on by default, off by flag
     assert ref.meta["phase_decoder"]["bone_jitter"] == 0.05
+
+
+def test_cli_reference_build_ensemble_and_combine(ckpt, tmp_path, capsys):
+    """--decoder-members M trains M seeds; `reference ensemble` combines references built
+    apart into the same ensemble, and refuses references of another demo."""
+    _demo(tmp_path / "d.npz", 20, 30.0, 4)
+    common = ["--checkpoint", str(ckpt), "--decoder-steps", "2", "--decoder-hidden", "8"]
+    assert main(["reference", "build", str(tmp_path / "d.npz"), "-o",
+                 str(tmp_path / "two.npz"), "--decoder-members", "2", *common]) == 0
+    two = Reference.load(tmp_path / "two.npz")
+    assert two.decoder.size == 2
+    assert [m["seed"] for m in decoder_members_meta(two)] == [0, 1]
+    assert main(["reference", "build", str(tmp_path / "d.npz"), "-o",
+                 str(tmp_path / "one.npz"), *common]) == 0
+    one = Reference.load(tmp_path / "one.npz")
+    assert one.decoder.size == 1 and decoder_members_meta(one)[0]["seed"] == 0
+    assert main(["reference", "ensemble", str(tmp_path / "one.npz"), str(tmp_path / "two.npz"),
+                 "-o", str(tmp_path / "three.npz")]) == 0
+    assert "an ensemble of 3 phase decoders" in capsys.readouterr().out
+    three = Reference.load(tmp_path / "three.npz")
+    assert [m["seed"] for m in decoder_members_meta(three)] == [0, 0, 1]
+    for got, want in zip(three.decoder.members, one.decoder.members + two.decoder.members,
+                         strict=True):
+        np.testing.assert_array_equal(got.wo, want.wo)
+    np.testing.assert_array_equal(two.decoder.members[0].wo, one.decoder.members[0].wo)
+    _demo(tmp_path / "e.npz", 24, 30.0, 5)
+    build_reference([tmp_path / "e.npz"], ckpt, tmp_path / "other.npz",
+                    decoder={"steps": 2, "hidden": 8})
+    build_reference([tmp_path / "d.npz"], ckpt, tmp_path / "bare.npz", decoder={"steps": 0})
+    for refs, said in [(["one.npz", "other.npz"], "not the same reference as"),
+                       (["one.npz", "bare.npz"], "no phase decoder in"),
+                       (["one.npz"], "two or more")]:
+        assert main(["reference", "ensemble", *(str(tmp_path / r) for r in refs),
+                     "-o", str(tmp_path / "x.npz")]) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
 
 
 def test_cli_reference_build_several_demos(ckpt, tmp_path, capsys):

@@ -95,6 +95,12 @@ class DecoderConfig:
     # inside what a new draw of the same decoders moves them (docs/results.md §3,
     # "Fourteenth round").
     bone_jitter: float = 0.0
+    # Decoders trained apart (seeds seed .. seed + members - 1: their own initial weights
+    # and replays) whose log-probabilities the aligner averages (``DecoderEnsemble``). The
+    # mean of two was +0.3 to +0.4 points over its members' mean on every harness
+    # scenario measured (docs/results.md §3, "Fifteenth round"), for members x the build
+    # time and the decoder's time per frame.
+    members: int = 1
 
     def __post_init__(self) -> None:
         # Checked here, so a config built in code fails as a CLI flag does.
@@ -110,6 +116,8 @@ class DecoderConfig:
         if not 0 <= self.lookahead <= MAX_LOOKAHEAD:
             raise ValueError(f"DecoderConfig.lookahead: expected 0 .. {MAX_LOOKAHEAD} frames, "
                              f"found {self.lookahead}")
+        if self.members < 1:
+            raise ValueError(f"DecoderConfig.members: expected >= 1, found {self.members}")
         if not 0.0 <= self.bone_jitter < 1.0:
             raise ValueError(f"DecoderConfig.bone_jitter: expected 0 .. 1 (exclusive), found "
                              f"{self.bone_jitter}")
