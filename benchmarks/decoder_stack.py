@@ -6,8 +6,8 @@ it, interleaved in one process so other jobs' load falls on all alike: K
 ``PhaseDecoder.step`` calls; one stacked pass over all K (``DecoderStack`` with no row
 limit); and ``DecoderStack`` as the aligner runs it (stacked up to ``max_rows`` streams x
 decoders, one by one beyond). The decoders are those of the shipped ``examples/*.npz``
-(``--hidden H``: random ones of that width, same inputs and phases). BLAS on one thread,
-as ``masa-rt serve`` runs it.
+(every member of an ensemble; ``--hidden H``: random ones of that width, same inputs and
+phases). BLAS on one thread, as ``masa-rt serve`` runs it.
 
     python benchmarks/decoder_stack.py [--hidden 64] [--iters 200] [--out F.json]
 """
@@ -29,8 +29,8 @@ def shipped_decoders(hidden: int | None) -> list:
     from masa_rt.align import Reference
     from masa_rt.phase_decoder import PhaseDecoder
 
-    decs = [Reference.load(p).decoder for p in sorted((ROOT / "examples").glob("*.npz"))]
-    decs = [d for d in decs if d is not None]
+    refs = [Reference.load(p) for p in sorted((ROOT / "examples").glob("*.npz"))]
+    decs = [m for r in refs if r.decoder is not None for m in r.decoder.members]
     if not decs:
         raise SystemExit("no shipped reference with a phase decoder under examples/")
     if hidden is None or hidden == decs[0].hidden:
