@@ -124,9 +124,13 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
                    help="scale each bone of the decoder's training replays by its own "
                         "factor in 1 +- F, as another person's hands (default 0: off)")
     p.add_argument("--decoder-members", type=positive_int, default=None, metavar="M",
-                   help="train M decoders (seeds 0 .. M-1) whose log-probabilities are "
+                   help="train M decoders (seeds S .. S+M-1) whose log-probabilities are "
                         "averaged (default 1); M times the build time and the decoder's "
                         "time per frame, for fewer wrong frames (docs/aligner.md)")
+    p.add_argument("--decoder-seed", type=nonnegative_int, default=None, metavar="S",
+                   help="seed of the (first) decoder's weights and replays (default 0); "
+                        "builds with other seeds can be combined with `masa-rt reference "
+                        "ensemble`")
 
 
 def decoder_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -134,7 +138,7 @@ def decoder_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": args.decoder_steps, "edit_prob": args.decoder_edit_prob,
             "hidden": args.decoder_hidden, "lookahead": args.decoder_lookahead,
             "retime": args.decoder_retime, "bone_jitter": args.decoder_bone_jitter,
-            "members": args.decoder_members}
+            "members": args.decoder_members, "seed": args.decoder_seed}
 
 
 def register(subparsers) -> None:
