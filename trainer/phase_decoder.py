@@ -96,10 +96,12 @@ class DecoderConfig:
     # "Fourteenth round").
     bone_jitter: float = 0.0
     # Decoders trained apart (seeds seed .. seed + members - 1: their own initial weights
-    # and replays) whose log-probabilities the aligner averages (``DecoderEnsemble``). The
-    # mean of two was +0.3 to +0.4 points over its members' mean on every harness
-    # scenario measured (docs/results.md §3, "Fifteenth round"), for members x the build
-    # time and the decoder's time per frame.
+    # and replays) whose log-probabilities the aligner averages (``DecoderEnsemble``). Two
+    # scored +0.16 to +0.44 points over their members' mean on the harness's scenario
+    # mean, four activities, both seeds (docs/results.md §3, "Fifteenth round"), for
+    # members x the build time and the decoders' time per frame. 1 by default, so a
+    # build takes what it took; the shipped references carry two (built apart and
+    # combined, scripts/build_shipped_model.sh).
     members: int = 1
 
     def __post_init__(self) -> None:
