@@ -4,9 +4,11 @@
 #   masa_rt/assets/masa_hands_causal.onnx  its streaming step, so serving needs no torch
 #   examples/demos/<activity>.npz          clean synthetic demonstrations (joints + phases)
 #   examples/<activity>.npz                references built from them by the shipped model,
-#                                          each with its phase decoder (4,800 steps, 13-23 min)
+#                                          each with an ensemble of two phase decoders (one
+#                                          bone-jittered, 4,800 steps; one of 8,000 steps:
+#                                          docs/results.md §3, "Fifteenth round"; 45-55 min)
 #   examples/lookahead3/<activity>.npz     the same with a 3-frame lookahead decoder (opt-in:
-#                                          estimates describe the user 100 ms ago)
+#                                          estimates describe the user 100 ms ago; 4,800 steps)
 # Training takes ~60 min on one CPU core in one stage (configs/hands_shipped.yaml says why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,9 +23,18 @@ python -c "from masa_rt.checkpoint import strip_checkpoint as s; \
 s('$RUN/last.pt', 'masa_rt/assets/masa_hands_causal.pt')"
 masa-rt export --checkpoint masa_rt/assets/masa_hands_causal.pt \
   --out masa_rt/assets/masa_hands_causal.onnx
-for a in pour_milk open_bottle stir_cup pick_and_place screw_lid wipe_table; do
+# Each decoder is its own build (builds of one demo may run on several machines at once);
+# `reference ensemble` then puts the two decoders into one reference.
+PARTS=${PARTS:-runs/reference_parts}
+mkdir -p "$PARTS"
+build() {  # build ACTIVITY OUT [decoder flags...]
+  local a=$1 out=$2; shift 2
   masa-rt reference build "examples/demos/$a.npz" \
-    --checkpoint masa_rt/assets/masa_hands_causal.pt -o "examples/$a.npz"
-  masa-rt reference build "examples/demos/$a.npz" --decoder-lookahead 3 \
-    --checkpoint masa_rt/assets/masa_hands_causal.pt -o "examples/lookahead3/$a.npz"
+    --checkpoint masa_rt/assets/masa_hands_causal.pt -o "$out" "$@"
+}
+for a in pour_milk open_bottle stir_cup pick_and_place screw_lid wipe_table; do
+  build "$a" "$PARTS/$a.bone.npz" --decoder-bone-jitter 0.08
+  build "$a" "$PARTS/$a.8000.npz" --decoder-steps 8000
+  masa-rt reference ensemble "$PARTS/$a.bone.npz" "$PARTS/$a.8000.npz" -o "examples/$a.npz"
+  build "$a" "examples/lookahead3/$a.npz" --decoder-lookahead 3
 done

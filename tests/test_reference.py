@@ -259,7 +259,8 @@ def test_a_reference_given_as_a_demo_says_what_it_is(ckpt, tmp_path):
 
 def test_shipped_references_belong_to_the_shipped_model():
     """examples/*.npz and examples/lookahead3/*.npz: built by the shipped model from the same
-    demos (same embeddings), the second set's decoders with 3 frames of lookahead."""
+    demos (same embeddings), the second set's decoders with 3 frames of lookahead; the
+    first set's an ensemble of two decoders as scripts/build_shipped_model.sh builds it."""
     from pathlib import Path
 
     from masa_rt.checkpoint import default_model_path, model_fingerprint
@@ -272,9 +273,16 @@ def test_shipped_references_belong_to_the_shipped_model():
         ref, late = Reference.load(path), Reference.load(root / "lookahead3" / path.name)
         assert ref.model_fingerprint == late.model_fingerprint == fingerprint
         assert ref.decoder.lookahead == 0 and late.decoder.lookahead == 3
-        # Trained as a build with today's defaults would train them (the retimed replays).
-        for shipped in (ref, late):
-            meta = shipped.meta["phase_decoder"]
-            assert meta["retime"] is True and meta["steps"] == DecoderConfig().steps
+        # Trained as today's defaults train them (the retimed replays), but for the flags
+        # the script gives: (bone jitter, steps) of each member.
+        default = DecoderConfig()
+        recipes = [(ref, [(0.08, default.steps), (0.0, 8000)]),
+                   (late, [(0.0, default.steps)])]
+        for shipped, recipe in recipes:
+            members = decoder_members_meta(shipped)
+            assert shipped.decoder.size == len(members) == len(recipe)
+            assert [(m["bone_jitter"], m["steps"]) for m in members] == recipe
+            assert all(m["retime"] is True and m["hidden"] == default.hidden
+                       and m["edit_prob"] == default.edit_prob for m in members)
         np.testing.assert_allclose(late.embeddings, ref.embeddings, atol=1e-5)  # other builds
         np.testing.assert_array_equal(late.phases, ref.phases)
