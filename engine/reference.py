@@ -275,10 +275,13 @@ def with_phase_decoder(ref: Reference, demos: Sequence[dict[str, Any]], spec: In
 
 def decoder_members_meta(ref: Reference) -> list[dict[str, Any]]:
     """How each of ``ref``'s phase decoders was trained (``meta["phase_decoder"]``: one
-    dict, or ``{"members": [dict, ...]}`` for an ensemble); [] without a decoder."""
+    dict, or ``{"members": [dict, ...]}`` for an ensemble); [] without a decoder, an
+    empty dict per member where the file does not say."""
     about = ref.meta.get("phase_decoder")
-    if ref.decoder is None or not isinstance(about, dict):
+    if ref.decoder is None:
         return []
+    if not isinstance(about, dict):
+        return [{} for _ in range(ref.decoder.size)]
     return list(about["members"]) if "members" in about else [about]
 
 
