@@ -7,8 +7,9 @@
 #                                          each with an ensemble of two phase decoders (one
 #                                          bone-jittered, 4,800 steps; one of 8,000 steps:
 #                                          docs/results.md §3, "Fifteenth round"; 45-55 min)
-#   examples/lookahead3/<activity>.npz     the same with a 3-frame lookahead decoder (opt-in:
-#                                          estimates describe the user 100 ms ago; 4,800 steps)
+#   examples/lookahead3/<activity>.npz     the same with 3-frame lookahead decoders (opt-in:
+#                                          estimates describe the user 100 ms ago; two of
+#                                          4,800 steps, one bone-jittered)
 # Training takes ~60 min on one CPU core in one stage (configs/hands_shipped.yaml says why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,5 +37,8 @@ for a in pour_milk open_bottle stir_cup pick_and_place screw_lid wipe_table; do
   build "$a" "$PARTS/$a.bone.npz" --decoder-bone-jitter 0.08
   build "$a" "$PARTS/$a.8000.npz" --decoder-steps 8000
   masa-rt reference ensemble "$PARTS/$a.bone.npz" "$PARTS/$a.8000.npz" -o "examples/$a.npz"
-  build "$a" "examples/lookahead3/$a.npz" --decoder-lookahead 3
+  build "$a" "$PARTS/$a.l3bone.npz" --decoder-lookahead 3 --decoder-bone-jitter 0.08
+  build "$a" "$PARTS/$a.l3.npz" --decoder-lookahead 3
+  masa-rt reference ensemble "$PARTS/$a.l3bone.npz" "$PARTS/$a.l3.npz" \
+    -o "examples/lookahead3/$a.npz"
 done

@@ -259,8 +259,8 @@ def test_a_reference_given_as_a_demo_says_what_it_is(ckpt, tmp_path):
 
 def test_shipped_references_belong_to_the_shipped_model():
     """examples/*.npz and examples/lookahead3/*.npz: built by the shipped model from the same
-    demos (same embeddings), the second set's decoders with 3 frames of lookahead; the
-    first set's an ensemble of two decoders as scripts/build_shipped_model.sh builds it."""
+    demos (same embeddings), the second set's decoders with 3 frames of lookahead; each an
+    ensemble of two decoders as scripts/build_shipped_model.sh builds them."""
     from pathlib import Path
 
     from masa_rt.checkpoint import default_model_path, model_fingerprint
@@ -277,7 +277,7 @@ def test_shipped_references_belong_to_the_shipped_model():
         # the script gives: (bone jitter, steps) of each member.
         default = DecoderConfig()
         recipes = [(ref, [(0.08, default.steps), (0.0, 8000)]),
-                   (late, [(0.0, default.steps)])]
+                   (late, [(0.08, default.steps), (0.0, default.steps)])]
         for shipped, recipe in recipes:
             members = decoder_members_meta(shipped)
             assert shipped.decoder.size == len(members) == len(recipe)
