@@ -38,7 +38,8 @@ __all__ = ["DecoderEnsemble", "DecoderStack", "PhaseDecoder", "PhaseDecoderError
            "mean_log_probs"]
 
 _PREFIX = "decoder."
-_MEMBERS = "members"  # "decoder.members": M of an ensemble's stacked arrays (absent: one)
+_LOOKAHEAD = _PREFIX + "lookahead"  # int64 scalar L > 0 (absent: 0), shared by an ensemble
+_MEMBERS = _PREFIX + "members"  # M of an ensemble's stacked arrays (absent: one decoder)
 
 
 class PhaseDecoderError(ValueError):
@@ -140,7 +141,7 @@ class PhaseDecoder:
     def to_npz_members(self) -> dict[str, np.ndarray]:
         out = {_PREFIX + k: v for k, v in self.arrays().items()}
         if self.lookahead:  # absent = 0: archives from before lookahead read as they were
-            out[_PREFIX + "lookahead"] = np.array(self.lookahead, dtype=np.int64)
+            out[_LOOKAHEAD] = np.array(self.lookahead, dtype=np.int64)
         return out
 
     @classmethod
@@ -285,7 +286,8 @@ class DecoderEnsemble:
         self.size = len(self.members)
         self.input_dim, self.hidden, self.layers = first.input_dim, first.hidden, first.layers
         self.num_phases, self.lookahead = first.num_phases, first.lookahead
-        self._stack: DecoderStack | None = None  # built on the first step
+        # Steps every member at once; one member steps alone (bit for bit the decoder).
+        self._stack = DecoderStack(list(self.members)) if self.size > 1 else None
 
     # -- file members ----------------------------------------------------------------------
 
@@ -296,17 +298,16 @@ class DecoderEnsemble:
         if self.size == 1:
             return self.members[0].to_npz_members()
         per = [d.to_npz_members() for d in self.members]
-        out = {k: np.stack([p[k] for p in per]) for k in per[0]
-               if k != _PREFIX + "lookahead"}
-        if self.lookahead:
-            out[_PREFIX + "lookahead"] = per[0][_PREFIX + "lookahead"]
-        out[_PREFIX + _MEMBERS] = np.array(self.size, dtype=np.int64)
+        out = {k: np.stack([p[k] for p in per]) for k in per[0] if k != _LOOKAHEAD}
+        if _LOOKAHEAD in per[0]:  # one value for all: the members share it
+            out[_LOOKAHEAD] = per[0][_LOOKAHEAD]
+        out[_MEMBERS] = np.array(self.size, dtype=np.int64)
         return out
 
     @classmethod
     def from_npz_members(cls, members: Mapping[str, np.ndarray]) -> DecoderEnsemble | None:
         """The decoder(s) stored in a reference archive, or None if it has none."""
-        count = members.get(_PREFIX + _MEMBERS)
+        count = members.get(_MEMBERS)
         if count is None:
             one = PhaseDecoder.from_npz_members(members)
             return None if one is None else cls([one])
@@ -316,14 +317,13 @@ class DecoderEnsemble:
                                     f"found {np.asarray(count)!r}")
         m = int(count)
         stacked = {k: v for k, v in members.items()
-                   if k.startswith(_PREFIX) and k not in (_PREFIX + _MEMBERS,
-                                                          _PREFIX + "lookahead")}
+                   if k.startswith(_PREFIX) and k not in (_MEMBERS, _LOOKAHEAD)}
         for k, v in stacked.items():
             if np.ndim(v) < 1 or len(v) != m:
                 raise PhaseDecoderError(f"phase decoder: {k[len(_PREFIX):]}: expected "
                                         f"{m} members on its first axis, found shape "
                                         f"{np.shape(v)}")
-        extra = {k: members[k] for k in (_PREFIX + "lookahead",) if k in members}
+        extra = {_LOOKAHEAD: members[_LOOKAHEAD]} if _LOOKAHEAD in members else {}
         return cls([PhaseDecoder.from_npz_members({k: v[i] for k, v in stacked.items()}
                                                   | extra) for i in range(m)])
 
@@ -338,8 +338,6 @@ class DecoderEnsemble:
         if self.size == 1:  # the decoder itself: bit for bit what one decoder gives
             logp, new = self.members[0].step(x, state[:, 0])
             return logp, new[:, None]
-        if self._stack is None:
-            self._stack = DecoderStack(list(self.members))
         logp, new = self._stack.step(x, state)
         return mean_log_probs(logp).astype(np.float32), new
 
