@@ -123,6 +123,11 @@ def add_decoder_options(p: argparse.ArgumentParser) -> None:
                    default=None, metavar="F",
                    help="scale each bone of the decoder's training replays by its own "
                         "factor in 1 +- F, as another person's hands (default 0: off)")
+    p.add_argument("--decoder-finger-jitter", type=float_range(0.0, 1.0), default=None,
+                   metavar="F",
+                   help="offset each finger's curl at each phase key of the decoder's "
+                        "training replays by N(0, F) of a full curl, as a person who grips "
+                        "a little differently (h2o_hands models; default 0: off)")
     p.add_argument("--decoder-members", type=positive_int, default=None, metavar="M",
                    help="train M decoders (seeds S .. S+M-1) whose log-probabilities are "
                         "averaged (default 1); M times the build time and the decoder's "
@@ -138,6 +143,7 @@ def decoder_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": args.decoder_steps, "edit_prob": args.decoder_edit_prob,
             "hidden": args.decoder_hidden, "lookahead": args.decoder_lookahead,
             "retime": args.decoder_retime, "bone_jitter": args.decoder_bone_jitter,
+            "finger_jitter": args.decoder_finger_jitter,
             "members": args.decoder_members, "seed": args.decoder_seed}
 
 

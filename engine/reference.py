@@ -268,7 +268,8 @@ def with_phase_decoder(ref: Reference, demos: Sequence[dict[str, Any]], spec: In
         about.append({"steps": cfg.steps, "hidden": cfg.hidden, "layers": cfg.layers,
                       "edit_prob": cfg.edit_prob, "lookahead": cfg.lookahead,
                       "demos": len(demos), "retime": cfg.retime is not None,
-                      "bone_jitter": cfg.bone_jitter, "seed": member.seed})
+                      "bone_jitter": cfg.bone_jitter, "finger_jitter": cfg.finger_jitter,
+                      "seed": member.seed})
     meta = dict(ref.meta, phase_decoder=about[0] if len(about) == 1 else {"members": about})
     return replace(ref, decoder=DecoderEnsemble(trained), meta=meta)
 

@@ -165,6 +165,13 @@ def test_cli_reference_build(ckpt, tmp_path, capsys):
     assert ref.meta["phase_decoder"]["hidden"] == 8 == ref.decoder.hidden
     assert ref.meta["phase_decoder"]["retime"] is False  # on by default, off by flag
     assert ref.meta["phase_decoder"]["bone_jitter"] == 0.05
+    assert ref.meta["phase_decoder"]["finger_jitter"] == 0.0
+    # Finger jitter reads two MANO hands; this model's single hand is refused, by name.
+    assert main(["reference", "build", str(tmp_path / "d.npz"), "--checkpoint", str(ckpt),
+                 "-o", str(tmp_path / "f.npz"), "--decoder-steps", "3",
+                 "--decoder-finger-jitter", "0.05"]) != 0
+    assert "finger_jitter needs a h2o_hands model" in capsys.readouterr().err
+    assert not (tmp_path / "f.npz").exists()
 
 
 def test_cli_reference_build_ensemble_and_combine(ckpt, tmp_path, capsys):

@@ -2,7 +2,8 @@
 as other people would perform it. One demo is all the supervision a reference has; each
 training step replays it with a scripted deviation (``scripted_edit``: a skipped,
 repeated or restarted phase), timed phase by phase as people perform (``retime_demo``),
-or with another subject's bone lengths (``vary_bones``). Every transform keeps the labels
+with another subject's bone lengths (``vary_bones``), or with other finger postures at the
+phase keys (``vary_fingers``). Every transform keeps the labels
 exact: each output frame is labelled with the phase of the demo frame it comes from.
 """
 
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from masa_rt.synth.generate import minimum_jerk
+from masa_rt.synth.hand import FLEX_PER_CURL
 
-__all__ = ["EDITS", "RetimeConfig", "retime_demo", "scripted_edit", "vary_bones"]
+__all__ = ["EDITS", "RetimeConfig", "retime_demo", "scripted_edit", "vary_bones",
+           "vary_fingers"]
 
 
 @dataclass
@@ -146,3 +149,113 @@ def vary_bones(joints: np.ndarray, parents: Sequence[int], rng: np.random.Genera
         if p >= 0:
             out[:, j] = out[:, p] + factor[j] * (joints[:, j] - joints[:, p])
     return out
+
+
+# h2o_hands (masa_rt.skeleton): 21 joints per hand, left first; in each, the wrist, then
+# thumb, index, middle, ring, pinky with four joints from the base to the tip.
+FINGER_LAYOUT = "h2o_hands"
+_HAND_JOINTS, _WRIST, _INDEX1, _MIDDLE1, _PINKY1 = 21, 0, 5, 9, 17
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.arccos(np.clip(np.sum(_unit(a) * _unit(b), axis=-1), -1.0, 1.0))
+
+
+def _flexion_axis(hand: np.ndarray, left: bool) -> np.ndarray:
+    """(T, 3): the axis the fingers of one hand (T, 21, 3) flex about, from its palm:
+    distal x palmar, so a positive turn bends a finger towards the palm. The palm's
+    radial x distal is palmar for a right hand; a left hand is its mirror image."""
+    distal = hand[:, _MIDDLE1] - hand[:, _WRIST]
+    radial = hand[:, _INDEX1] - hand[:, _PINKY1]
+    palmar = np.cross(radial, distal) * (-1.0 if left else 1.0)
+    return _unit(np.cross(distal, palmar))
+
+
+def _rotate(v: np.ndarray, axis: np.ndarray, angle: np.ndarray) -> np.ndarray:
+    """Vectors ``v`` (T, n, 3) turned about unit ``axis`` (T, 3) by ``angle`` (T, n)
+    (Rodrigues)."""
+    a = axis[:, None, :]
+    c, s = np.cos(angle)[..., None], np.sin(angle)[..., None]
+    return v * c + np.cross(a, v) * s + a * np.sum(a * v, axis=-1, keepdims=True) * (1 - c)
+
+
+def _bend_axis(seg: np.ndarray, palm_axis: np.ndarray) -> np.ndarray:
+    """(T, 3): the axis one finger (segments (T, 3, 3)) bends about: the normal of the
+    plane its bones lie in, oriented to bend it further; where it is nearly straight
+    (that plane undefined) the palm's flexion axis, blended in over the first 10 degrees
+    of bend. The thumb, which bends towards the palm across it, needs its own plane."""
+    normal = np.cross(seg[:, 0], seg[:, 1]) + np.cross(seg[:, 1], seg[:, 2])
+    size = np.linalg.norm(normal, axis=-1, keepdims=True)
+    bend = _angle(seg[:, 0], seg[:, 1]) + _angle(seg[:, 1], seg[:, 2])
+    w = np.clip(bend / np.radians(10.0), 0.0, 1.0)[:, None]
+    own = normal / np.maximum(size, 1e-12)
+    return _unit(w * own + (1 - w) * palm_axis)
+
+
+def _curl(seg: np.ndarray, f: int) -> np.ndarray:
+    """(...,) a finger's curl estimated from its segments (..., 3, 3): its two distal
+    joints' bend over theirs at a full curl (angles between its own bones, whatever the
+    palm's frame or the finger's splay)."""
+    bend = _angle(seg[..., 0, :], seg[..., 1, :]) + _angle(seg[..., 1, :], seg[..., 2, :])
+    return bend / FLEX_PER_CURL[f, 1:].sum()
+
+
+def flex_fingers(joints: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``h2o_hands`` joints (T, 42, C) with every finger's curl changed by ``offsets``
+    (T, 2, 5) (hand, finger; units of a full curl, as ``masa_rt.synth.hand``): each
+    joint of a finger bends by the offset times its flexion at a full curl
+    (``FLEX_PER_CURL``), in the plane it bends in, keeping every bone's length; the
+    result is kept within a curl of 0 .. 1 (a finger cannot bend backwards). Wrists and
+    finger bases stay where they are."""
+    out = joints.astype(np.float32, copy=True)
+    for h in range(2):
+        base = h * _HAND_JOINTS
+        hand = joints[:, base:base + _HAND_JOINTS].astype(np.float64)
+        palm_axis = _flexion_axis(hand, left=h == 0)
+        for f in range(5):
+            chain = 1 + 4 * f + np.arange(4)
+            seg = hand[:, chain[1:]] - hand[:, chain[:-1]]               # (T, 3, 3)
+            curl = _curl(seg, f)
+            delta = np.clip(curl + offsets[:, h, f], 0.0, 1.0) - curl    # (T,)
+            turn = np.cumsum(delta[:, None] * FLEX_PER_CURL[f], axis=1)  # (T, 3)
+            moved = hand[:, chain[:1]] + np.cumsum(
+                _rotate(seg, _bend_axis(seg, palm_axis), turn), axis=1)
+            out[:, base + chain[1:]] = moved
+    return out
+
+
+def _same_posture(seg: np.ndarray, tol_rad: float) -> np.ndarray:
+    """(K, K) whether two keys' finger segments (K, 3, 3) bend alike, joint by joint."""
+    bends = np.stack([_angle(seg[:, 0], seg[:, 1]), _angle(seg[:, 1], seg[:, 2])], axis=1)
+    return np.all(np.abs(bends[:, None] - bends[None]) <= tol_rad, axis=-1)
+
+
+def vary_fingers(joints: np.ndarray, phases: np.ndarray, rng: np.random.Generator,
+                 jitter: float, tol_deg: float = 1.0) -> np.ndarray:
+    """A labelled ``h2o_hands`` demo (T, 42, C) played in phase order, as a subject who
+    grips a little differently: each finger's curl at each phase key (the first frame of
+    each phase, and the last frame) offset by ``N(0, jitter)`` (units of a full curl; the
+    synthetic subjects' key jitter is 0.05, ``synth.generate.KEY_JITTER``), the offset
+    eased from key to key (minimum jerk), as the generator moves between its jittered
+    keys. A finger that has the same posture at two keys (within ``tol_deg`` at each
+    joint) gets the same offset at both, so a finger that holds still stays still."""
+    runs = _runs(phases)
+    starts = np.array([s for s, _ in runs] + [len(phases) - 1])
+    run_of = np.repeat(np.arange(len(runs)), [e - s for s, e in runs])
+    lengths = np.array([e - s for s, e in runs], dtype=np.float64)
+    lengths[-1] = max(lengths[-1] - 1, 1)  # the last run ends on the last key itself
+    ease = minimum_jerk((np.arange(len(phases)) - starts[run_of]) / lengths[run_of])
+    offsets = np.empty((len(phases), 2, 5))
+    for h in range(2):
+        for f in range(5):
+            chain = h * _HAND_JOINTS + 1 + 4 * f + np.arange(4)
+            seg = joints[starts][:, chain[1:]] - joints[starts][:, chain[:-1]]
+            same = _same_posture(seg.astype(np.float64), np.radians(tol_deg))
+            first = np.argmax(same, axis=1)  # each key takes the first alike key's draw
+            key_off = rng.normal(0.0, jitter, len(starts))[first]
+            offsets[:, h, f] = key_off[run_of] + (key_off[run_of + 1] - key_off[run_of]) * ease
+    return flex_fingers(joints, offsets)

@@ -28,7 +28,15 @@ from masa_rt.phase_decoder import PhaseDecoder
 from masa_rt.preprocess import InputSpec, frame_features, normalise_joints
 from masa_rt.skeleton import get_layout
 from trainer.data import _pad
-from trainer.demo_replay import EDITS, RetimeConfig, retime_demo, scripted_edit, vary_bones
+from trainer.demo_replay import (
+    EDITS,
+    FINGER_LAYOUT,
+    RetimeConfig,
+    retime_demo,
+    scripted_edit,
+    vary_bones,
+    vary_fingers,
+)
 
 __all__ = ["DecoderConfig", "DecoderNet", "decoder_config", "train_phase_decoder"]
 
@@ -95,6 +103,11 @@ class DecoderConfig:
     # inside what a new draw of the same decoders moves them (docs/results.md §3,
     # "Fourteenth round").
     bone_jitter: float = 0.0
+    # Per replay, each finger's curl at each phase key offset by N(0, finger_jitter) (units
+    # of a full curl, eased from key to key: ``trainer.demo_replay.vary_fingers``), as a
+    # subject who grips a little differently: the synthetic subjects' key jitter is 0.05.
+    # The augmentation moves whole hands only. ``h2o_hands`` models only. 0: off.
+    finger_jitter: float = 0.0
     # Decoders trained apart (seeds seed .. seed + members - 1: their own initial weights
     # and replays) whose log-probabilities the aligner averages (``DecoderEnsemble``). Two
     # scored +0.16 to +0.44 points over their members' mean on the harness's scenario
@@ -120,6 +133,9 @@ class DecoderConfig:
                              f"found {self.lookahead}")
         if self.members < 1:
             raise ValueError(f"DecoderConfig.members: expected >= 1, found {self.members}")
+        if not 0.0 <= self.finger_jitter <= 1.0:
+            raise ValueError(f"DecoderConfig.finger_jitter: expected 0 .. 1, found "
+                             f"{self.finger_jitter}")
         if not 0.0 <= self.bone_jitter < 1.0:
             raise ValueError(f"DecoderConfig.bone_jitter: expected 0 .. 1 (exclusive), found "
                              f"{self.bone_jitter}")
@@ -183,6 +199,8 @@ def _batch(demos: list[tuple[np.ndarray, np.ndarray]], spec: InputSpec,
         joints, phases = demos[i]
         if cfg.bone_jitter > 0:  # no draw at 0: the batches of a decoder without it
             joints = vary_bones(joints, layout.parents, rng, cfg.bone_jitter)
+        if cfg.finger_jitter > 0:  # on the demo in its own order, before any retiming
+            joints = vary_fingers(joints, phases, rng, cfg.finger_jitter)
         if cfg.retime is not None:
             joints, phases = retime_demo(joints, phases, rng, cfg.retime)
         # No draw at edit_prob 0: the batches are then exactly those of a decoder trained
@@ -221,6 +239,9 @@ def train_phase_decoder(demos: Sequence[tuple[np.ndarray, np.ndarray]], spec: In
         raise ValueError(f"DecoderConfig.steps: expected >= 1, found {cfg.steps}")
     if not spec.uses_joints or spec.feature_dim:
         raise ValueError("phase decoder: needs skeleton-only input (input_kind 'skeleton')")
+    if cfg.finger_jitter > 0 and spec.layout != FINGER_LAYOUT:
+        raise ValueError(f"phase decoder: finger_jitter needs a {FINGER_LAYOUT} model; this "
+                         f"one reads {spec.layout!r} (set it to 0)")
     normed = []
     for joints, phases in demos:
         phases = np.asarray(phases, dtype=np.int64)

@@ -60,6 +60,9 @@ _SPLAY = np.radians([6.0, 0.0, -5.0, -11.0])
 # Joint flexion at curl 1 (degrees): MCP, PIP, DIP for fingers; CMC, MCP, IP for the thumb.
 _FINGER_FLEX = np.radians([80.0, 100.0, 70.0])
 _THUMB_FLEX = np.radians([20.0, 45.0, 65.0])
+# The same per finger, thumb first: how far one unit of curl bends each joint (read by
+# trainer.demo_replay.vary_fingers, which jitters a recorded hand's curls in these units).
+FLEX_PER_CURL = np.stack([_THUMB_FLEX] + [_FINGER_FLEX] * 4)  # (5, 3) radians
 _THUMB_AXIS = np.array([0.8, 0.6, 0.25]) / np.linalg.norm([0.8, 0.6, 0.25])
 _THUMB_OPPOSITION = np.radians(60.0)
 _THUMB_TARGET = np.array([0.005, 0.060, 0.040])  # where a flexing thumb heads: over the palm
