@@ -66,6 +66,7 @@ GRID: dict[str, list[Any]] = {
     "relocalise_memory": [4.0, 8.0, 16.0],
     "decoder_weight": [0.02, 0.05, 0.1, 0.2],  # only tried when the references have decoders
     "decoder_phase_confidence": [0.3, 0.5, 0.7, 1.0],  # likewise
+    "decoder_stickiness": [0.0, 0.2, 0.5, 0.8],  # likewise
 }
 
 

@@ -130,7 +130,7 @@ def test_aligner_adds_every_references_decoder_term_to_its_own_columns() -> None
     for k, r in enumerate(refs):
         r.name = r.activity = f"act{k}"
     w = 0.05
-    al = Aligner(refs, AlignerConfig(decoder_weight=w))
+    al = Aligner(refs, AlignerConfig(decoder_weight=w, decoder_stickiness=0.0))
     model = al._model
     assert len(model.decoders) == 2  # hidden 8 (two references) and hidden 4
     x = np.random.default_rng(5).standard_normal((8, D_IN)).astype(np.float32)
@@ -195,7 +195,9 @@ def test_a_confident_decoder_does_not_pull_the_activity_choice() -> None:
     other.name = other.activity = "other"
     q = _query(own, 40)
     x = np.zeros((len(q), D_IN), np.float32)
-    al = Aligner([own, other], AlignerConfig(decoder_weight=1.0))
+    # No stickiness: a uniform decoder would name phase 0 for good, and its bonus would
+    # make the stream's own later phases cost decoder_weight x it more (test below).
+    al = Aligner([own, other], AlignerConfig(decoder_weight=1.0, decoder_stickiness=0.0))
     est = [al.step(q[t], t / 30.0, inputs=x[t]) for t in range(len(q))]
     assert {e.activity for e in est} == {"own"}
 
@@ -209,8 +211,12 @@ def test_aligner_needs_inputs_when_a_reference_has_a_decoder() -> None:
         al.step(q, 0.0, inputs=np.zeros(5))
 
 
-def test_bank_with_decoders_equals_single_aligners_and_lost_frames_hold_state() -> None:
-    ref = make_reference(random_decoder(3))
+@pytest.mark.parametrize("swinging", [False, True])
+def test_bank_with_decoders_equals_single_aligners_and_lost_frames_hold_state(
+        swinging: bool) -> None:
+    """Also with a decoder whose phase changes from frame to frame, which the default
+    stickiness (hysteresis) then holds."""
+    ref = make_reference(_swinging(8) if swinging else random_decoder(3))
     cfg = AlignerConfig(decoder_weight=0.05)
     rng = np.random.default_rng(2)
     n, b = 30, 3
@@ -232,6 +238,10 @@ def test_bank_with_decoders_equals_single_aligners_and_lost_frames_hold_state() 
             _, state = dec.step(x[i, t][None], state)
         np.testing.assert_allclose(bank._sessions.dec[bank._slot[i]], state.reshape(-1),
                                    atol=1e-6)
+        # So is the phase the hysteresis holds on to.
+        live = np.flatnonzero(valid[i])
+        want = _sticky_argmax(dec.run(x[i, live]), cfg.decoder_stickiness)[-1]
+        assert bank._sessions.dec_last[bank._slot[i], 0] == want
 
 
 def test_training_learns_the_demo_labels() -> None:
@@ -447,8 +457,9 @@ def test_lookahead_aligner_steps_the_frame_lookahead_steps_back(lookahead: int) 
     k + L is the causal aligner's at step k: the delay line carries the embedding, its
     validity and its time, lost frames included."""
     ref = make_reference(_with_lookahead(_uniform(), lookahead))
-    causal = Aligner(make_reference(_uniform()), AlignerConfig(decoder_weight=1.0))
-    late = Aligner(ref, AlignerConfig(decoder_weight=1.0))
+    cfg = AlignerConfig(decoder_weight=1.0, decoder_stickiness=0.0)  # a term of 0
+    causal = Aligner(make_reference(_uniform()), cfg)
+    late = Aligner(ref, cfg)
     assert late.lookahead == lookahead and causal.lookahead == 0
     rng = np.random.default_rng(4)
     n = 50
@@ -656,7 +667,7 @@ def test_aligner_runs_an_ensemble_as_the_mean_of_its_members() -> None:
     """An ensemble of two copies of one decoder is that decoder; an ensemble next to a
     lone decoder in one stack gets its own mean."""
     dec = random_decoder(3)
-    cfg = AlignerConfig(decoder_weight=0.05)
+    cfg = AlignerConfig(decoder_weight=0.05, decoder_stickiness=0.0)
     twice = make_reference(DecoderEnsemble([dec, dec]))
     once = make_reference(dec)
     rng = np.random.default_rng(4)
@@ -683,3 +694,57 @@ def test_aligner_runs_an_ensemble_as_the_mean_of_its_members() -> None:
         cols = al._model.ref_cols[0]
         np.testing.assert_allclose(al._sessions.dec_added[0][cols],
                                    -0.05 * rel[refs[0].phases], atol=1e-5)
+
+
+def _sticky_argmax(logp: np.ndarray, stick: float) -> list[int]:
+    """Each frame's phase with ``stick`` added to the phase named on the frame before."""
+    out: list[int] = []
+    for row in logp:
+        row = row.copy()
+        if out:
+            row[out[-1]] += stick
+        out.append(int(row.argmax()))
+    return out
+
+
+def _swinging(seed: int) -> PhaseDecoder:
+    """A random decoder with its input and output layers amplified: its phase changes
+    with the input from frame to frame."""
+    arrays = random_decoder(seed).arrays()
+    arrays["w1"], arrays["wo"] = 5.0 * arrays["w1"], 20.0 * arrays["wo"]
+    return PhaseDecoder(arrays)
+
+
+def test_stickiness_keeps_the_decoders_phase_until_another_is_that_much_likelier() -> None:
+    dec = _swinging(6)
+    ref = make_reference(dec)
+    rng = np.random.default_rng(6)
+    n = 60
+    x = rng.standard_normal((n, D_IN)).astype(np.float32)
+    q = ref.embeddings[rng.integers(0, len(ref), n)]
+    logp = dec.run(x)
+    want = _sticky_argmax(logp, 0.7)
+    assert want != logp.argmax(axis=1).tolist()  # the hysteresis changes the phases here
+    w = 0.1
+    al = Aligner(ref, AlignerConfig(decoder_weight=w, decoder_stickiness=0.7))
+    sessions = al._sessions
+    for t in range(n):
+        al.step(q[t], t / 30.0, inputs=x[t])
+        assert sessions.dec_best[0, 0] == want[t]
+        # The phase's confidence is its own probability, without the bonus ...
+        assert sessions.dec_top[0, 0] == pytest.approx(logp[t, want[t]], abs=1e-5)
+        # ... and the cost term is relative to the named phase, bonus included: 0 on
+        # it, at most w x 0.7 more elsewhere than without stickiness.
+        sticky = logp[t].copy()
+        if t:
+            sticky[want[t - 1]] += 0.7
+        np.testing.assert_allclose(sessions.dec_added[0][al._model.ref_cols[0]],
+                                   -w * (sticky - sticky.max())[ref.phases], atol=1e-5)
+    al.reset()
+    assert sessions.dec_last[0, 0] == -1  # a reset forgets the last phase
+    plain = Aligner(ref, AlignerConfig())
+    for t in range(5):
+        plain.step(q[t], t / 30.0, inputs=x[t])
+        assert plain._sessions.dec_best[0, 0] == logp[t].argmax()
+    with pytest.raises(ValueError, match="decoder_stickiness"):
+        AlignerConfig(decoder_stickiness=-0.1)
