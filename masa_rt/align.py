@@ -335,7 +335,7 @@ class AlignerConfig:
     # both sides, and the shipped decoders called the next phase a frame or two early
     # more often than late (368 against 206 wrong frames within three of a boundary, 72
     # clean streams). 0.5: +0.12 to +0.18 on the harness's scenario mean, shipped causal
-    # and lookahead references, seeds 0 and 1, no scenario lower by more than 0.05;
+    # and lookahead references, seeds 0 and 1, no scenario lower by more than 0.07;
     # 0.4 and 0.7 alike, 1.0 lower (docs/results.md §3, "Sixteenth round"). 0: off.
     decoder_stickiness: float = 0.5
 
@@ -926,7 +926,7 @@ class _Sessions:
             # that is confident on the wrong activity's stream cannot pull the activity
             # choice (which compares references' costs) towards it. The stickiness is in
             # the term (inertia for the tracker too, which the report follows: applied
-            # to the named phase alone it gained half as much, docs/results.md §3), so
+            # to the named phase alone it gained under half as much, docs/results.md §3), so
             # the other phases of a reference cost at most decoder_weight x it more.
             rel = logp - logp.max(axis=2, keepdims=True)
             for i, (cols, phases) in enumerate(targets):
