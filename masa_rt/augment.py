@@ -294,7 +294,7 @@ def _sides(J: int, mirror_index: np.ndarray | None) -> list[np.ndarray]:
     return sides if sides[0].any() else []
 
 
-def _axis_angle(v: np.ndarray) -> np.ndarray:
+def axis_angle(v: np.ndarray) -> np.ndarray:
     """Rotation matrices (..., 3, 3) of rotation vectors (..., 3) (Rodrigues)."""
     angle = np.linalg.norm(v, axis=-1, keepdims=True)
     k = v / np.maximum(angle, 1e-12)
@@ -328,7 +328,7 @@ def _part_jitter(
         centre = np.where(seen, x, 0.0).sum(axis=2, keepdims=True) / n  # NaN joints: stay NaN
         y = x - centre
         if C == 3 and cfg.part_jitter_deg > 0:
-            R = _axis_angle(drift(np.radians(cfg.part_jitter_deg), 3))  # (B, M, 3, 3)
+            R = axis_angle(drift(np.radians(cfg.part_jitter_deg), 3))  # (B, M, 3, 3)
             y = y @ np.swapaxes(R, -1, -2)  # per frame: (B, M, j, C) @ (B, M, C, C)
         out[:, :, part] = y + centre + drift(cfg.part_jitter_std, C)[:, :, None, :]
     return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from masa_rt.augment import axis_angle
 from masa_rt.synth.generate import minimum_jerk
 from masa_rt.synth.hand import FLEX_PER_CURL
 
@@ -175,14 +176,6 @@ def _flexion_axis(hand: np.ndarray, left: bool) -> np.ndarray:
     return _unit(np.cross(distal, palmar))
 
 
-def _rotate(v: np.ndarray, axis: np.ndarray, angle: np.ndarray) -> np.ndarray:
-    """Vectors ``v`` (T, n, 3) turned about unit ``axis`` (T, 3) by ``angle`` (T, n)
-    (Rodrigues)."""
-    a = axis[:, None, :]
-    c, s = np.cos(angle)[..., None], np.sin(angle)[..., None]
-    return v * c + np.cross(a, v) * s + a * np.sum(a * v, axis=-1, keepdims=True) * (1 - c)
-
-
 def _bend_axis(seg: np.ndarray, palm_axis: np.ndarray) -> np.ndarray:
     """(T, 3): the axis one finger (segments (T, 3, 3)) bends about: the normal of the
     plane its bones lie in, oriented to bend it further; where it is nearly straight
@@ -222,8 +215,8 @@ def flex_fingers(joints: np.ndarray, offsets: np.ndarray) -> np.ndarray:
             curl = _curl(seg, f)
             delta = np.clip(curl + offsets[:, h, f], 0.0, 1.0) - curl    # (T,)
             turn = np.cumsum(delta[:, None] * FLEX_PER_CURL[f], axis=1)  # (T, 3)
-            moved = hand[:, chain[:1]] + np.cumsum(
-                _rotate(seg, _bend_axis(seg, palm_axis), turn), axis=1)
+            R = axis_angle(_bend_axis(seg, palm_axis)[:, None, :] * turn[..., None])
+            moved = hand[:, chain[:1]] + np.cumsum(np.einsum("tnij,tnj->tni", R, seg), axis=1)
             out[:, base + chain[1:]] = moved
     return out
 
