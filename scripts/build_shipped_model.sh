@@ -5,8 +5,9 @@
 #   examples/demos/<activity>.npz          clean synthetic demonstrations (joints + phases)
 #   examples/<activity>.npz                references built from them by the shipped model,
 #                                          each with an ensemble of two phase decoders (one
-#                                          bone-jittered, 4,800 steps; one of 8,000 steps:
-#                                          docs/results.md §3, "Fifteenth round"; 45-55 min)
+#                                          bone- and finger-jittered, 4,800 steps; one of
+#                                          8,000 steps: docs/results.md §3, "Fifteenth" and
+#                                          "Seventeenth round"; 45-55 min)
 #   examples/lookahead3/<activity>.npz     the same with 3-frame lookahead decoders (opt-in:
 #                                          estimates describe the user 100 ms ago; two of
 #                                          4,800 steps, one bone-jittered)
@@ -34,7 +35,7 @@ build() {  # build ACTIVITY OUT [decoder flags...]
     --checkpoint masa_rt/assets/masa_hands_causal.pt -o "$out" "$@"
 }
 for a in pour_milk open_bottle stir_cup pick_and_place screw_lid wipe_table; do
-  build "$a" "$PARTS/$a.bone.npz" --decoder-bone-jitter 0.08
+  build "$a" "$PARTS/$a.bone.npz" --decoder-bone-jitter 0.08 --decoder-finger-jitter 0.05
   build "$a" "$PARTS/$a.8000.npz" --decoder-steps 8000
   masa-rt reference ensemble "$PARTS/$a.bone.npz" "$PARTS/$a.8000.npz" -o "examples/$a.npz"
   build "$a" "$PARTS/$a.l3bone.npz" --decoder-lookahead 3 --decoder-bone-jitter 0.08

@@ -281,14 +281,16 @@ def test_shipped_references_belong_to_the_shipped_model():
         assert ref.model_fingerprint == late.model_fingerprint == fingerprint
         assert ref.decoder.lookahead == 0 and late.decoder.lookahead == 3
         # Trained as today's defaults train them (the retimed replays), but for the flags
-        # the script gives: (bone jitter, steps) of each member.
+        # the script gives: (bone jitter, finger jitter, steps) of each member (a member
+        # built before finger jitter existed records none: it had none).
         default = DecoderConfig()
-        recipes = [(ref, [(0.08, default.steps), (0.0, 8000)]),
-                   (late, [(0.08, default.steps), (0.0, default.steps)])]
+        recipes = [(ref, [(0.08, 0.05, default.steps), (0.0, 0.0, 8000)]),
+                   (late, [(0.08, 0.0, default.steps), (0.0, 0.0, default.steps)])]
         for shipped, recipe in recipes:
             members = decoder_members_meta(shipped)
             assert shipped.decoder.size == len(members) == len(recipe)
-            assert [(m["bone_jitter"], m["steps"]) for m in members] == recipe
+            assert [(m["bone_jitter"], m.get("finger_jitter") or 0.0, m["steps"])
+                    for m in members] == recipe
             assert all(m["retime"] is True and m["hidden"] == default.hidden
                        and m["edit_prob"] == default.edit_prob for m in members)
         np.testing.assert_allclose(late.embeddings, ref.embeddings, atol=1e-5)  # other builds
