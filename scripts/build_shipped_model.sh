@@ -10,7 +10,7 @@
 #                                          "Seventeenth round"; 45-55 min)
 #   examples/lookahead3/<activity>.npz     the same with 3-frame lookahead decoders (opt-in:
 #                                          estimates describe the user 100 ms ago; two of
-#                                          4,800 steps, one bone-jittered)
+#                                          4,800 steps, one bone- and finger-jittered)
 # Training takes ~60 min on one CPU core in one stage (configs/hands_shipped.yaml says why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +38,8 @@ for a in pour_milk open_bottle stir_cup pick_and_place screw_lid wipe_table; do
   build "$a" "$PARTS/$a.bone.npz" --decoder-bone-jitter 0.08 --decoder-finger-jitter 0.05
   build "$a" "$PARTS/$a.8000.npz" --decoder-steps 8000
   masa-rt reference ensemble "$PARTS/$a.bone.npz" "$PARTS/$a.8000.npz" -o "examples/$a.npz"
-  build "$a" "$PARTS/$a.l3bone.npz" --decoder-lookahead 3 --decoder-bone-jitter 0.08
+  build "$a" "$PARTS/$a.l3bone.npz" --decoder-lookahead 3 --decoder-bone-jitter 0.08 \
+    --decoder-finger-jitter 0.05
   build "$a" "$PARTS/$a.l3.npz" --decoder-lookahead 3
   masa-rt reference ensemble "$PARTS/$a.l3bone.npz" "$PARTS/$a.l3.npz" \
     -o "examples/lookahead3/$a.npz"

@@ -285,7 +285,7 @@ def test_shipped_references_belong_to_the_shipped_model():
         # built before finger jitter existed records none: it had none).
         default = DecoderConfig()
         recipes = [(ref, [(0.08, 0.05, default.steps), (0.0, 0.0, 8000)]),
-                   (late, [(0.08, 0.0, default.steps), (0.0, 0.0, default.steps)])]
+                   (late, [(0.08, 0.05, default.steps), (0.0, 0.0, default.steps)])]
         for shipped, recipe in recipes:
             members = decoder_members_meta(shipped)
             assert shipped.decoder.size == len(members) == len(recipe)
