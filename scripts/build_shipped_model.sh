@@ -4,10 +4,11 @@
 #   masa_rt/assets/masa_hands_causal.onnx  its streaming step, so serving needs no torch
 #   examples/demos/<activity>.npz          clean synthetic demonstrations (joints + phases)
 #   examples/<activity>.npz                references built from them by the shipped model,
-#                                          each with an ensemble of two phase decoders (one
-#                                          bone- and finger-jittered, 4,800 steps; one of
-#                                          8,000 steps: docs/results.md §3, "Fifteenth" and
-#                                          "Seventeenth round"; 45-55 min)
+#                                          each with an ensemble of three phase decoders
+#                                          (two bone- and finger-jittered, 4,800 steps,
+#                                          seeds 0 and 1; one of 8,000 steps:
+#                                          docs/results.md §3, "Fifteenth", "Seventeenth"
+#                                          and "Eighteenth round"; 65-80 min)
 #   examples/lookahead3/<activity>.npz     the same with 3-frame lookahead decoders (opt-in:
 #                                          estimates describe the user 100 ms ago; two of
 #                                          4,800 steps, one bone- and finger-jittered)
@@ -26,7 +27,7 @@ s('$RUN/last.pt', 'masa_rt/assets/masa_hands_causal.pt')"
 masa-rt export --checkpoint masa_rt/assets/masa_hands_causal.pt \
   --out masa_rt/assets/masa_hands_causal.onnx
 # Each decoder is its own build (builds of one demo may run on several machines at once);
-# `reference ensemble` then puts the two decoders into one reference.
+# `reference ensemble` then puts a reference's decoders into one file.
 PARTS=${PARTS:-runs/reference_parts}
 mkdir -p "$PARTS"
 build() {  # build ACTIVITY OUT [decoder flags...]
@@ -37,7 +38,10 @@ build() {  # build ACTIVITY OUT [decoder flags...]
 for a in pour_milk open_bottle stir_cup pick_and_place screw_lid wipe_table; do
   build "$a" "$PARTS/$a.bone.npz" --decoder-bone-jitter 0.08 --decoder-finger-jitter 0.05
   build "$a" "$PARTS/$a.8000.npz" --decoder-steps 8000
-  masa-rt reference ensemble "$PARTS/$a.bone.npz" "$PARTS/$a.8000.npz" -o "examples/$a.npz"
+  build "$a" "$PARTS/$a.bone1.npz" --decoder-bone-jitter 0.08 --decoder-finger-jitter 0.05 \
+    --decoder-seed 1
+  masa-rt reference ensemble "$PARTS/$a.bone.npz" "$PARTS/$a.8000.npz" "$PARTS/$a.bone1.npz" \
+    -o "examples/$a.npz"
   build "$a" "$PARTS/$a.l3bone.npz" --decoder-lookahead 3 --decoder-bone-jitter 0.08 \
     --decoder-finger-jitter 0.05
   build "$a" "$PARTS/$a.l3.npz" --decoder-lookahead 3

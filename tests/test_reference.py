@@ -267,7 +267,8 @@ def test_a_reference_given_as_a_demo_says_what_it_is(ckpt, tmp_path):
 def test_shipped_references_belong_to_the_shipped_model():
     """examples/*.npz and examples/lookahead3/*.npz: built by the shipped model from the same
     demos (same embeddings), the second set's decoders with 3 frames of lookahead; each an
-    ensemble of two decoders as scripts/build_shipped_model.sh builds them."""
+    ensemble of decoders as scripts/build_shipped_model.sh builds them (three causal, two
+    with lookahead)."""
     from pathlib import Path
 
     from masa_rt.checkpoint import default_model_path, model_fingerprint
@@ -281,16 +282,17 @@ def test_shipped_references_belong_to_the_shipped_model():
         assert ref.model_fingerprint == late.model_fingerprint == fingerprint
         assert ref.decoder.lookahead == 0 and late.decoder.lookahead == 3
         # Trained as today's defaults train them (the retimed replays), but for the flags
-        # the script gives: (bone jitter, finger jitter, steps) of each member (a member
-        # built before finger jitter existed records none: it had none).
+        # the script gives: (bone jitter, finger jitter, steps, seed) of each member (a
+        # member built before finger jitter and seeds were recorded had none and seed 0).
         default = DecoderConfig()
-        recipes = [(ref, [(0.08, 0.05, default.steps), (0.0, 0.0, 8000)]),
-                   (late, [(0.08, 0.05, default.steps), (0.0, 0.0, default.steps)])]
+        recipes = [(ref, [(0.08, 0.05, default.steps, 0), (0.0, 0.0, 8000, 0),
+                          (0.08, 0.05, default.steps, 1)]),
+                   (late, [(0.08, 0.05, default.steps, 0), (0.0, 0.0, default.steps, 0)])]
         for shipped, recipe in recipes:
             members = decoder_members_meta(shipped)
             assert shipped.decoder.size == len(members) == len(recipe)
-            assert [(m["bone_jitter"], m.get("finger_jitter") or 0.0, m["steps"])
-                    for m in members] == recipe
+            assert [(m["bone_jitter"], m.get("finger_jitter") or 0.0, m["steps"],
+                     m.get("seed", 0)) for m in members] == recipe
             assert all(m["retime"] is True and m["hidden"] == default.hidden
                        and m["edit_prob"] == default.edit_prob for m in members)
         np.testing.assert_allclose(late.embeddings, ref.embeddings, atol=1e-5)  # other builds
