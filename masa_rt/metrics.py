@@ -16,12 +16,13 @@ Numpy/scipy/sklearn only (no torch), so the engine harness can import it on the 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Hashable, Sequence
 
 import numpy as np
 from scipy.spatial.distance import cdist
-from scipy.stats import kendalltau
+from scipy.stats import bootstrap, kendalltau
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.metrics import normalized_mutual_info_score
@@ -47,6 +48,7 @@ __all__ = [
     "reversed_clip_tau",
     "sample_uniform",
     "streaming_phase_accuracy",
+    "streaming_phase_accuracy_ci",
 ]
 
 CLASSIFICATION_FRACTIONS = (0.1, 0.5, 1.0)
@@ -314,6 +316,35 @@ def streaming_phase_accuracy(true_phases: np.ndarray, pred_phases: np.ndarray) -
     if true.shape != pred.shape:
         raise ValueError(f"streaming_phase_accuracy: shapes {true.shape} and {pred.shape}")
     return 100.0 * float(np.mean(true == pred))
+
+
+def streaming_phase_accuracy_ci(true_phases: Arrays, pred_phases: Arrays,
+                                confidence: float = 0.95, n_resamples: int = 2000,
+                                seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval (percent) of the pooled phase accuracy of several
+    streams, resampling whole streams (``scipy.stats.bootstrap``, paired over each stream's
+    right and total frames).
+
+    Streams, not frames: a stream's frames are not independent draws (one slow subject is
+    wrong on dozens of consecutive frames), so a frame-level interval would be several
+    times too narrow. Deterministic in ``seed``; (nan, nan) for fewer than two streams.
+    """
+    if len(true_phases) != len(pred_phases):
+        raise ValueError(f"streaming_phase_accuracy_ci: {len(true_phases)} true and "
+                         f"{len(pred_phases)} predicted streams")
+    if len(true_phases) < 2:
+        return math.nan, math.nan
+    right = np.array([np.sum(np.asarray(t) == np.asarray(p))
+                      for t, p in zip(true_phases, pred_phases, strict=True)], dtype=float)
+    total = np.array([len(t) for t in true_phases], dtype=float)
+
+    def pooled(r: np.ndarray, n: np.ndarray, axis: int = -1) -> np.ndarray:
+        return 100.0 * r.sum(axis=axis) / n.sum(axis=axis)
+
+    res = bootstrap((right, total), pooled, paired=True, vectorized=True,
+                    confidence_level=confidence, n_resamples=n_resamples,
+                    method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def progress_mae(true_progress: np.ndarray, pred_progress: np.ndarray) -> float:

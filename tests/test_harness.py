@@ -54,6 +54,8 @@ def test_report_has_every_scenario_and_method_in_range(report):
         for method, r in by_method.items():
             assert r["streams"] == 2
             assert 0.0 <= r["phase_acc_pct"] <= 100.0
+            lo, hi = r["phase_acc_ci95_pct"]  # two streams: an interval around the estimate
+            assert 0.0 <= lo <= r["phase_acc_pct"] <= hi <= 100.0, (scen, method)
             assert 0.0 <= r["progress_mae_pct"] <= 100.0
             assert math.isnan(r["delay_frames"]) or r["delay_frames"] >= 0.0
             assert 0.0 <= r["missed_changes_pct"] <= 100.0

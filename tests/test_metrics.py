@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -140,6 +142,27 @@ def test_phase_change_delay_hand_made_case():
     np.testing.assert_array_equal(metrics.phase_change_delay(true, pred), [1.0, np.nan, 0.0])
     # frames 2, 5, 6 and 7 are wrong
     assert metrics.streaming_phase_accuracy(true, pred) == pytest.approx(60.0)
+
+
+def test_phase_accuracy_interval_resamples_streams_not_frames():
+    # Two streams right throughout, two wrong throughout: pooled 50 %. Resampling whole
+    # streams spreads the estimate over 0 .. 100; resampling frames would pin it near 50.
+    true = [np.zeros(100, int)] * 4
+    pred = [np.zeros(100, int), np.zeros(100, int), np.ones(100, int), np.ones(100, int)]
+    lo, hi = metrics.streaming_phase_accuracy_ci(true, pred)
+    assert lo <= 0.0 + 1e-9 and hi >= 100.0 - 1e-9
+    assert metrics.streaming_phase_accuracy_ci(true, pred) == (lo, hi)  # deterministic
+    # Many streams alike: a narrow interval around the pooled accuracy, unequal lengths
+    # weighted by their frames as the pooled accuracy is.
+    rng = np.random.default_rng(0)
+    true = [rng.integers(0, 4, n) for n in rng.integers(150, 300, 200)]
+    pred = [np.where(rng.random(len(t)) < 0.9, t, -1) for t in true]
+    acc = metrics.streaming_phase_accuracy(np.concatenate(true), np.concatenate(pred))
+    lo, hi = metrics.streaming_phase_accuracy_ci(true, pred)
+    assert lo < acc < hi and hi - lo < 1.0
+    assert all(map(math.isnan, metrics.streaming_phase_accuracy_ci(true[:1], pred[:1])))
+    with pytest.raises(ValueError, match="2 true and 1 predicted"):
+        metrics.streaming_phase_accuracy_ci(true[:2], pred[:1])
 
 
 def test_progress_mae_ignores_frames_without_a_report():
