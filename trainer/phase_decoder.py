@@ -113,8 +113,8 @@ class DecoderConfig:
     # scored +0.16 to +0.44 points over their members' mean on the harness's scenario
     # mean, four activities, both seeds (docs/results.md §3, "Fifteenth round"), for
     # members x the build time and the decoders' time per frame. 1 by default, so a
-    # build takes what it took; the shipped references carry three (built apart and
-    # combined, scripts/build_shipped_model.sh).
+    # build takes what it took; the shipped causal references carry three, the lookahead
+    # ones two (built apart and combined, scripts/build_shipped_model.sh).
     members: int = 1
 
     def __post_init__(self) -> None:
