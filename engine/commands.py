@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine import harness_commands, security_commands, serve_commands
+from engine import harness_commands, score_commands, security_commands, serve_commands
 from masa_rt.cli_types import (
     float_range,
     nonnegative_int,
@@ -154,3 +154,4 @@ def register(subparsers) -> None:
     serve_commands.register(subparsers)
     security_commands.register(subparsers)
     harness_commands.register(subparsers)
+    score_commands.register(subparsers)

@@ -54,13 +54,8 @@ from typing import Any
 import numpy as np
 
 from masa_rt.align import AlignerBank, AlignerConfig, Reference, offline_dtw, path_to_index
-from masa_rt.metrics import (
-    phase_change_delay,
-    progress_mae,
-    streaming_phase_accuracy,
-    streaming_phase_accuracy_ci,
-)
-from masa_rt.preprocess import InputSpec, frame_features
+from masa_rt.metrics import streaming_summary
+from masa_rt.preprocess import InputSpec, frame_features, raw_embedding
 from masa_rt.synth import (
     ACTIVITIES,
     HAND_ACTIVITIES,
@@ -78,6 +73,7 @@ __all__ = [
     "Stream",
     "embed_learned",
     "embed_raw",
+    "json_safe",
     "make_references",
     "make_streams",
     "markdown_report",
@@ -195,10 +191,7 @@ class Stream:
         return out
 
 
-def embed_raw(x: np.ndarray) -> np.ndarray:
-    """Normalised keypoints as the embedding: ``frame_features`` rows, L2-normalised."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+embed_raw = raw_embedding  # normalised keypoints as the embedding
 
 
 def embed_learned(model: Any) -> Embedder:
@@ -512,28 +505,13 @@ def run_offline(refs: dict[str, Reference], stream: Stream, method: str = "learn
 
 def score(streams: Sequence[Stream], preds: Sequence[Predictions],
           activities: Sequence[str], fps: float) -> dict[str, Any]:
-    """Pooled metrics over ``streams`` (frames pooled; delays pooled over phase changes)."""
-    true_ph = np.concatenate([s.phases for s in streams])
-    pred_ph = np.concatenate([p.phase for p in preds])
-    true_pr = np.concatenate([s.progress for s in streams])
-    pred_pr = np.concatenate([p.progress for p in preds])
-    delays = np.concatenate([phase_change_delay(s.phases, p.phase)
-                             for s, p in zip(streams, preds, strict=True)])
-    hit = delays[np.isfinite(delays)]
-    out: dict[str, Any] = {
-        "streams": len(streams),
-        "frames": int(len(true_ph)),
-        "phase_acc_pct": streaming_phase_accuracy(true_ph, pred_ph),
-        # Whole streams resampled: how far another draw of as many streams may move it.
-        "phase_acc_ci95_pct": list(streaming_phase_accuracy_ci([s.phases for s in streams],
-                                                               [p.phase for p in preds])),
-        "progress_mae_pct": 100.0 * progress_mae(true_pr, pred_pr),
-        "delay_frames": float(hit.mean()) if hit.size else math.nan,
-        "delay_p90_frames": float(np.percentile(hit, 90)) if hit.size else math.nan,
-        "phase_changes": int(delays.size),
-        "missed_changes_pct": 100.0 * float(np.mean(~np.isfinite(delays))) if delays.size
-        else 0.0,
-    }
+    """Pooled metrics over ``streams`` (``masa_rt.metrics.streaming_summary``, the one
+    scorer of ``masa-rt score``, the harness and the demo) plus activity identification."""
+    out: dict[str, Any] = streaming_summary([s.phases for s in streams],
+                                            [p.phase for p in preds],
+                                            [s.progress for s in streams],
+                                            [p.progress for p in preds])
+    out.pop("progress_frames")
     if all(p.activity is not None for p in preds):
         right, final = [], []
         for s, p in zip(streams, preds, strict=True):
@@ -826,17 +804,17 @@ def write_outputs(report: dict[str, Any], out_dir: str | Path, command: str = ""
     out.mkdir(parents=True, exist_ok=True)
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     json_path, md_path = out / "streaming_results.json", out / "streaming_results.md"
-    json_path.write_text(json.dumps(_finite(public), indent=2, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(json_safe(public), indent=2, allow_nan=False) + "\n")
     md_path.write_text(markdown_report(public, command, model))
     return json_path, md_path
 
 
-def _finite(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
     """JSON-safe copy: numpy scalars to Python, NaN / inf to null."""
     if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):

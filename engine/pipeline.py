@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,11 @@ class Pipeline:
                                  f"of size {r.decoder.input_dim}, the model's are "
                                  f"{spec.input_dim}: rebuild it with masa-rt reference build")
         self._sessions: dict[str, _Session] = {}
+        # Optional observer of every model frame: (session, frame, input row, embedding;
+        # the last two None for a lost frame). ``masa-rt score`` records the served
+        # encoder's embeddings with it to run its baselines on the very same frames.
+        self.tap: Callable[[str, ModelFrame, np.ndarray | None, np.ndarray | None],
+                           None] | None = None
 
     # -- construction from files ----------------------------------------------------------
 
@@ -225,6 +230,9 @@ class Pipeline:
         embeddings = self.bank.step(list(zip(live, x, strict=True)))
         rows = dict(zip(live, embeddings, strict=True))
         inputs = dict(zip(live, x, strict=True))  # the references' phase decoders read them
+        if self.tap is not None:
+            for sid in sids:
+                self.tap(sid, frames[sid], inputs.get(sid), rows.get(sid))
         groups: dict[int, list[str]] = {}  # bank id -> its sessions in this round
         for sid in sids:
             groups.setdefault(id(self._sessions[sid].bank), []).append(sid)

@@ -42,12 +42,13 @@ from masa_rt.checkpoint import load_model, model_fingerprint
 from masa_rt.cli_types import check_output_path
 from masa_rt.model import MasaModel
 from masa_rt.phase_decoder import DecoderEnsemble, PhaseDecoderError
-from masa_rt.preprocess import InputSpec, frame_features
+from masa_rt.preprocess import InputSpec, frame_features, raw_embedding
 from masa_rt.sequence import Sequence as PoseSequence
 from masa_rt.sequence import load_sequence
 
 __all__ = ["POLICIES", "ReferenceBuildError", "average_demos", "build_reference",
-           "decoder_members_meta", "embed_demo", "ensemble_references", "reference_from_demos"]
+           "decoder_members_meta", "embed_demo", "ensemble_references", "reference_from_demos",
+           "with_raw_baseline"]
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,20 @@ def reference_from_demos(demos: Sequence[dict[str, Any]], phase_names: Sequence[
                      fps=fps, model_fingerprint=model_fingerprint, meta=meta)
 
 
+def with_raw_baseline(ref: Reference, spec: InputSpec, seqs: Sequence[PoseSequence],
+                      labels: Sequence[str], policy: str = "medoid",
+                      refine: int = 0) -> Reference:
+    """``ref`` with ``raw_embeddings``: the same demos' normalised keypoints, averaged by
+    the same policy on the same timeline (the learned reference's medoid), so ``masa-rt
+    score`` runs the raw-keypoint baseline on exactly the reference the engine uses."""
+    demos = [embed_demo(None, spec, s, lab, embed=raw_embedding)
+             for s, lab in zip(seqs, labels, strict=True)]
+    raw = reference_from_demos(demos, ref.phase_names, activity=ref.activity, name=ref.name,
+                               fps=ref.fps, labels=labels, policy=policy, refine=refine,
+                               medoid=ref.meta.get("medoid_index"))
+    return replace(ref, raw_embeddings=raw.embeddings)
+
+
 def with_phase_decoder(ref: Reference, demos: Sequence[dict[str, Any]], spec: InputSpec,
                        options: Mapping[str, Any] | None = None) -> Reference:
     """``ref`` with a phase decoder trained on the labels of ``demos`` (``embed_demo``
@@ -381,6 +396,7 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
         model_fingerprint=fingerprint,
         meta={"checkpoint": str(meta["path"]), "input_spec": spec.to_dict(),
               "masa_rt_version": masa_rt.__version__})
+    ref = with_raw_baseline(ref, spec, seqs, labels, policy, refine)
     ref = with_phase_decoder(ref, demos, spec, decoder)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     ref.save(out_path)

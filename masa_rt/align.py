@@ -120,6 +120,10 @@ class Reference:
     # One decoder or several (an ensemble, their log-probabilities averaged); a lone
     # PhaseDecoder given here is held as an ensemble of one.
     decoder: DecoderEnsemble | None = None
+    # Optional (T, D): the same demos' normalised keypoints (the model's input rows, unit
+    # length), averaged on the same timeline: the reference of the raw-keypoint baseline
+    # that ``masa-rt score`` runs beside the engine. Older files have none.
+    raw_embeddings: np.ndarray | None = None
     # Derived on construction, per frame: first/last frame of the run of equal phase the
     # frame belongs to (a run, not a phase id, so a phase that recurs is still linear).
     run_start: np.ndarray = field(init=False, repr=False)
@@ -147,6 +151,12 @@ class Reference:
         if not math.isfinite(self.fps) or self.fps <= 0:
             raise ReferenceFormatError(f"fps: expected a number > 0, found {self.fps}")
         self.meta = dict(self.meta)
+        if self.raw_embeddings is not None:
+            raw = np.asarray(self.raw_embeddings, dtype=np.float32)
+            if raw.ndim != 2 or raw.shape[0] != t or not np.isfinite(raw).all():
+                raise ReferenceFormatError(
+                    f"raw_embeddings: expected finite ({t}, D) values, found {raw.shape}")
+            self.raw_embeddings = _unit_rows(raw)
         if isinstance(self.decoder, PhaseDecoder):
             self.decoder = DecoderEnsemble([self.decoder])
         if self.decoder is not None and self.decoder.num_phases != len(self.phase_names):
@@ -223,6 +233,8 @@ class Reference:
             "model_fingerprint": np.str_(self.model_fingerprint),
             "meta": np.str_(json.dumps(self.meta)),
             **(self.decoder.to_npz_members() if self.decoder is not None else {}),
+            **({"raw_embeddings": self.raw_embeddings} if self.raw_embeddings is not None
+               else {}),
         }
         with atomic_write(path, "wb") as f:
             np.savez(f, **arrays)
@@ -253,6 +265,7 @@ class Reference:
                 times=data["times"], fps=float(data["fps"]),
                 model_fingerprint=str(data["model_fingerprint"]), meta=meta,
                 decoder=DecoderEnsemble.from_npz_members(data),
+                raw_embeddings=data.get("raw_embeddings"),
             )
         except (ValueError, TypeError) as e:  # includes ReferenceFormatError, JSON errors
             raise ReferenceFormatError(f"{path}: {e}") from None
@@ -260,6 +273,7 @@ class Reference:
 
 _REQUIRED = ("format_version", "name", "activity", "embeddings", "phases", "phase_names",
              "times", "fps", "model_fingerprint", "meta")
+_OPTIONAL = ("raw_embeddings",)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -271,7 +285,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             missing = [k for k in _REQUIRED if k not in npz.files]
             if missing:
                 raise ReferenceFormatError(f"{path}: missing fields {', '.join(missing)}")
-            return {k: npz[k] for k in npz.files if k in _REQUIRED or k.startswith("decoder.")}
+            return {k: npz[k] for k in npz.files
+                    if k in _REQUIRED or k in _OPTIONAL or k.startswith("decoder.")}
     except ReferenceFormatError:
         raise
     except (ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:

@@ -39,6 +39,7 @@ __all__ = [
     "frame_retrieval_ap",
     "kendalls_tau",
     "nearest_neighbours",
+    "paired_accuracy_difference_ci",
     "pair_taus",
     "phase_change_delay",
     "phase_classification",
@@ -49,6 +50,7 @@ __all__ = [
     "sample_uniform",
     "streaming_phase_accuracy",
     "streaming_phase_accuracy_ci",
+    "streaming_summary",
 ]
 
 CLASSIFICATION_FRACTIONS = (0.1, 0.5, 1.0)
@@ -369,3 +371,74 @@ def phase_change_delay(true_phases: np.ndarray, pred_phases: np.ndarray) -> np.n
         if hit.size:
             delays[n] = hit[0]
     return delays
+
+
+def paired_accuracy_difference_ci(true_phases: Arrays, pred_a: Arrays, pred_b: Arrays,
+                                  confidence: float = 0.95, n_resamples: int = 2000,
+                                  seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval (percentage points) of pooled accuracy(a) - accuracy(b) on the
+    same streams, resampling whole streams with both methods' results kept together.
+
+    Paired: the two methods meet the same hard streams, so the interval of their
+    difference is much narrower than the two separate intervals suggest. An interval that
+    excludes 0 is a difference larger than the draw of the streams. (nan, nan) for fewer
+    than two streams.
+    """
+    if not len(true_phases) == len(pred_a) == len(pred_b):
+        raise ValueError("paired_accuracy_difference_ci: expected as many streams in each")
+    if len(true_phases) < 2:
+        return math.nan, math.nan
+
+    def right(preds: Arrays) -> np.ndarray:
+        return np.array([np.sum(np.asarray(t) == np.asarray(p))
+                         for t, p in zip(true_phases, preds, strict=True)], dtype=float)
+
+    total = np.array([len(t) for t in true_phases], dtype=float)
+
+    def diff(ra: np.ndarray, rb: np.ndarray, n: np.ndarray, axis: int = -1) -> np.ndarray:
+        return 100.0 * (ra.sum(axis=axis) - rb.sum(axis=axis)) / n.sum(axis=axis)
+
+    res = bootstrap((right(pred_a), right(pred_b), total), diff, paired=True,
+                    vectorized=True, confidence_level=confidence, n_resamples=n_resamples,
+                    method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def streaming_summary(true_phases: Arrays, pred_phases: Arrays,
+                      true_progress: Arrays | None = None,
+                      pred_progress: Arrays | None = None) -> dict[str, float | int | list]:
+    """The live-alignment figures of a set of streams (EVALUATION.md, "Streaming
+    alignment"), one call for every scorer: ``masa-rt score``, the harness, the demo.
+
+    Per stream, per frame: the true and the reported phase (negative = no report, counted
+    wrong) and, optionally, true and reported progress (NaN = undefined / no report; left
+    out of the mean). Frames are pooled over streams; phase-change delays are pooled over
+    the true changes (missed ones counted apart); the interval resamples whole streams.
+    """
+    if len(true_phases) != len(pred_phases):
+        raise ValueError(f"streaming_summary: {len(true_phases)} true and {len(pred_phases)} "
+                         "predicted streams")
+    if not len(true_phases):
+        raise ValueError("streaming_summary: no streams")
+    true_ph = np.concatenate([np.asarray(t) for t in true_phases])
+    pred_ph = np.concatenate([np.asarray(p) for p in pred_phases])
+    delays = np.concatenate([phase_change_delay(t, p)
+                             for t, p in zip(true_phases, pred_phases, strict=True)])
+    hit = delays[np.isfinite(delays)]
+    out: dict[str, float | int | list] = {
+        "streams": len(true_phases),
+        "frames": int(true_ph.size),
+        "phase_acc_pct": streaming_phase_accuracy(true_ph, pred_ph),
+        "phase_acc_ci95_pct": list(streaming_phase_accuracy_ci(true_phases, pred_phases)),
+        "delay_frames": float(hit.mean()) if hit.size else math.nan,
+        "delay_p90_frames": float(np.percentile(hit, 90)) if hit.size else math.nan,
+        "phase_changes": int(delays.size),
+        "missed_changes_pct": (100.0 * float(np.mean(~np.isfinite(delays))) if delays.size
+                               else 0.0),
+    }
+    if true_progress is not None and pred_progress is not None:
+        tp = np.concatenate([np.asarray(t, float) for t in true_progress])
+        pp = np.concatenate([np.asarray(p, float) for p in pred_progress])
+        out["progress_mae_pct"] = 100.0 * progress_mae(tp, pp)
+        out["progress_frames"] = int(np.count_nonzero(np.isfinite(tp) & np.isfinite(pp)))
+    return out

@@ -34,6 +34,7 @@ __all__ = [
     "ROOT_MODES",
     "InputSpec",
     "assemble",
+    "raw_embedding",
     "frame_features",
     "normalise_joints",
 ]
@@ -144,3 +145,11 @@ def frame_features(joints: np.ndarray | None, spec: InputSpec,
     """
     normed = normalise_joints(joints, spec) if spec.uses_joints and joints is not None else None
     return assemble(normed, spec, features)
+
+
+def raw_embedding(x: np.ndarray) -> np.ndarray:
+    """Model input rows (T, D), L2-normalised: the raw-keypoint baseline's "embedding",
+    compared by cosine as the learned embeddings are (what the encoder adds is measured
+    against it)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
