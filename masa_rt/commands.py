@@ -51,6 +51,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("import-penn", help="convert Penn Action .mat labels to a dataset")
     p.add_argument("labels_dir", help="folder with 0001.mat ... 2326.mat")
     p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--events", action="store_true",
+                   help="add rule-based key-event phase labels where the body's motion "
+                        "decides them (docs/penn_events.md); counts in OUT/events.json")
     p.set_defaults(func=_import_penn)
 
     p = subparsers.add_parser("inspect", help="summarise a sequence file or dataset folder")

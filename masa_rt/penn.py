@@ -29,6 +29,13 @@ Choices, and why:
   the format forbids an all-missing sequence, and the one such official video (1516, a
   pushup) repeats a single placeholder pose in all 68 frames, so it carries no motion.
 
+* ``events=True`` (``--events``) also labels the videos of the actions in
+  ``masa_rt.penn_events`` with rule-based key-event phases (``phases`` /
+  ``phase_names``); a video the rule refuses is still written, unlabelled. The per-action
+  counts go to ``events.json`` beside the manifest. The one manifest stays the index:
+  a consumer wanting labelled videos checks ``seq.phases is not None`` or reads the
+  labelled ids in ``events.json``.
+
 A malformed file never aborts the whole import: every failure is collected as one line
 naming the file and field, the good videos are still written, and the import then raises
 ``PennImportError`` listing the failures (the CLI exits non-zero).
@@ -37,6 +44,7 @@ naming the file and field, the good videos are still written, and the import the
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 import os
@@ -51,6 +59,8 @@ import scipy.io
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from masa_rt import penn_events
+from masa_rt.atomic import atomic_write_json
 from masa_rt.sequence import Manifest, ManifestEntry, Sequence, save_manifest, save_sequence
 
 __all__ = [
@@ -69,6 +79,7 @@ PENN_FPS = 30.0  # assumption, see the module docstring
 PENN_JOINTS = 13
 LAYOUT = "penn13"
 SOURCE_PREFIX = "pennaction"
+EVENTS_NAME = "events.json"
 _SPLITS = {1: "train", -1: "val"}
 log = logging.getLogger(__name__)
 
@@ -181,27 +192,42 @@ def to_sequence(video: PennVideo) -> Sequence:
     )
 
 
-def _convert_one(job: tuple[str, str]) -> tuple[str, ManifestEntry | str]:
-    """Worker: convert one file -> ("ok", entry) | ("skipped", reason) | ("failed", error).
+def _with_events(seq: Sequence, video: PennVideo) -> dict | None:
+    """Label ``seq`` in place when its action has a rule; the video's summary record."""
+    if video.action not in penn_events.ACTIONS:
+        return None
+    labels, result, agree = penn_events.outcome(video.action, video.joints)
+    if labels is not None:
+        seq.phases, seq.phase_names = labels.phases, labels.phase_names
+    return {"video": video.video_id, "action": video.action, "split": video.split,
+            "outcome": result, "agree": agree}
+
+
+def _convert_one(job: tuple[str, str, bool]) -> tuple[str, tuple | str]:
+    """Worker: convert one file -> ("ok", (entry, event record or None)) |
+    ("skipped", reason) | ("failed", error).
 
     Reasons travel back as values, not log records, because a worker process may not
-    share the parent's logging setup.
+    share the parent's logging setup. The event rule runs here too, so it is spread over
+    the pool like the conversion.
     """
-    mat_path, out_dir = job
+    mat_path, out_dir, events = job
     try:
         video = read_penn_mat(mat_path)
         name = f"{video.video_id}.npz"
-        save_sequence(Path(out_dir) / name, to_sequence(video))
+        seq = to_sequence(video)
+        record = _with_events(seq, video) if events else None
+        save_sequence(Path(out_dir) / name, seq)
     except NothingVisibleError as exc:
         return "skipped", str(exc)
     except PennFormatError as exc:
         return "failed", str(exc)
     except (OSError, ValueError) as exc:  # a write failure or a sequence-format rejection
         return "failed", f"{Path(mat_path).name}: {' '.join(str(exc).split())}"
-    return "ok", ManifestEntry(file=name, activity=video.action, split=video.split)
+    return "ok", (ManifestEntry(file=name, activity=video.action, split=video.split), record)
 
 
-def _run_jobs(jobs: list[tuple[str, str]], workers: int, progress: bool) -> Iterable:
+def _run_jobs(jobs: list[tuple[str, str, bool]], workers: int, progress: bool) -> Iterable:
     bar = dict(total=len(jobs), desc="import-penn", unit="video", disable=not progress)
     if workers <= 1:
         yield from tqdm(map(_convert_one, jobs), **bar)
@@ -219,8 +245,12 @@ def import_penn(
     *,
     workers: int = 1,
     progress: bool = True,
+    events: bool = False,
 ) -> Manifest:
     """Convert every ``labels_dir/*.mat`` into ``out_dir/<id>.npz`` plus ``manifest.json``.
+
+    With ``events``, the actions with an event rule get phase labels and the per-action
+    counts are written to ``out_dir/events.json`` (also when some files fail).
 
     Returns the manifest. Videos with no visible joint are skipped with a logged warning.
     If any file fails, the others are still written (with a manifest listing only them)
@@ -233,12 +263,13 @@ def import_penn(
     if not mats:
         raise FileNotFoundError(f"no .mat files in {labels_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(p), str(out_dir)) for p in mats]
-    entries, failures = [], []
+    jobs = [(str(p), str(out_dir), events) for p in mats]
+    entries, records, failures = [], [], []
     with logging_redirect_tqdm():  # warnings print above the bar, not through it
         for kind, value in _run_jobs(jobs, workers, progress):
             if kind == "ok":
-                entries.append(value)
+                entries.append(value[0])
+                records += [value[1]] if value[1] is not None else []
             elif kind == "skipped":
                 log.warning("skipped %s", value)
             else:
@@ -250,6 +281,8 @@ def import_penn(
         files=entries,
     )
     save_manifest(out_dir, manifest)
+    if events:
+        atomic_write_json(out_dir / EVENTS_NAME, penn_events.summarise(records))
     if failures:
         raise PennImportError(failures, manifest)
     return manifest
@@ -270,13 +303,14 @@ def format_counts(manifest: Manifest) -> str:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """``masa-rt import-penn LABELS_DIR --out DIR``: convert, print counts and elapsed time."""
+    """``masa-rt import-penn LABELS_DIR --out DIR [--events]``: convert, print counts (and
+    the event-label table) and the elapsed time."""
     # Two workers roughly halve the time: a third of it is fsync (atomic writes), not CPU.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = getattr(args, "workers", None) or min(2, cpus or 1)
     start = time.perf_counter()
     try:
-        manifest = import_penn(args.labels_dir, args.out, workers=workers)
+        manifest = import_penn(args.labels_dir, args.out, workers=workers, events=args.events)
         failures: list[str] = []
     except PennImportError as exc:
         manifest, failures = exc.manifest, exc.failures
@@ -284,6 +318,11 @@ def run_cli(args: argparse.Namespace) -> int:
     n_mats = len(list(Path(args.labels_dir).glob("*.mat")))
     skipped = n_mats - len(manifest.files) - len(failures)
     print(format_counts(manifest))
+    if args.events:
+        summary = json.loads((Path(args.out) / EVENTS_NAME).read_text())
+        print(f"event phase labels (labelled/videos; second signal agrees/checked), "
+              f"{Path(args.out) / EVENTS_NAME}:")
+        print(penn_events.format_table(summary))
     print(f"wrote {len(manifest.files)} of {n_mats} videos to {args.out} in {elapsed:.1f} s"
           + (f" ({skipped} skipped, see warnings)" if skipped else ""))
     for line in failures:
