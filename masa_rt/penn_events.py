@@ -36,13 +36,17 @@ from scipy.signal import find_peaks
 __all__ = [
     "ACTIONS",
     "REASONS",
+    "RULES",
     "Labels",
     "Undecided",
     "agreement",
+    "format_table",
     "label_video",
+    "outcome",
     "phase_names",
     "second_agreement",
     "second_events",
+    "summarise",
 ]
 
 (HEAD, L_SH, R_SH, L_EL, R_EL, L_WR, R_WR,
