@@ -1,6 +1,10 @@
 """Streaming accuracy harness (EVALUATION.md, "Streaming alignment").
 
-For every hand activity the reference is the generator's clean demonstration; the val
+For every hand activity the reference is built as a user builds one: from ordinary
+generated performances (random subject, size, view, timing; no perturbation), the first
+``K`` of the training data's (``reference_demos``, default 1; the medoid average for K > 1,
+as ``masa-rt reference build``). The generator's clean canonical demonstration is an
+option (``canonical=True``), reported as an extra row, never the headline. The val
 streams are freshly generated sequences of that activity, from a seed namespace disjoint
 from any training data (``sequence_rng(VAL_SEED_BASE + seed, activity, index)``), in
 several scenarios: normal variation, a long pause, a skipped phase, a repeated phase, a
@@ -12,9 +16,8 @@ per stream) and is scored against the generator's exact ground truth:
 - **phase accuracy**: per frame, reported phase == true phase (percent; a frame with no
   report counts as wrong);
 - **progress MAE**: |reported overall progress - true progress|, where true progress is
-  the frame's canonical time mapped onto the reference (the reference is the clean demo,
-  whose canonical time is ``frame / (T - 1)``: the mapping is an interpolation of the
-  reference's own canonical time, so it stays exact if that ever changes);
+  the frame's canonical time mapped onto the reference (an interpolation of the
+  reference's own canonical time; for the clean demo that is ``frame / (T - 1)``);
 - **phase-change delay**: frames from a true phase change until the reported phase is the
   new one (missed changes are counted apart);
 - **activity identification**: all hand references loaded in one aligner; share of frames
@@ -209,34 +212,39 @@ def make_references(activities: Sequence[str], spec: InputSpec,
                     embedders: dict[str, Embedder], fingerprint: str = "",
                     reference_demos: int = 1, refine: int = 0,
                     decoder: Mapping[str, Any] | None = None, decoder_demos: int = 1,
+                    canonical: bool = False,
                     ) -> tuple[dict[str, dict[str, Reference]], dict[str, np.ndarray]]:
     """``refs[method][activity]`` and each reference's canonical time ``(T,)`` (used to
     map a stream's canonical time onto the reference).
 
-    ``reference_demos = 1``: the activity's clean demo. ``K > 1``: the medoid average
-    (``engine.reference.reference_from_demos``, the ``masa-rt reference build`` path) of
-    K training demos; the medoid is chosen on the first embedder's embeddings and used
+    ``reference_demos = K``: training demos ``0 .. K-1`` (ordinary performances; the
+    medoid average for K > 1, ``engine.reference.reference_from_demos``, the ``masa-rt
+    reference build`` path); the medoid is chosen on the first embedder's embeddings and used
     for every method, so all methods share one timeline and one ground truth.
     ``decoder`` (not None): the learned references get a phase decoder trained on the
     same demos' labels, as ``masa-rt reference build`` trains it with these options
     (``engine.reference.with_phase_decoder``; ``{}``: its defaults). None: no decoder.
-    ``decoder_demos = K > 1`` (with one reference demo): the decoder also learns from the
-    labels of training demos ``0 .. K-2``, as ``masa-rt reference build CLEAN D0 .. D(K-2)
-    --policy first`` does: the reference is still the clean demo's timeline.
+    ``canonical``: the activity's clean demo instead (one demo; the old harness's
+    reference, kept as a labelled extra row). ``decoder_demos = K > 1`` (canonical only):
+    the decoder also learns from the labels of training demos ``0 .. K-2``, as ``masa-rt
+    reference build CLEAN D0 .. D(K-2) --policy first`` does.
     """
+    if canonical and reference_demos != 1:
+        raise ValueError(f"reference_demos: the canonical reference is one demo, found "
+                         f"{reference_demos}")
     if not 1 <= reference_demos <= MAX_REFERENCE_DEMOS:
         raise ValueError(f"reference_demos: expected 1 .. {MAX_REFERENCE_DEMOS} (the train "
                          f"split), found {reference_demos}")
     if not 1 <= decoder_demos <= MAX_REFERENCE_DEMOS + 1 or (
-            decoder_demos > 1 and reference_demos > 1):
-        raise ValueError(f"decoder_demos: expected 1 .. {MAX_REFERENCE_DEMOS + 1} with one "
-                         f"reference demo, found {decoder_demos} (reference_demos "
-                         f"{reference_demos})")
+            decoder_demos > 1 and not canonical):
+        raise ValueError(f"decoder_demos: expected 1 .. {MAX_REFERENCE_DEMOS + 1} with the "
+                         f"canonical reference, found {decoder_demos} (canonical "
+                         f"{canonical})")
     refs: dict[str, dict[str, Reference]] = {m: {} for m in embedders}
     canon: dict[str, np.ndarray] = {}
     for act in activities:
-        seqs = _reference_sequences(act, spec, reference_demos)
-        if reference_demos > 1:
+        seqs = _reference_sequences(act, spec, reference_demos, canonical)
+        if not canonical:
             canon[act] = _multi_demo_references(act, spec, embedders, fingerprint, seqs,
                                                 refine, refs)
         else:
@@ -293,10 +301,10 @@ def load_references(folder: str | Path, activities: Sequence[str]) -> dict[str, 
     return out
 
 
-def _reference_sequences(act: str, spec: InputSpec, k: int) -> list[Any]:
-    """The demos an activity's reference is built from: the clean demo (``k = 1``), or
-    the training data's first ``k`` sequences."""
-    if k == 1:
+def _reference_sequences(act: str, spec: InputSpec, k: int, canonical: bool) -> list[Any]:
+    """The demos an activity's reference is built from: the training data's first ``k``
+    sequences, or the clean demo (``canonical``)."""
+    if canonical:
         return [generate(act, np.random.default_rng(REFERENCE_SEED), clean=True, fps=spec.fps)]
     return _training_demos(act, k)
 
@@ -325,7 +333,7 @@ def _multi_demo_references(act: str, spec: InputSpec, embedders: dict[str, Embed
             labels=labels, policy="medoid", refine=refine, medoid=medoid,
             model_fingerprint=fingerprint if method == "learned" else "",
             meta={"source": f"synth train demos 0..{k - 1}", "embedding": method})
-        medoid = ref.meta["medoid_index"]
+        medoid = ref.meta.get("medoid_index", 0)  # one demo: "single demo", no medoid
         refs[method][act] = ref
     seq = seqs[medoid]
     seq_t = (np.asarray(seq.timestamps, dtype=np.float64) if seq.timestamps is not None
@@ -529,17 +537,19 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
                 seed: int = 0, config: AlignerConfig | None = None, fingerprint: str = "",
                 keep_streams: bool = False, reference_demos: int = 1,
                 refine: int = 0, decoder: Mapping[str, Any] | None = None,
-                decoder_demos: int = 1,
+                decoder_demos: int = 1, canonical: bool = False,
                 references: Mapping[str, Reference] | None = None) -> dict[str, Any]:
     """The whole harness: references, streams, aligners, scores; returns the JSON dict.
 
     ``model=None`` skips the learned embedding (raw keypoints only; methods that need it
     are left out). ``keep_streams`` adds the streams and predictions (not JSON) under
     ``"_streams"`` / ``"_preds"`` for tests and the engine check. ``reference_demos``
-    and ``refine``, ``decoder``, ``decoder_demos``: see :func:`make_references`.
-    ``references`` (activity -> built reference, e.g. the shipped ``examples/*.npz``):
-    scored as the learned references instead of building them (no decoder training);
-    each must be the harness's own demo embedded by ``model`` (:func:`use_references`).
+    and ``refine``, ``decoder``, ``decoder_demos``, ``canonical``: see
+    :func:`make_references`. ``references`` (activity -> built reference, e.g. the
+    shipped ``examples/*.npz``, built from the canonical demos): scored as the learned
+    references instead of building them (no decoder training); each must be the
+    harness's own canonical demo embedded by ``model`` (:func:`use_references`); implies
+    ``canonical``.
     """
     start = time.perf_counter()
     activities = list(activities)
@@ -552,8 +562,9 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
         raise ValueError("run_harness: given references replace the learned ones as built; "
                          "they take a model and no decoder, reference_demos or "
                          "decoder_demos options")
+    canonical = canonical or references is not None
     refs, canon = make_references(activities, spec, embedders, fingerprint, reference_demos,
-                                  refine, decoder, decoder_demos)
+                                  refine, decoder, decoder_demos, canonical)
     if references is not None:
         refs["learned"] = use_references(refs["learned"], references)
     streams = make_streams(activities, scenarios, per_activity, seed, spec, canon, embedders)
@@ -600,9 +611,13 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
             "without (raw keypoints, --decoder-steps 0)": asdict(
                 AlignerConfig.for_references([]))}),
         "reference_demos": reference_demos,
+        "canonical": canonical,
         "decoder_demos": decoder_demos if decoder is not None else 0,
-        "reference": ("the generator's clean demonstration" if reference_demos == 1 else
-                      f"medoid average of {reference_demos} training demos (seed "
+        "reference": ("the generator's clean canonical demonstration (an extra row, not "
+                      "how a user builds one)" if canonical else
+                      f"training demo 0 (seed {TRAIN_SEED}), an ordinary performance"
+                      if reference_demos == 1 else
+                      f"medoid average of {reference_demos} ordinary training demos (seed "
                       f"{TRAIN_SEED}, indices 0..{reference_demos - 1}; DBA, {refine} "
                       "refinement rounds)")
                      + (f"; its phase decoder also learned from training demos 0.."
@@ -616,7 +631,7 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
                       .lookahead if "learned" in refs else 0),
         "reference_frames": {a: len(refs[methods[0]][a]) for a in activities},
         "reference_medoid": {a: refs[methods[0]][a].meta.get("demo") for a in activities},
-        "reference_canonical_time_vs_frame_max_abs": ref_check,
+        **({"reference_canonical_time_vs_frame_max_abs": ref_check} if canonical else {}),
         "results": results,
         "per_activity_results": per_activity_res,
         "timing_s": {"generate_and_embed": round(t_embed, 2), "stream": round(t_stream, 2),

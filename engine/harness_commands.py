@@ -43,6 +43,12 @@ def _harness(args: argparse.Namespace) -> int:
                             or args.reference_demos != 1 or args.decoder_demos != 1):
         raise ValueError("--references scores prebuilt references as they are: no "
                          "--decoder-*, --reference-demos or --decoder-demos with it")
+    if args.decoder_demos != 1 and not args.canonical:
+        raise ValueError("--decoder-demos: only with --canonical (the reference stays the "
+                         "clean demo, its decoder learns from more demos)")
+    if args.canonical and args.reference_demos != 1:
+        raise ValueError("--canonical: the canonical reference is one demo; no "
+                         "--reference-demos with it")
     activities = args.activities or HAND_ACTIVITIES
     given = load_references(args.references, activities) if args.references else None
     ckpt = resolve_checkpoint(args.checkpoint)
@@ -54,7 +60,7 @@ def _harness(args: argparse.Namespace) -> int:
                          fingerprint=fingerprint, keep_streams=args.engine > 0,
                          reference_demos=args.reference_demos, refine=args.refine,
                          decoder=None if given else decoder, decoder_demos=args.decoder_demos,
-                         references=given)
+                         canonical=args.canonical, references=given)
     if args.engine > 0:
         streams, preds = report["_streams"], report["_preds"]["learned"]
         picked = [i for i, s in enumerate(streams) if s.scenario in ("clean", "nan_joints")]
@@ -67,15 +73,17 @@ def _harness(args: argparse.Namespace) -> int:
     command = "masa-rt harness"
     if "harness" in sys.argv[1:]:  # run from the command line: record it as typed
         command = "masa-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    json_path, md_path = write_outputs(report, args.out, command,
-                                       f"{meta['path']} ({fingerprint})")
     print(markdown_table(report))
     if "engine_check" in report:
         ec = report["engine_check"]
         print(f"engine check: {len(ec['streams'])} streams through ONNX + Pipeline, phase "
               f"equal on {ec['phase_equal_pct']:.2f} % of {ec['answered']} frames, progress "
               f"max abs diff {ec['progress_max_abs_diff']:.2g}")
-    print(f"wrote {json_path} and {md_path} in {report['timing_s']['total']:.0f} s")
+    if args.out:
+        json_path, md_path = write_outputs(report, args.out, command,
+                                           f"{meta['path']} ({fingerprint})")
+        print(f"wrote {json_path} and {md_path}")
+    print(f"{report['timing_s']['total']:.0f} s; reference: {report['reference']}")
     return 0
 
 
@@ -94,8 +102,8 @@ def register(subparsers) -> None:
                    help="val streams per activity and scenario (default 12)")
     p.add_argument("--seed", type=nonnegative_int, default=0,
                    help="val seed; streams come from seed namespace 10000 + SEED")
-    p.add_argument("--out", default="docs", metavar="DIR",
-                   help="writes DIR/streaming_results.{json,md} (default docs)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="also write DIR/streaming_results.{json,md} (default: print only)")
     p.add_argument("--activities", nargs="+", default=None, metavar="NAME",
                    help="hand activities (default: all)")
     p.add_argument("--scenarios", nargs="+", default=None, metavar="NAME",
@@ -105,21 +113,26 @@ def register(subparsers) -> None:
                    help="also run K clean / NaN-joint streams through the ONNX serving "
                         "pipeline and compare with the harness frame by frame")
     p.add_argument("--reference-demos", type=positive_int, default=1, metavar="K",
-                   help="1 (default): each activity's reference is the generator's clean "
-                        "demo; K > 1: the medoid average (as `masa-rt reference build`) of "
-                        "K training demos (synth seed 0, indices 0..K-1; never val streams)")
+                   help="each activity's reference is built from K ordinary training "
+                        "performances (synth seed 0, indices 0..K-1; never val streams; "
+                        "K > 1: their medoid average, as `masa-rt reference build`; "
+                        "default 1)")
+    p.add_argument("--canonical", action="store_true",
+                   help="build each reference from the generator's clean canonical demo "
+                        "instead (an extra row: not how a user builds one)")
     p.add_argument("--refine", type=nonnegative_int, default=0, metavar="N",
                    help="with --reference-demos K > 1: DBA refinement rounds (default 0)")
     p.add_argument("--decoder-demos", type=int_range(1, 31), default=1, metavar="K",
                    help="1 (default): each phase decoder learns from its reference's demo; "
                         "K > 1: also from the labels of training demos 0..K-2 (as "
-                        "`masa-rt reference build CLEAN D0 ... --policy first`; the "
-                        "reference stays the clean demo)")
+                        "`masa-rt reference build CLEAN D0 ... --policy first`; with "
+                        "--canonical)")
     p.add_argument("--references", default=None, metavar="DIR",
                    help="score DIR/<activity>.npz (e.g. examples: the shipped references, "
                         "phase decoders included) instead of building the references and "
                         "training their decoders (a minute instead of about 200); each must "
-                        "be built from examples/demos/<activity>.npz with the checkpoint")
+                        "be built from examples/demos/<activity>.npz (the canonical demos) "
+                        "with the checkpoint; implies --canonical")
     from engine.commands import add_decoder_options  # here: engine.commands imports us
 
     add_decoder_options(p)  # as `masa-rt reference build`

@@ -62,8 +62,21 @@ def test_report_has_every_scenario_and_method_in_range(report):
             # one reference loaded: activity identification is trivially right
             assert r["activity_frame_acc_pct"] == 100.0, (scen, method)
             assert r["activity_final_acc_pct"] == 100.0
+    # built as a user builds one: from an ordinary training performance, not the clean demo
+    assert not report["canonical"] and "ordinary" in report["reference"]
+    assert report["reference_medoid"][ACTIVITY].startswith("train seed 0 ")
+    assert "reference_canonical_time_vs_frame_max_abs" not in report
+
+
+def test_the_canonical_reference_is_an_option_labelled_as_such():
+    rep = run_harness(None, SPEC, activities=[ACTIVITY], per_activity=1, seed=3,
+                      scenarios=[SCENARIOS["clean"]], canonical=True)
+    assert rep["canonical"] and "canonical demonstration" in rep["reference"]
     # the reference is the clean demo: canonical time == frame / (T - 1)
-    assert max(report["reference_canonical_time_vs_frame_max_abs"].values()) < 1e-6
+    assert max(rep["reference_canonical_time_vs_frame_max_abs"].values()) < 1e-6
+    with pytest.raises(ValueError, match="canonical reference is one demo"):
+        run_harness(None, SPEC, activities=[ACTIVITY], scenarios=[SCENARIOS["clean"]],
+                    canonical=True, reference_demos=2)
 
 
 def test_scenarios_do_what_they_say(report):
@@ -92,7 +105,7 @@ def test_known_answer_identical_stream_with_raw_keypoints():
     """A clean stream is the reference itself: streaming is near perfect, DTW exact."""
     identical = Scenario("identical", "the clean demo itself", clean=True)
     rep = run_harness(None, SPEC, activities=[ACTIVITY], per_activity=2,
-                      scenarios=[identical])
+                      scenarios=[identical], canonical=True)
     raw, dtw = rep["results"]["identical"]["raw"], rep["results"]["identical"]["offline_dtw"]
     assert raw["phase_acc_pct"] >= 95.0
     assert raw["progress_mae_pct"] <= 1.0
@@ -152,7 +165,7 @@ def test_multi_demo_reference_from_training_demos(tmp_path):
     s = rep["_streams"][0]
     assert 0.0 <= s.progress.min() and s.progress.max() <= 1.0
     write_outputs(rep, tmp_path, "masa-rt harness --reference-demos 3", "tiny")
-    assert "medoid average of 3 training demos" in (tmp_path / "streaming_results.md").read_text()
+    assert "medoid average of 3 ordinary training demos" in (tmp_path / "streaming_results.md").read_text()
     with pytest.raises(ValueError, match="reference_demos"):
         run_harness(None, SPEC, activities=[ACTIVITY], per_activity=1,
                     scenarios=[SCENARIOS["clean"]], reference_demos=31)
@@ -163,17 +176,17 @@ def test_decoder_demos_train_the_decoder_on_more_labelled_demos():
     training demos 0..K-2 (as `reference build CLEAN D0 .. --policy first`)."""
     model, _cfg = _tiny()
     embedders = {"learned": embed_learned(model), "raw": embed_raw}
-    one, canon_one = make_references([ACTIVITY], SPEC, embedders, decoder={"steps": 2})
+    one, canon_one = make_references([ACTIVITY], SPEC, embedders, decoder={"steps": 2},
+                                     canonical=True)
     three, canon_three = make_references([ACTIVITY], SPEC, embedders, decoder={"steps": 2},
-                                         decoder_demos=3)
+                                         decoder_demos=3, canonical=True)
     assert one["learned"][ACTIVITY].meta["phase_decoder"]["demos"] == 1
     assert three["learned"][ACTIVITY].meta["phase_decoder"]["demos"] == 3
     np.testing.assert_array_equal(three["learned"][ACTIVITY].embeddings,
                                   one["learned"][ACTIVITY].embeddings)
     np.testing.assert_array_equal(canon_three[ACTIVITY], canon_one[ACTIVITY])
     with pytest.raises(ValueError, match="decoder_demos"):
-        make_references([ACTIVITY], SPEC, embedders, decoder={"steps": 2}, decoder_demos=2,
-                        reference_demos=2)
+        make_references([ACTIVITY], SPEC, embedders, decoder={"steps": 2}, decoder_demos=2)
 
 
 def test_cli_scores_prebuilt_references(tmp_path, capsys):
@@ -184,7 +197,7 @@ def test_cli_scores_prebuilt_references(tmp_path, capsys):
     save_checkpoint(ckpt, model, cfg, SPEC)
     embedders = {"learned": embed_learned(model)}
     built, _ = make_references([ACTIVITY], SPEC, embedders, model_fingerprint(ckpt),
-                               decoder={"steps": 2})
+                               decoder={"steps": 2}, canonical=True)
     (tmp_path / "refs").mkdir()
     built["learned"][ACTIVITY].save(tmp_path / "refs" / f"{ACTIVITY}.npz")
     parser = argparse.ArgumentParser(prog="masa-rt")
@@ -204,7 +217,8 @@ def test_cli_scores_prebuilt_references(tmp_path, capsys):
         data["results"]["clean"]["learned"]["phase_acc_pct"])
     # Another model's embeddings of the demo: refused, the truth would not map onto it.
     other = MasaModel(cfg).eval()
-    foreign, _ = make_references([ACTIVITY], SPEC, {"learned": embed_learned(other)})
+    foreign, _ = make_references([ACTIVITY], SPEC, {"learned": embed_learned(other)},
+                                 canonical=True)
     with pytest.raises(ValueError, match="not the harness's reference"):
         run_harness(model, SPEC, activities=[ACTIVITY], per_activity=1,
                     scenarios=[SCENARIOS["clean"]], references=foreign["learned"])
