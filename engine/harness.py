@@ -784,7 +784,7 @@ def markdown_report(report: dict[str, Any], command: str = "", model: str = "") 
             "each subject's key poses, the metric's own ceiling): `python "
             "benchmarks/phase_ceiling.py`; where the wrong frames are (near phase changes, "
             "in pauses close to a phase's end): `python benchmarks/error_anatomy.py`; both "
-            "discussed in docs/results.md section 3.",
+            "discussed in docs/changelog.md.",
             "",
         ]
     if "engine_check" in report:

@@ -96,7 +96,7 @@ def register(subparsers) -> None:
                    help="checkpoint .pt or run folder (default: the shipped model "
                         "masa_rt/assets/masa_hands_causal.pt)")
     # 12 rather than 4: 72 streams per scenario instead of 24. On 24, two seeds of the
-    # same engine differed by 2.5 points clean; on 72, by 0.5 (docs/results.md §3,
+    # same engine differed by 2.5 points clean; on 72, by 0.5 (docs/changelog.md,
     # "Twelfth round"). Scoring prebuilt references takes about 45 s instead of 17.
     p.add_argument("--per-activity", type=positive_int, default=12, metavar="N",
                    help="val streams per activity and scenario (default 12)")

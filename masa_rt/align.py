@@ -334,14 +334,14 @@ class AlignerConfig:
     # References with a phase decoder: cost += decoder_weight * -log(p(the frame's phase) /
     # p(the decoder's best phase)). 0.1 weighs a confident decoder (p 0.9 against 0.1: 2.2
     # nats) about like a cosine gap of 0.2. The defaults above and this weight were tuned
-    # together for references with 128-wide decoders (docs/results.md §3, "Tenth round");
+    # together for references with 128-wide decoders (docs/changelog.md, "Tenth round");
     # references without decoders get DECODER_FREE (see for_references).
     decoder_weight: float = 0.1
     # Where the active reference's decoder gives one phase more than this probability and
     # the tracked frame lies in the phase before or after it, the *reported* position
     # moves to the nearest frame of the decoder's phase (the tracker itself is untouched):
     # a confident decoder places boundaries sooner than the tracker, whose steps are
-    # bounded, catches up with them (docs/results.md §3, "Eleventh round"). 1: never; nor with
+    # bounded, catches up with them (docs/changelog.md, "Eleventh round"). 1: never; nor with
     # decoder_weight 0, which leaves the decoders out altogether.
     decoder_phase_confidence: float = 0.5
     # Hysteresis on each decoder's phase: the phase it named on the last frame gets this
@@ -351,7 +351,7 @@ class AlignerConfig:
     # more often than late (368 against 206 wrong frames within three of a boundary, 72
     # clean streams). 0.5: +0.12 to +0.18 on the harness's scenario mean, shipped causal
     # and lookahead references, seeds 0 and 1, no scenario lower by more than 0.07;
-    # 0.4 and 0.7 alike, 1.0 lower (docs/results.md §3, "Sixteenth round"). 0: off.
+    # 0.4 and 0.7 alike, 1.0 lower (docs/changelog.md, "Sixteenth round"). 0: off.
     decoder_stickiness: float = 0.5
 
     def __post_init__(self) -> None:
@@ -941,7 +941,7 @@ class _Sessions:
             # that is confident on the wrong activity's stream cannot pull the activity
             # choice (which compares references' costs) towards it. The stickiness is in
             # the term (inertia for the tracker too, which the report follows: applied
-            # to the named phase alone it gained under half as much, docs/results.md §3), so
+            # to the named phase alone it gained under half as much, docs/changelog.md), so
             # the other phases of a reference cost at most decoder_weight x it more.
             rel = logp - logp.max(axis=2, keepdims=True)
             for i, (cols, phases) in enumerate(targets):
@@ -1379,7 +1379,7 @@ class AlignerBank:
     can differ in the last bits with the number of sessions stepped together (the BLAS
     kernel's blocking), which now and then flips a near-tie: the activity of 53 frames of
     the harness's 24 NaN-joint streams changed between stepping them alone and with all
-    scenarios' streams at once (docs/results.md §3).
+    scenarios' streams at once (docs/changelog.md).
     """
 
     def __init__(self, references: Reference | Sequence[Reference],

@@ -25,7 +25,7 @@ A reference may carry several decoders trained apart (other seeds, other replays
 ``DecoderEnsemble``. Their log-probabilities are averaged and renormalised (the
 normalised geometric mean of their probabilities, ``mean_log_probs``): one decoder's
 errors are mostly its own draw's, so the mean is right more often than its members
-(docs/results.md §3, "Fifteenth round").
+(docs/changelog.md, "Fifteenth round").
 """
 
 from __future__ import annotations

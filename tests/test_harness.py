@@ -165,7 +165,8 @@ def test_multi_demo_reference_from_training_demos(tmp_path):
     s = rep["_streams"][0]
     assert 0.0 <= s.progress.min() and s.progress.max() <= 1.0
     write_outputs(rep, tmp_path, "masa-rt harness --reference-demos 3", "tiny")
-    assert "medoid average of 3 ordinary training demos" in (tmp_path / "streaming_results.md").read_text()
+    md = (tmp_path / "streaming_results.md").read_text()
+    assert "medoid average of 3 ordinary training demos" in md
     with pytest.raises(ValueError, match="reference_demos"):
         run_harness(None, SPEC, activities=[ACTIVITY], per_activity=1,
                     scenarios=[SCENARIOS["clean"]], reference_demos=31)
