@@ -370,6 +370,13 @@ def _per_activity(results: list[_Result], methods: list[str]) -> dict[str, dict[
     return out
 
 
+def _per_recording(results: list[_Result], methods: list[str]) -> list[dict[str, Any]]:
+    """Each recording's accuracy per method: for paired tests of one's own."""
+    return [{"file": r.rec.name, "activity": r.rec.activity, "frames": len(r.rec.times),
+             "phase_acc_pct": {m: 100.0 * float(np.mean(r.phase[m] == r.truth[m]))
+                               for m in methods}} for r in results]
+
+
 def _latency(latency: list[tuple[float, int]]) -> dict[str, Any]:
     secs = np.array([d for d, _n in latency])
     sessions = np.array([n for _d, n in latency])
@@ -400,6 +407,7 @@ def score_pipeline(pipe: Pipeline, refs: dict[str, Reference], recordings: list[
         "lookahead_frames": pipe.lookahead,
         "results": _summaries(results, methods, refs, lag_s),
         "per_activity": _per_activity(results, methods),
+        "per_recording": _per_recording(results, methods),
         "activity_id": _activity_id(results, sorted(refs)),
         "latency": {**_latency(latency), "concurrency": concurrency},
         "timing_s": {"engine": round(t_engine, 2),

@@ -134,6 +134,11 @@ def test_score_streams_every_labelled_val_recording_through_the_pipeline(world):
     assert r["engine"]["phase_acc_pct"] > 50.0  # a trained model on its own kind of data
     assert report["activity_id"]["frame_acc_pct"] > 50.0  # two references: identified
     assert report["latency"]["rounds"] > 0 and report["latency"]["step_ms_p50"] > 0
+    per = report["per_recording"]
+    assert len(per) == len(val) and set(per[0]["phase_acc_pct"]) == set(r)
+    frames = np.array([p["frames"] for p in per])
+    pooled = np.array([p["phase_acc_pct"]["engine"] for p in per]) @ frames / frames.sum()
+    assert pooled == pytest.approx(r["engine"]["phase_acc_pct"])
 
 
 def test_a_recording_scored_against_its_own_reference_is_right_offline(world):
