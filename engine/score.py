@@ -42,7 +42,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ import numpy as np
 
 from engine.harness import Predictions, Stream, json_safe, run_bank, run_offline
 from engine.pipeline import Pipeline
-from masa_rt.align import Reference
+from masa_rt.align import AlignerConfig, Reference
 from masa_rt.atomic import atomic_write, atomic_write_json
 from masa_rt.metrics import paired_accuracy_difference_ci, streaming_summary
 from masa_rt.preprocess import raw_embedding
@@ -125,9 +125,11 @@ def _sequence_files(path: Path, split: str) -> list[tuple[Path, Any]]:
 
 
 def find_recordings(paths: Sequence[str | os.PathLike[str]], activities: Sequence[str],
-                    layout: str, split: str = "val") -> tuple[list[Recording], Counter]:
+                    layout: str, split: str = "val",
+                    exclude: frozenset[Path] = frozenset()) -> tuple[list[Recording], Counter]:
     """Every labelled recording under ``paths`` whose activity has a reference, and the
-    count of the others by reason (never silently dropped)."""
+    count of the others by reason (never silently dropped). ``exclude``: resolved paths
+    of the references' own demos, which are not held-out queries."""
     recs: list[Recording] = []
     skipped: Counter = Counter()
     for p in paths:
@@ -139,7 +141,9 @@ def find_recordings(paths: Sequence[str | os.PathLike[str]], activities: Sequenc
                 skipped["unreadable"] += 1
                 continue
             activity = seq.activity or (entry[1].activity if entry else "")
-            if seq.phases is None:
+            if file.resolve() in exclude:
+                skipped["a reference was built from it"] += 1
+            elif seq.phases is None:
                 skipped["no phase labels"] += 1
             elif activity not in activities:
                 skipped[f"no reference for activity {activity or '?'}"] += 1
@@ -283,8 +287,10 @@ def _baseline_references(refs: dict[str, Reference]) -> dict[str, dict[str, Refe
     return out
 
 
-def _run_baselines(results: list[_Result], refs: dict[str, Reference]) -> list[str]:
-    """Fill every baseline's predictions; returns the methods run."""
+def _run_baselines(results: list[_Result], refs: dict[str, Reference],
+                   aligner: Mapping[str, Any] | None = None) -> list[str]:
+    """Fill every baseline's predictions; returns the methods run. ``aligner``: the
+    same AlignerConfig changes the engine runs with."""
     usable = [(i, r) for i, r in enumerate(results) if any(not f[3] for f in r.frames)]
     streams = [_model_stream(r, i) for i, r in usable]
     variants = _baseline_references(refs)
@@ -295,7 +301,8 @@ def _run_baselines(results: list[_Result], refs: dict[str, Reference]) -> list[s
             rows = [k for k, s in enumerate(streams) if s.activity == act]
             if not rows:
                 continue
-            preds = run_bank([ref], [streams[k] for k in rows], embedding)
+            config = replace(AlignerConfig.for_references([ref]), **(aligner or {}))
+            preds = run_bank([ref], [streams[k] for k in rows], embedding, config)
             for k, p in zip(rows, preds, strict=True):
                 _store(usable[k][1], method, streams[k], p)
         methods.append(method)
@@ -388,9 +395,11 @@ def _latency(latency: list[tuple[float, int]]) -> dict[str, Any]:
 
 
 def score_pipeline(pipe: Pipeline, refs: dict[str, Reference], recordings: list[Recording],
-                   *, concurrency: int = 64, baselines: bool = True) -> dict[str, Any]:
+                   *, concurrency: int = 64, baselines: bool = True,
+                   aligner: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Stream ``recordings`` through ``pipe`` and score it and the baselines (the report
-    dict without the run's provenance; see :func:`run_score`)."""
+    dict without the run's provenance; see :func:`run_score`). ``aligner``: the changes
+    to AlignerConfig ``pipe`` was built with, applied to the baselines too."""
     if not recordings:
         raise ValueError("score: no labelled recording of a referenced activity to score")
     identify = len(refs) > 1
@@ -400,7 +409,7 @@ def score_pipeline(pipe: Pipeline, refs: dict[str, Reference], recordings: list[
     for g in range(0, len(results), concurrency):
         _stream_group(pipe, results[g:g + concurrency], identify, latency)
     t_engine = time.perf_counter() - start
-    methods = ["engine", *(_run_baselines(results, refs) if baselines else [])]
+    methods = ["engine", *(_run_baselines(results, refs, aligner) if baselines else [])]
     lag_s = pipe.lookahead / pipe.spec.fps
     report = {
         "methods": {m: METHODS[m] for m in methods},
@@ -420,23 +429,31 @@ def score_pipeline(pipe: Pipeline, refs: dict[str, Reference], recordings: list[
 def run_score(reference_paths: Sequence[str | os.PathLike[str]],
               data_paths: Sequence[str | os.PathLike[str]], *, model: str | None = None,
               split: str = "val", concurrency: int = 64, baselines: bool = True,
-              capacity: int | None = None) -> dict[str, Any]:
+              capacity: int | None = None,
+              aligner: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The whole ``masa-rt score``: load the model and references as ``serve`` does,
-    find the recordings, stream and score them; returns the report dict."""
+    find the recordings, stream and score them; returns the report dict. ``aligner``:
+    AlignerConfig fields to change from the references' defaults (every method)."""
     from engine.serve_commands import prepare  # its child process builds/exports if asked
 
     onnx, ref_paths = prepare(model, [str(p) for p in reference_paths])
     needed = 2 * concurrency if len(ref_paths) > 1 else concurrency
-    pipe = Pipeline.from_files(onnx, ref_paths, "onnxruntime", capacity=capacity or needed)
+    config = None
+    if aligner:
+        config = replace(AlignerConfig.for_references([Reference.load(p) for p in ref_paths]),
+                         **aligner)
+    pipe = Pipeline.from_files(onnx, ref_paths, "onnxruntime", capacity=capacity or needed,
+                               aligner_config=config)
     try:
         refs = pipe.references
-        recs, skipped = find_recordings(data_paths, sorted(refs), pipe.spec.layout, split)
+        recs, skipped = find_recordings(data_paths, sorted(refs), pipe.spec.layout, split,
+                                        _demo_files(refs.values()))
         if not recs:
             raise ValueError(f"score: no labelled recording of {', '.join(sorted(refs))} "
                              f"in {', '.join(map(str, data_paths))} (split {split}); "
                              f"skipped: {dict(skipped) or 'none found'}")
         report = score_pipeline(pipe, refs, recs, concurrency=concurrency,
-                                baselines=baselines)
+                                baselines=baselines, aligner=aligner)
     finally:
         pipe.close()
     report.update(
@@ -445,8 +462,18 @@ def run_score(reference_paths: Sequence[str | os.PathLike[str]],
                "layout": pipe.spec.layout},
         references=[_describe(p, r) for p, r in zip(ref_paths, refs.values(), strict=True)],
         data=[str(p) for p in data_paths], split=split, recordings=len(recs),
+        aligner_changes=dict(aligner or {}),
         skipped=dict(skipped))
     return report
+
+
+def _demo_files(refs: Any) -> frozenset[Path]:
+    """The recordings the references were built from, as their metadata names them."""
+    named = []
+    for ref in refs:
+        named += [d["file"] for d in ref.meta.get("demos", [])]
+        named += [ref.meta["demo"]] if "demo" in ref.meta else []
+    return frozenset(Path(f).resolve() for f in named if Path(f).is_file())
 
 
 def _describe(path: Path, ref: Reference) -> dict[str, Any]:

@@ -16,11 +16,34 @@ from masa_rt.cli_types import positive_int
 SPLITS = ("val", "train", "all")
 
 
+def aligner_changes(pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs -> AlignerConfig field changes, each value read as its field's
+    type (one clear error for an unknown field or a bad value)."""
+    from dataclasses import fields
+
+    from masa_rt.align import AlignerConfig
+
+    types = {f.name: f.type for f in fields(AlignerConfig)}
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"--aligner {pair}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(types)}")
+        try:
+            out[key] = int(value) if types[key] in ("int", int) else float(value)
+        except ValueError:
+            raise ValueError(f"--aligner {pair}: {value!r} is not a {types[key]}") from None
+    AlignerConfig(**out)  # validates ranges
+    return out
+
+
 def _score(args: argparse.Namespace) -> int:
     from engine.score import markdown_table, per_activity_table, run_score, write_report
 
     report = run_score(args.reference, args.data, model=args.model, split=args.split,
-                       concurrency=args.concurrency, baselines=not args.no_baselines)
+                       concurrency=args.concurrency, baselines=not args.no_baselines,
+                       aligner=aligner_changes(args.aligner))
     print(markdown_table(report))
     print()
     print(per_activity_table(report))
@@ -67,6 +90,9 @@ def register(subparsers) -> None:
                    help="which split of a dataset folder to score")
     p.add_argument("--concurrency", type=positive_int, default=64, metavar="N",
                    help="recordings streamed at once, as concurrent sessions")
+    p.add_argument("--aligner", action="append", default=[], metavar="KEY=VALUE",
+                   help="change an AlignerConfig field for every method (repeatable), "
+                        "e.g. --aligner pause_speed_ratio=0.1")
     p.add_argument("--no-baselines", action="store_true",
                    help="score the engine only")
     p.add_argument("--out", default=None, metavar="DIR",
