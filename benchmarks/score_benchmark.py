@@ -9,7 +9,7 @@ builds them (from ordinary recordings: one, and several combined), scored with
 ``penn``: Penn Action key events (``masa-rt import-penn --events``, docs/penn_events.md):
 for each labelled action, references from its first K labelled *train* videos (manifest
 order), queries = its labelled official *test* videos. Model: ``--checkpoint`` (default
-the quickly trained causal penn13 model in benchmarks/models, configs/penn_causal.yaml).
+the shipped penn13 body model, masa_rt/assets/masa_penn13_causal.pt).
 
 ``synth``: ``masa-rt synth`` hand activities from a seed no model was trained on; for each
 activity, references from its first K ordinary *train* performances (random subject,
@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-PENN_MODEL = ROOT / "benchmarks" / "models" / "penn13_causal_quick.pt"
 
 
 def run(cmd: list[str]) -> None:
@@ -105,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", default=str(ROOT.parent / "shared" / "data" / "pennaction"
                                             / "labels"), help="penn: Penn Action labels/")
     ap.add_argument("--checkpoint", default=None,
-                    help="model checkpoint (penn default: benchmarks/models/"
-                         "penn13_causal_quick.pt; synth default: the shipped hand model)")
+                    help="model checkpoint (default: the shipped model that reads the "
+                         "data's layout)")
     ap.add_argument("--k", type=int, nargs="+", default=[1, 5],
                     help="references from the first K ordinary recordings")
     ap.add_argument("--decoder-steps", type=int, default=0,
@@ -118,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     checkpoint = args.checkpoint
     if args.which == "penn":
-        checkpoint = checkpoint or str(PENN_MODEL)
         data = out / "penn"
         if not (data / "events.json").is_file():
             run(["masa-rt", "import-penn", args.labels, "--out", str(data), "--events"])

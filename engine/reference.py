@@ -38,7 +38,7 @@ import masa_rt
 from engine.export import resolve_checkpoint
 from engine.streams import Resampler
 from masa_rt.align import Reference, is_reference_file, offline_dtw
-from masa_rt.checkpoint import load_model, model_fingerprint
+from masa_rt.checkpoint import default_model_path, load_model, model_fingerprint
 from masa_rt.cli_types import check_output_path
 from masa_rt.model import MasaModel
 from masa_rt.phase_decoder import DecoderEnsemble, PhaseDecoderError
@@ -369,7 +369,8 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
                     decoder: Mapping[str, Any] | None = None) -> Reference:
     """Embed the demos with the checkpoint's model and save the reference to ``out_path``.
 
-    ``checkpoint_path``: a ``.pt`` file or a run folder; None uses the shipped model.
+    ``checkpoint_path``: a ``.pt`` file or a run folder; None uses the shipped model that
+    reads the demos' layout (``masa_rt.shipped``).
     ``policy``: ``"medoid"`` (average of all demos on the medoid's timeline) or
     ``"first"`` (the first demo; the others are only compared). ``decoder``: how the
     reference's phase decoder is trained on all the demos' labels (``with_phase_decoder``'s
@@ -381,12 +382,13 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
         raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, found {policy!r}")
     if refine < 0:
         raise ValueError(f"refine: expected >= 0, found {refine}")
-    ckpt = resolve_checkpoint(checkpoint_path)
+    seqs = [load_sequence(p) for p in demo_paths]
+    # no model named: the shipped one that reads the demos' layout
+    ckpt = resolve_checkpoint(checkpoint_path) or default_model_path(seqs[0].layout)
     # never overwrite a demo (or any file that is not a previous reference) with the result
     check_output_path(out_path, [*demo_paths, ckpt], replaceable=("a reference", _replaceable))
     model, _cfg, spec, meta = load_model(ckpt)
     fingerprint = meta.get("model_fingerprint") or model_fingerprint(meta["path"])
-    seqs = [load_sequence(p) for p in demo_paths]
     labels = [str(p) for p in demo_paths]
     activity = check_same_activity(seqs, labels, Path(demo_paths[0]).stem)
     demos = [embed_demo(model, spec, s, lab) for s, lab in zip(seqs, labels, strict=True)]

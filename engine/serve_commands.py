@@ -53,9 +53,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MASA_RT_CACHE", Path.home() / ".cache" / "masa-rt"))
 
 
-def shipped_onnx_path() -> Path:
-    """The shipped model's ONNX export, beside its checkpoint in masa_rt/assets."""
-    return Path(__file__).resolve().parents[1] / "masa_rt" / "assets" / "masa_hands_causal.onnx"
+def shipped_onnx_path(layout: str | None = None) -> Path:
+    """A shipped model's ONNX export, beside its checkpoint in masa_rt/assets (None: the
+    default hand model)."""
+    from masa_rt.shipped import shipped_onnx_path as path
+
+    return path(layout)
+
+
+def shipped_onnx_for(references: list[str]) -> Path | None:
+    """The shipped export that built these references (by model fingerprint), or None."""
+    from engine.backends import read_model_info
+    from masa_rt.align import Reference
+    from masa_rt.shipped import SHIPPED_MODELS
+
+    wanted = {Reference.load(r).model_fingerprint for r in references}
+    for layout in SHIPPED_MODELS:
+        path = shipped_onnx_path(layout)
+        if path.is_file() and read_model_info(path).fingerprint in wanted:
+            return path
+    return None
 
 
 def prepare(model: str | None, references: list[str]) -> tuple[Path, list[Path]]:
@@ -77,8 +94,9 @@ def prepare(model: str | None, references: list[str]) -> tuple[Path, list[Path]]
     from masa_rt.align import is_reference_file
 
     demos = [r for r in references if not is_reference_file(r)]
-    if model is None and not demos and shipped_onnx_path().is_file():
-        model = str(shipped_onnx_path())  # shipped export: no child process, no torch
+    if model is None and not demos:  # the shipped export that built them: no torch
+        found = shipped_onnx_for(references) or shipped_onnx_path()
+        model = str(found) if found.is_file() else None
     if model is not None and model.endswith(".onnx"):
         if not Path(model).is_file():
             raise FileNotFoundError(f"model {model} not found")
@@ -108,9 +126,11 @@ def _prepare_in_child() -> None:
     from engine.export import export_cached, resolve_checkpoint
     from engine.reference import build_reference
     from masa_rt.checkpoint import default_model_path
+    from masa_rt.sequence import load_sequence
 
     req = json.loads(sys.argv[1])
-    ckpt = resolve_checkpoint(req["checkpoint"]) or default_model_path()
+    layout = load_sequence(req["demos"][0]).layout if req["demos"] else None
+    ckpt = resolve_checkpoint(req["checkpoint"]) or default_model_path(layout)
     onnx = export_cached(ckpt, req["cache"])
     refs = {}
     for demo in req["demos"]:

@@ -25,6 +25,7 @@ import torch
 from masa_rt.atomic import atomic_write
 from masa_rt.model import MasaConfig, MasaModel
 from masa_rt.preprocess import InputSpec
+from masa_rt.shipped import shipped_model_path
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -40,7 +41,6 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "masa-rt-checkpoint"
 CHECKPOINT_VERSION = 1
-DEFAULT_MODEL_NAME = "masa_hands_causal.pt"
 _REQUIRED = ("model_state", "model_config", "input_spec")
 
 
@@ -48,9 +48,10 @@ class CheckpointError(ValueError):
     """A checkpoint file that exists but cannot be used (corrupt, truncated, wrong kind)."""
 
 
-def default_model_path() -> Path:
-    """The model shipped inside the package, used when no ``--model`` is given."""
-    return Path(__file__).resolve().parent / "assets" / DEFAULT_MODEL_NAME
+def default_model_path(layout: str | None = None) -> Path:
+    """The model shipped inside the package for ``layout`` (None: the default hand
+    model), used when no ``--model`` is given (``masa_rt.shipped``)."""
+    return shipped_model_path(layout)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

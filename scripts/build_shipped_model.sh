@@ -2,12 +2,15 @@
 # Rebuilds everything masa-rt ships, from nothing, on a CPU machine:
 #   masa_rt/assets/masa_hands_causal.pt    the default model (weights + config, no optimizer)
 #   masa_rt/assets/masa_hands_causal.onnx  its streaming step, so serving needs no torch
+#   masa_rt/assets/masa_penn13_causal.pt   the 2D body model (penn13) and its .onnx:
+#                                          configs/penn_causal.yaml on Penn Action's train
+#                                          split (PENN=PATH/TO/pennaction/labels; ~15 min)
 #   examples/demos/<activity>.npz          clean synthetic demonstrations (joints + phases)
 #   examples/<activity>.npz                references built from them by the shipped model,
 #                                          each with an ensemble of three phase decoders
 #                                          (two bone- and finger-jittered, 4,800 steps,
 #                                          seeds 0 and 1; one of 8,000 steps:
-#                                          docs/results.md §3, "Fifteenth", "Seventeenth"
+#                                          docs/changelog.md, "Fifteenth", "Seventeenth"
 #                                          and "Eighteenth round"; 65-80 min)
 #   examples/lookahead3/<activity>.npz     the same with 3-frame lookahead decoders (opt-in:
 #                                          estimates describe the user 100 ms ago; two of
@@ -48,3 +51,16 @@ for a in pour_milk open_bottle stir_cup pick_and_place screw_lid wipe_table; do
   masa-rt reference ensemble "$PARTS/$a.l3bone.npz" "$PARTS/$a.l3.npz" \
     -o "examples/lookahead3/$a.npz"
 done
+
+# The body model, where Penn Action's labels are at hand (PENN=.../pennaction/labels).
+if [ -n "${PENN:-}" ]; then
+  BODY=${BODY:-runs/penn_causal}
+  masa-rt import-penn "$PENN" --out data/penn
+  if ! grep -q '"status": "done"' "$BODY/summary.json" 2>/dev/null; then
+    OMP_NUM_THREADS=1 masa-rt train --data data/penn --out "$BODY" --config configs/penn_causal.yaml
+  fi
+  python -c "from masa_rt.checkpoint import strip_checkpoint as s; \
+s('$BODY/last.pt', 'masa_rt/assets/masa_penn13_causal.pt')"
+  masa-rt export --checkpoint masa_rt/assets/masa_penn13_causal.pt \
+    --out masa_rt/assets/masa_penn13_causal.onnx
+fi
