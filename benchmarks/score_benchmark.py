@@ -57,14 +57,16 @@ def labelled_train_videos(dataset: Path) -> dict[str, list[Path]]:
 
 
 def build_references(demos: dict[str, list[Path]], k: int, out: Path,
-                     checkpoint: str | None, decoder_steps: int) -> list[Path]:
+                     checkpoint: str | None, decoder_steps: int, first: int = 0) -> list[Path]:
+    """Per activity, a reference from its train recordings ``first .. first + k - 1``."""
     refs = []
     for act, files in sorted(demos.items()):
-        if len(files) < k:
+        if len(files) < first + k:
             print(f"# {act}: only {len(files)} labelled train recordings, K={k} skipped")
             continue
         refs.append(out / f"{act}.npz")
-        run(["masa-rt", "reference", "build", *map(str, files[:k]), "-o", str(refs[-1]),
+        run(["masa-rt", "reference", "build", *map(str, files[first:first + k]), "-o",
+             str(refs[-1]),
              "--decoder-steps", str(decoder_steps),
              *(["--checkpoint", checkpoint] if checkpoint else [])])
     return refs
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                          "data's layout)")
     ap.add_argument("--k", type=int, nargs="+", default=[1, 5],
                     help="references from the first K ordinary recordings")
+    ap.add_argument("--singles", type=int, default=0, metavar="N",
+                    help="also score N references of one recording each (train recordings "
+                         "0..N-1): is K=N better than the best single one?")
     ap.add_argument("--decoder-steps", type=int, default=0,
                     help="phase decoder training steps per reference (0: none)")
     ap.add_argument("--seed", type=int, default=7, help="synth: generator seed")
@@ -131,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     for k in args.k:
         refs = build_references(demos, k, out / f"refs_k{k}", checkpoint, args.decoder_steps)
         rows.append((f"K={k} ordinary", score(refs, data, out / f"k{k}", checkpoint)))
+    for i in range(args.singles):
+        refs = build_references(demos, 1, out / f"refs_single{i}", checkpoint,
+                                args.decoder_steps, first=i)
+        rows.append((f"single #{i}", score(refs, data, out / f"single{i}", checkpoint)))
     if args.which == "synth" and checkpoint is None:
         shipped = sorted((ROOT / "examples").glob("*.npz"))
         rows.append(("canonical demo (shipped, extra row)",

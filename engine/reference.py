@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import masa_rt
 from engine.export import resolve_checkpoint
@@ -272,14 +274,18 @@ def with_phase_decoder(ref: Reference, demos: Sequence[dict[str, Any]], spec: In
     for i in range(cfg.members):  # an ensemble's members differ in their seed only
         member = replace(cfg, seed=cfg.seed + i)
         which = f" {i + 1}/{cfg.members}" if cfg.members > 1 else ""
+        # A bar with the time left: a decoder takes minutes. On stderr; where that is no
+        # terminal (a log file) an update every 30 s instead of every second.
+        with tqdm(total=cfg.steps, desc=f"phase decoder{which}", unit="step",
+                  mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
 
-        def report(step: int, loss: float, which: str = which) -> None:
-            log.info("phase decoder%s: step %d/%d, loss %.3f", which, step + 1, cfg.steps,
-                     loss)
+            def report(step: int, loss: float, bar: tqdm = bar) -> None:
+                bar.update(step + 1 - bar.n)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-        trained.append(train_phase_decoder([(d["joints"], d["phases"]) for d in demos],
-                                           spec, len(ref.phase_names), member,
-                                           progress=report))
+            trained.append(train_phase_decoder([(d["joints"], d["phases"]) for d in demos],
+                                               spec, len(ref.phase_names), member,
+                                               progress=report))
         about.append({"steps": cfg.steps, "hidden": cfg.hidden, "layers": cfg.layers,
                       "edit_prob": cfg.edit_prob, "lookahead": cfg.lookahead,
                       "demos": len(demos), "retime": cfg.retime is not None,
