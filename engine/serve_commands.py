@@ -108,15 +108,55 @@ def prepare(model: str | None, references: list[str]) -> tuple[Path, list[Path]]
     log.info("event=prepare checkpoint=%s demos=%d cache=%s", model or "shipped", len(demos),
              cache_dir())
     request = json.dumps({"checkpoint": model, "demos": demos, "cache": str(cache_dir())})
-    done = subprocess.run([sys.executable, "-c", "from engine.serve_commands import "
-                           "_prepare_in_child as p; p()", request],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["unknown error"])[-1]
-        raise FileNotFoundError(f"could not prepare the model: {last}")
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    code, out, last = _run_child([sys.executable, "-c", "from engine.serve_commands import "
+                                  "_prepare_in_child as p; p()", request])
+    if code != 0:
+        raise FileNotFoundError(f"could not prepare the model: {last or 'unknown error'}")
+    answer = json.loads(out.strip().splitlines()[-1])
     built = answer["references"]
     return Path(answer["onnx"]), [Path(built.get(r, r)) for r in references]
+
+
+def _run_child(cmd: list[str]) -> tuple[int, str, str]:
+    """Run the preparing child with its progress (stderr: the build's bar and log lines)
+    shown as it comes; returns (exit code, stdout, last stderr line). A SIGTERM or
+    Ctrl-C to this process stops the child too, rather than leaving it building."""
+    import signal
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last: list[str] = []
+
+    def relay() -> None:  # a bar redraws with \r: pass chunks through as they come
+        for line in iter(proc.stderr.readline, ""):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if line.strip():
+                last[:] = [line.strip().split("\r")[-1]]
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+
+    def stop(signum: int, _frame: object) -> None:
+        proc.terminate()
+        raise SystemExit(128 + signum)
+
+    if main:
+        signal.signal(signal.SIGTERM, stop)
+    try:
+        out = proc.stdout.read()
+        code = proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM: the child goes with us
+        proc.terminate()
+        proc.wait()
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    reader.join(timeout=5)
+    return code, out, last[0] if last else ""
 
 
 def _prepare_in_child() -> None:
