@@ -276,8 +276,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
     p = subparsers.add_parser("bench", help="engine, end-to-end and floor latency benchmark")
-    p.add_argument("--out", default="bench.json", help="JSON results")
-    p.add_argument("--plot", default="bench.png", help="PNG plot (latency vs streams)")
+    p.add_argument("--out", default=None, metavar="JSON",
+                   help="also write the results as JSON (default: print only)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw latency against streams (default: none)")
     p.add_argument("--streams", type=positive_int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--backend", action="append", choices=BACKENDS,
                    help="backend(s) to bench (repeat; default onnxruntime)")

@@ -44,8 +44,9 @@ def register(subparsers) -> None:
                    help="share of each activity's sequences in the val split (0 <= F < 1)")
     p.add_argument("--features", type=nonnegative_int, default=0, metavar="F",
                    help="also emit an F-dim per-frame feature vector (stands in for RGB features)")
-    p.add_argument("--examples", default="examples/demos",
-                   help="folder for the clean demonstrations (pour_milk.npz, ...); '' to skip")
+    p.add_argument("--examples", default=None, metavar="DIR",
+                   help="folder for the clean canonical demonstrations (pour_milk.npz, ...) "
+                        "(default: OUT/canonical_demos; '' to skip)")
     p.set_defaults(func=_synth)
 
     p = subparsers.add_parser("import-penn", help="convert Penn Action .mat labels to a dataset")

@@ -466,9 +466,11 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"synth: {folder}: {len(m.files)} sequences ({len(m.files) - n_val} train, "
               f"{n_val} val) of {len(m.activities)} activities, layout {m.layout}, "
               f"{m.fps:g} fps, in {time.perf_counter() - start:.1f} s")
-    if args.examples:
+    # Inside the output folder unless told: never into the current folder (a repository).
+    examples = Path(args.out) / "canonical_demos" if args.examples is None else args.examples
+    if examples:
         start = time.perf_counter()
-        paths = write_examples(args.examples, args.activities)
-        print(f"synth: {args.examples}: {len(paths)} clean examples "
+        paths = write_examples(examples, args.activities)
+        print(f"synth: {examples}: {len(paths)} clean examples "
               f"({', '.join(p.name for p in paths)}), in {time.perf_counter() - start:.1f} s")
     return 0
