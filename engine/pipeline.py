@@ -32,7 +32,13 @@ from engine.streams import ModelFrame, StreamBank
 from masa_rt.align import AlignerBank, AlignerConfig, Estimate, Reference
 from masa_rt.preprocess import InputSpec
 from masa_rt.protocol import ProtocolError
-from masa_rt.skeleton import get_layout
+from masa_rt.skeleton import (
+    UnknownLayoutError,
+    UnsupportedConversionError,
+    apply_map,
+    conversion_map,
+    get_layout,
+)
 
 __all__ = ["Pipeline", "ReferenceMismatchError", "Result"]
 
@@ -55,6 +61,7 @@ class _Session:
     queue: deque[tuple[int, float, np.ndarray]] = field(default_factory=deque)
     frames: deque[ModelFrame] = field(default_factory=deque)  # model frames of the current one
     current: tuple[int, float] | None = None  # (seq, t) of the capture frame being processed
+    convert: np.ndarray | None = None  # the client's layout -> the model's (joint map)
 
 
 class Pipeline:
@@ -122,9 +129,7 @@ class Pipeline:
                      reference: str | None = None) -> dict:
         """Start a session; returns what a ``welcome`` needs. Refusals are ProtocolErrors
         with the reason the client can switch on (wrong_layout, unknown_reference, ...)."""
-        if layout != self.spec.layout:
-            raise ProtocolError("wrong_layout", f"{layout!r}: this model reads "
-                                                f"{self.spec.layout!r}")
+        convert = self._conversion(layout)
         if reference is not None and reference not in self.references:
             raise ProtocolError("unknown_reference", f"{reference!r}; loaded: "
                                                      f"{sorted(self.references)}")
@@ -138,12 +143,28 @@ class Pipeline:
             raise ProtocolError("overloaded", str(exc)) from None
         bank = self._banks[reference] if reference else self._bank_all
         bank.add(session_id)
-        self._sessions[session_id] = _Session(bank, bank.last(session_id))
+        self._sessions[session_id] = _Session(bank, bank.last(session_id), convert=convert)
         lay = get_layout(layout)
         return {"shape": (lay.num_joints, lay.dims), "model": self.model_name,
                 "references": [reference] if reference else sorted(self.references),
                 "window": self.window, "model_fps": self.spec.fps,
-                "lookahead_s": bank.lookahead / self.spec.fps}
+                "lookahead_s": bank.lookahead / self.spec.fps,
+                **({"model_layout": self.spec.layout} if convert is not None else {})}
+
+    def _conversion(self, layout: str) -> np.ndarray | None:
+        """None for the model's own layout; else the joint map from ``layout`` to it (a
+        headset's OpenXR hands to the hand model, a COCO-17 detector to the body model),
+        or a wrong_layout refusal where no mapping exists."""
+        if layout == self.spec.layout:
+            return None
+        try:
+            if get_layout(layout).dims != get_layout(self.spec.layout).dims:
+                raise UnsupportedConversionError("2D and 3D joints")
+            return conversion_map(layout, self.spec.layout)
+        except (UnknownLayoutError, UnsupportedConversionError) as exc:
+            raise ProtocolError("wrong_layout", f"{layout!r}: this model reads "
+                                                f"{self.spec.layout!r} and {layout!r} does "
+                                                f"not convert to it ({exc})") from None
 
     def close_session(self, session_id: str) -> None:
         s = self._sessions.pop(session_id, None)
@@ -178,8 +199,12 @@ class Pipeline:
     # -- frames -----------------------------------------------------------------------------
 
     def submit(self, session_id: str, seq: int, t: float, joints: np.ndarray) -> None:
-        """Queue one capture frame (J, C); nothing runs until :meth:`step`."""
-        self._session(session_id).queue.append((int(seq), float(t), joints))
+        """Queue one capture frame (J, C) in the session's layout (converted to the
+        model's here); nothing runs until :meth:`step`."""
+        s = self._session(session_id)
+        if s.convert is not None:
+            joints = apply_map(joints, s.convert)
+        s.queue.append((int(seq), float(t), joints))
 
     def pending(self) -> int:
         return sum(len(s.queue) + (s.current is not None) for s in self._sessions.values())

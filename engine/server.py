@@ -551,7 +551,8 @@ class Server:
                          layout=s.layout, shape=s.shape, window=int(info.get("window", 0)),
                          last_seq=s.last_seq, resumed=resumed,
                          session_timeout=self.config.idle_timeout_s,
-                         lookahead_s=float(info.get("lookahead_s", 0.0)))
+                         lookahead_s=float(info.get("lookahead_s", 0.0)),
+                         model_layout=info.get("model_layout"))
 
     def _session_of(self, sid: str) -> Session:
         """The session ``sid``, else 'unknown_session' without seq: the client answers with

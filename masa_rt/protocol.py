@@ -228,6 +228,9 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
         # Seconds each estimate lags the frame it answers (references whose phase decoders
         # have lookahead; absent or 0: it describes that frame).
         "lookahead_s": (_optional(_number), False),
+        # The layout the model reads, where it is not the session's: the server converts
+        # each frame's joints to it (docs/protocol.md, "Layouts"); absent: the same.
+        "model_layout": (_optional(_text), False),
     },
     "error": {
         "reason": (_reason, True),
@@ -410,12 +413,12 @@ def stats(session: str | None = None) -> dict:
 def welcome(session: str, server_time: float, *, model: str, references: list[str], fps: float,
             layout: str, shape: tuple[int, int], window: int, last_seq: int = -1,
             resumed: bool = False, session_timeout: float | None = None,
-            lookahead_s: float = 0.0) -> dict:
+            lookahead_s: float = 0.0, model_layout: str | None = None) -> dict:
     return _msg("welcome", session=session, server_time=float(server_time), model=model,
                 references=list(references), fps=float(fps), layout=layout,
                 shape=[int(shape[0]), int(shape[1])], window=int(window),
                 last_seq=int(last_seq), resumed=resumed, session_timeout=session_timeout,
-                lookahead_s=float(lookahead_s))
+                lookahead_s=float(lookahead_s), model_layout=model_layout)
 
 
 def error(reason: str, detail: str = "", *, seq: int | None = None,

@@ -22,6 +22,8 @@ __all__ = [
     "Layout",
     "UnknownLayoutError",
     "UnsupportedConversionError",
+    "apply_map",
+    "conversion_map",
     "convert",
     "flatten_frames",
     "get_layout",
@@ -211,9 +213,27 @@ def _penn13() -> Layout:
                   dims=2, up_axis=1)
 
 
+_COCO17_NAMES = (
+    "nose", "l_eye", "r_eye", "l_ear", "r_ear", "l_shoulder", "r_shoulder", "l_elbow",
+    "r_elbow", "l_wrist", "r_wrist", "l_hip", "r_hip", "l_knee", "r_knee", "l_ankle",
+    "r_ankle",
+)
+
+
+def _coco17() -> Layout:
+    """COCO's 17 keypoints (most 2D pose detectors: OpenPifPaf, YOLO-pose, RTMPose, ...),
+    image coordinates. Trees rooted at the nose (face) and at each shoulder and hip, in
+    topological order; root the hips, scale the shoulder-hip bones as penn13 does."""
+    n = _COCO17_NAMES
+    parents = (-1, 0, 0, 1, 2, -1, -1, 5, 6, 7, 8, 5, 6, 11, 12, 13, 14)
+    return Layout("coco17", n, parents, _mirror_by_prefix(n, "l_", "r_"), root=(11, 12),
+                  ref_bone=((5, 11), (6, 12)), dims=2, up_axis=1)
+
+
 LAYOUTS: dict[str, Layout] = {
     lay.name: lay
-    for lay in (_h2o_hands(), _mediapipe_hand21(), _openxr_hands26(), _body25(), _penn13())
+    for lay in (_h2o_hands(), _mediapipe_hand21(), _openxr_hands26(), _body25(), _penn13(),
+                _coco17())
 }
 
 
@@ -421,6 +441,38 @@ def _invert(m: np.ndarray, size: int) -> np.ndarray:
     return inv
 
 
+def _coco17_to_penn13() -> np.ndarray:
+    """penn13 joint <- coco17 joint: the same joints by name, Penn's head <- COCO's nose.
+
+    Names are copied as they are; Penn Action's own left/right look viewer-relative in
+    front views (masa_rt.penn), COCO's are the person's: models trained with mirror
+    augmentation see both."""
+    coco = LAYOUTS["coco17"].joint_names
+    return np.array([coco.index("nose" if j == "head" else j) for j in _PENN13_NAMES])
+
+
+# Direct (src, dst) maps outside the hand hub: dst joint <- src joint, -1 = missing.
+_DIRECT = {("coco17", "penn13"): _coco17_to_penn13}
+
+
+def conversion_map(src: Layout | str, dst: Layout | str, hand: str | None = None
+                   ) -> np.ndarray:
+    """For each ``dst`` joint, the ``src`` joint it copies (-1: missing, NaN). Raises
+    :class:`UnsupportedConversionError` for a pair with no mapping, or a single hand
+    without ``hand``."""
+    src, dst = get_layout(src), get_layout(dst)
+    if src.name == dst.name:
+        return np.arange(src.num_joints)
+    if (src.name, dst.name) in _DIRECT:
+        return _DIRECT[(src.name, dst.name)]()
+    try:
+        return _conversion_map(src, dst, hand)
+    except ValueError as exc:  # a single hand without saying which
+        if isinstance(exc, UnsupportedConversionError):
+            raise
+        raise UnsupportedConversionError(str(exc)) from None
+
+
 def _conversion_map(src: Layout, dst: Layout, hand: str | None) -> np.ndarray:
     try:
         src_to_hub = _to_hub(src.name, hand)   # hub joint <- src joint
@@ -428,7 +480,8 @@ def _conversion_map(src: Layout, dst: Layout, hand: str | None) -> np.ndarray:
     except KeyError:
         raise UnsupportedConversionError(
             f"convert: no joint mapping from {src.name} to {dst.name}; supported: "
-            f"identity, and between h2o_hands, openxr_hands26, mediapipe_hand21"
+            f"identity, between h2o_hands, openxr_hands26, mediapipe_hand21, and "
+            f"{', '.join(f'{a} -> {b}' for a, b in _DIRECT)}"
         ) from None
     hub_to_dst = _invert(dst_to_hub, dst.num_joints)  # dst joint <- hub joint
     return np.where(hub_to_dst >= 0, src_to_hub[np.maximum(hub_to_dst, 0)], -1)
@@ -440,7 +493,8 @@ def convert(joints: np.ndarray, src: Layout | str, dst: Layout | str,
     exactly, joints ``src`` lacks become NaN.
 
     Supported: any pair among ``h2o_hands``, ``openxr_hands26`` and ``mediapipe_hand21``
-    (see :func:`_openxr_to_h2o` for the OpenXR mapping), and ``src == dst``. A single
+    (see :func:`_openxr_to_h2o` for the OpenXR mapping), ``coco17 -> penn13``, and
+    ``src == dst``. A single
     hand (``mediapipe_hand21``) needs ``hand="left"|"right"``: which hand of a two-hand
     layout it is or comes from. Other pairs raise :class:`UnsupportedConversionError`.
     """
@@ -448,7 +502,12 @@ def convert(joints: np.ndarray, src: Layout | str, dst: Layout | str,
     x = _as_joints(joints, src)
     if src.name == dst.name:
         return x.copy()
-    m = _conversion_map(src, dst, hand)
+    return apply_map(x, conversion_map(src, dst, hand))
+
+
+def apply_map(joints: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """``joints`` (..., J_src, C) re-indexed by a :func:`conversion_map` (NaN where -1)."""
+    x = np.asarray(joints)
     out = x[..., np.maximum(m, 0), :]  # a copy (fancy indexing)
     out[..., m < 0, :] = np.nan
     return out

@@ -183,3 +183,28 @@ def test_lookahead_reference_served_end_to_end(tiny_model, tmp_path):
     assert [e.seq for e in got] == list(range(12))
     assert [e.state for e in got[:2]] == ["waiting", "waiting"]
     assert all(e.state != "waiting" for e in got[2:])
+
+
+def test_a_headset_sending_openxr_hands_is_converted_to_the_models_layout(server):
+    """A client streaming OpenXR hand joints (XR_EXT_hand_tracking, 2 x 26) to the two-hand
+    model is welcomed with the layout its frames are converted to, and answered exactly as
+    a client sending the same poses in the model's own layout."""
+    from masa_rt.skeleton import convert
+
+    joints = demo_frames()[:30]
+    openxr = convert(joints, "h2o_hands", "openxr_hands26")  # palm, metacarpals: NaN
+    got = {}
+    for layout, frames in (("h2o_hands", joints), ("openxr_hands26", openxr)):
+        with PoseOutlet(server.address, session=f"x-{layout}", layout=layout,
+                        reference="pour_milk") as out:
+            assert out.welcome["layout"] == layout
+            assert out.welcome["model_layout"] == (None if layout == "h2o_hands"
+                                                   else "h2o_hands")
+            assert out.welcome["shape"] == list(frames.shape[1:])
+            got[layout] = []
+            for k, frame in enumerate(frames):
+                out.push(frame, stamp=k / 30.0)  # the same clock for both: same resampling
+                est = out.pull(timeout=2.0)
+                assert est is not None
+                got[layout].append((est.phase_id, round(est.progress, 6)))
+    assert got["openxr_hands26"] == got["h2o_hands"]

@@ -64,7 +64,7 @@ def test_named_joints_land_where_the_sources_put_them() -> None:
 
 
 def test_unknown_layout_lists_known_ones() -> None:
-    with pytest.raises(sk.UnknownLayoutError, match="known layouts: body25, h2o_hands"):
+    with pytest.raises(sk.UnknownLayoutError, match="known layouts: body25, coco17, h2o_hands"):
         sk.get_layout("hands17")
     assert issubclass(sk.UnknownLayoutError, ValueError)
 
@@ -283,3 +283,23 @@ def test_flatten_frames_zero_fills_missing_and_valid_mask() -> None:
     assert flat[1, 6] == 0 and np.isfinite(flat).all()
     mask = sk.valid_mask(x)
     assert mask.shape == (2, 13) and not mask[1, 3] and mask.sum() == 25
+
+
+def test_coco17_converts_to_penn13_by_name_with_the_nose_as_head() -> None:
+    coco = sk.get_layout("coco17")
+    x = np.arange(17 * 2, dtype=np.float32).reshape(17, 2)
+    x[coco.joint_names.index("l_knee")] = np.nan
+    y = sk.convert(x, "coco17", "penn13")
+    penn = sk.get_layout("penn13").joint_names
+    np.testing.assert_array_equal(y[penn.index("head")], x[coco.joint_names.index("nose")])
+    for name in penn[1:]:
+        if name != "l_knee":
+            np.testing.assert_array_equal(y[penn.index(name)], x[coco.joint_names.index(name)])
+    assert np.isnan(y[penn.index("l_knee")]).all()  # missing stays missing
+    # mirroring then converting is converting then mirroring (left/right kept apart)
+    np.testing.assert_array_equal(sk.convert(sk.mirror(x, coco), coco, "penn13"),
+                                  sk.mirror(y, "penn13"))
+    with pytest.raises(sk.UnsupportedConversionError, match="coco17 -> penn13"):
+        sk.conversion_map("penn13", "coco17")
+    with pytest.raises(sk.UnsupportedConversionError, match="hand"):
+        sk.conversion_map("mediapipe_hand21", "h2o_hands")  # which hand is it?
