@@ -7,9 +7,11 @@ Only argparse lives here; the handler imports torch, sklearn and the evaluation 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from masa_rt.cli_types import nonnegative_int, positive_int
+from masa_rt.preprocess import ROOT_MODES
 
 __all__ = ["add_eval_arguments", "register", "run_cli"]
 
@@ -34,6 +36,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         "else reports/eval_<embedder>_<data>)")
     parser.add_argument("--baseline", choices=("raw", "random", "clock"), default=None,
                         help="evaluate a baseline instead of the checkpoint")
+    parser.add_argument("--root-mode", choices=ROOT_MODES, default=None,
+                        help="with --baseline raw: centre each frame on its own root "
+                             "(per_frame) or each clip on its first frame's (first_frame, "
+                             "keeps where the body moves); default: the model's or per_frame")
     parser.add_argument("--stride", type=positive_int, default=2,
                         help="frame stride for tau and retrieval (CASA: 2)")
     parser.add_argument("--pool", choices=("concat", "mean"), default="concat",
@@ -67,6 +73,8 @@ def _make_embedder(args: argparse.Namespace):
         spec = InputSpec(manifest.layout, manifest.fps)
         cfg = MasaConfig(num_joints=layout.num_joints, joint_dims=layout.dims)
     if args.baseline == "raw":
+        if args.root_mode is not None:  # which normalisation serves raw keypoints best
+            spec = replace(spec, root_mode=args.root_mode)
         return baselines.RawKeypointsEmbedder(spec)
     return baselines.RandomEncoderEmbedder(cfg, spec, seed=args.seed)
 
