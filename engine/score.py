@@ -233,7 +233,9 @@ def _stream_group(pipe: Pipeline, group: list[_Result], identify: bool,
                     pipe.submit(f"{kind}{i}", k, float(rec.times[k]), rec.joints[k])
             start = time.perf_counter()
             answers = pipe.step()
-            latency.append((time.perf_counter() - start, len(live)))
+            # frames this step encoded and aligned: every live session's (two per
+            # recording when a second session identifies the activity)
+            latency.append((time.perf_counter() - start, len(live) * (1 + identify)))
             for sid, seq, _t, est in answers:
                 i = int(sid[1:])
                 if sid[0] == "p":
