@@ -76,8 +76,7 @@ def register(subparsers) -> None:
                     "against the reference of its activity, and prints per-frame phase "
                     "accuracy (95 % bootstrap interval over recordings), progress error, "
                     "phase-change delay, activity identification (several references) and "
-                    "the pipeline's step time, beside the baselines on the same streams.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "the pipeline's step time, beside the baselines on the same streams.")
     p.add_argument("--reference", nargs="+", required=True, metavar="R",
                    help="reference .npz files (masa-rt reference build), one per activity")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
@@ -85,11 +84,12 @@ def register(subparsers) -> None:
                         "dataset folders (manifest.json)")
     p.add_argument("--model", default=None, metavar="ONNX_OR_CHECKPOINT",
                    help="the model the references were built with (default: the shipped "
-                        "model); a checkpoint is exported to ONNX once, cached")
+                        "model that built them); a checkpoint is exported to ONNX once, "
+                        "cached")
     p.add_argument("--split", choices=SPLITS, default="val",
-                   help="which split of a dataset folder to score")
+                   help="which split of a dataset folder to score (default val)")
     p.add_argument("--concurrency", type=positive_int, default=64, metavar="N",
-                   help="recordings streamed at once, as concurrent sessions")
+                   help="recordings streamed at once, as concurrent sessions (default 64)")
     p.add_argument("--aligner", action="append", default=[], metavar="KEY=VALUE",
                    help="change an AlignerConfig field for every method (repeatable), "
                         "e.g. --aligner pause_speed_ratio=0.1")

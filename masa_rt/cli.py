@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real-time multi-activity sequence alignment for AR/VR pose streams.",
     )
     parser.add_argument("--version", action="version", version=f"masa-rt {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_logging_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for ep in sorted(entry_points(group="masa_rt.commands"), key=lambda e: e.name):
         try:
@@ -46,16 +46,52 @@ def build_parser() -> argparse.ArgumentParser:
             logging.getLogger("masa_rt.cli").debug("plugin %s unavailable: %s", ep.name, exc)
             continue
         register(sub)
+    for command in _subparsers(parser):
+        _add_logging_flags(command)
     return parser
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Our own loggers follow --log-level; every other library's stay at WARNING unless DEBUG
+# is asked for (an export printed ~75 lines of onnxscript INFO otherwise).
+OUR_LOGGERS = ("masa_rt", "engine", "trainer", "clients")
+
+
+def _add_logging_flags(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """-v / -q / --log-level, before or after the subcommand: a subcommand's own copies
+    default to SUPPRESS so they never undo the flag given before it."""
+    extra = {"default": "INFO"} if top else {"default": argparse.SUPPRESS}
+    group = parser.add_argument_group("logging")
+    group.add_argument("-v", "--verbose", dest="log_level", action="store_const",
+                       const="DEBUG", help="debug logging (same as --log-level DEBUG)",
+                       **extra)
+    group.add_argument("-q", "--quiet", dest="log_level", action="store_const",
+                       const="WARNING", help="warnings and errors only", **extra)
+    group.add_argument("--log-level", dest="log_level", choices=LOG_LEVELS,
+                       help="log level of masa-rt's own messages (default INFO)", **extra)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every (sub)command parser below ``parser``, nested ones included."""
+    found = []
+    for action in parser._actions:  # argparse keeps subparsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                found += [child, *_subparsers(child)]
+    return found
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=logging.DEBUG if level == "DEBUG" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(args.log_level)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

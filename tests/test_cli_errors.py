@@ -118,3 +118,17 @@ def test_replay_checks_its_report_path_before_replaying(capsys, tmp_path):
     assert code == 2 and "cannot write into" in err
     code, err = run(capsys, "replay", RECORDING, "--json", RECORDING)
     assert code == 2 and "also an input" in err
+
+
+@pytest.mark.parametrize("argv, level", [
+    (["synth", "--out", "X"], "INFO"),
+    (["-v", "synth", "--out", "X"], "DEBUG"),
+    (["synth", "--out", "X", "-v"], "DEBUG"),
+    (["synth", "-q", "--out", "X"], "WARNING"),
+    (["--log-level", "ERROR", "synth", "--out", "X"], "ERROR"),
+    (["reference", "build", "d.npz", "-o", "r.npz", "--log-level", "DEBUG"], "DEBUG"),
+])
+def test_logging_flags_go_before_or_after_the_subcommand(argv, level):
+    from masa_rt.cli import build_parser
+
+    assert build_parser().parse_args(argv).log_level == level
