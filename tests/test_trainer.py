@@ -398,3 +398,25 @@ def test_train_positions_option_reaches_the_model(data, tmp_path, positions):
             assert pos1 is None and pos2 is None
         else:
             assert pos1 is not None and pos2 is not None and pos1.dtype == torch.long
+
+
+def test_a_step_budget_trains_exactly_that_many_steps(data, tmp_path):
+    # 8 train clips, batch 4: 2 steps an epoch; 5 steps need 3 epochs, the last cut short.
+    ckpt = load_checkpoint(_run(data, tmp_path / "r", "train.steps=5", "train.epochs=150",
+                                "train.lr_halve_every=50"))
+    assert (ckpt["epoch"], ckpt["step"]) == (3, 5)
+    steps = [r["step"] for r in _log(tmp_path / "r")]
+    assert steps == [1, 2, 3, 4, 5]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["steps"] == 5
+
+
+def test_the_step_schedule_keeps_the_epoch_schedules_fractions():
+    from trainer.config import TrainConfig
+    from trainer.train import schedule_for_steps
+
+    cfg = TrainConfig(steps=300, epochs=150, lr_halve_every=50, batch_size=32)
+    got = schedule_for_steps(cfg, n=640)  # 20 steps an epoch
+    assert (got.epochs, got.lr_halve_every) == (15, 5)  # lr halved at 1/3 and 2/3
+    assert schedule_for_steps(got, n=640) == got  # a resumed run derives the same
+    assert schedule_for_steps(TrainConfig(), n=640) == TrainConfig()  # no budget: unchanged

@@ -15,6 +15,7 @@ TRAIN_EPILOG = """\
 examples:
   masa-rt train --data data/synth/hands --out runs/hands --config configs/hands_causal.yaml
   masa-rt train --data data/penn --out runs/penn --config configs/penn.yaml --set train.epochs=20
+  masa-rt train --data my_20_clips --out runs/mine --set train.steps=2000   # a step budget
   masa-rt train --data data/synth/hands --out runs/hands --resume
   torchrun --standalone --nproc_per_node=2 -m trainer.train --data D --out RUN
 ablations (paper Table 4): --set model.use_self_attention=false | model.use_cross_attention=false

@@ -100,6 +100,11 @@ class TrainConfig:
     lr: float = 3e-3
     lr_halve_every: int = 50  # epochs (StepLR step_size, gamma 0.5)
     epochs: int = 150
+    # A budget in optimizer steps instead of epochs (small and large datasets alike): the
+    # run takes exactly this many steps, as many epochs as they need (the last one cut
+    # short), and halves the lr at the same fractions of the run as lr_halve_every /
+    # epochs say (the paper's: at a third and two thirds). None: epochs decide.
+    steps: int | None = None
     batch_size: int = 16
     max_len: int = 150  # longer clips are temporally subsampled to <= max_len (METHOD §8)
     # A causal model with window W and L layers sees at most L*(W-1) frames back, so it can
@@ -145,6 +150,8 @@ class TrainConfig:
             raise ValueError(f"clip_len: expected >= 8 or null, found {self.clip_len}")
         if self.epochs < 0:  # 0 is allowed: the run writes its initial weights
             raise ValueError(f"epochs: expected >= 0, found {self.epochs}")
+        if self.steps is not None and self.steps < 0:
+            raise ValueError(f"steps: expected >= 0 or null, found {self.steps}")
         if self.max_minutes is not None and not 0 <= self.max_minutes < math.inf:
             raise ValueError(f"max_minutes: expected a finite number >= 0 or null, found "
                              f"{self.max_minutes}")

@@ -30,12 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ from masa_rt.sequence import Dataset
 from trainer.config import (
     ConfigError,
     RunConfig,
+    TrainConfig,
     check_device,
     fill_from_dataset,
     load_run_config,
@@ -173,6 +175,18 @@ def _warn_subsampled(data: SequenceSet, rc: RunConfig) -> None:
                     rc.train.max_len, max(data.strides), data.fps)
 
 
+def schedule_for_steps(cfg: TrainConfig, n: int, world_size: int = 1) -> TrainConfig:
+    """With ``steps`` set: the epochs those steps need on ``n`` clips, and the lr halved
+    at the same fractions of the run as ``lr_halve_every / epochs`` (at least one epoch
+    apart). Deterministic in the data size, so a resumed run derives the same."""
+    if cfg.steps is None:
+        return cfg
+    per_epoch = len(epoch_batches(n, cfg.batch_size, 0, cfg.seed, 0, world_size))
+    epochs = math.ceil(cfg.steps / per_epoch)
+    fraction = cfg.lr_halve_every / max(cfg.epochs, 1)
+    return replace(cfg, epochs=epochs, lr_halve_every=max(1, round(fraction * epochs)))
+
+
 def build_run(rc: RunConfig, data_dir: Path, out: Path, dist: Dist) -> Run:
     """Load data, fill the model dims from it, build model, optimizer and scheduler."""
     ds = Dataset(data_dir)
@@ -184,6 +198,7 @@ def build_run(rc: RunConfig, data_dir: Path, out: Path, dist: Dist) -> Run:
     spec = fill_from_dataset(rc, layout, fps, feature_dim)
     data = load_sequences(data_dir, "train", spec, rc.train.max_len)
     _warn_subsampled(data, rc)
+    rc.train = schedule_for_steps(rc.train, len(data), dist.world_size)
     device = _device(rc, dist)
     torch.manual_seed(rc.train.seed)  # the same initial weights on every rank
     model = MasaModel(rc.model).to(device)
@@ -371,6 +386,8 @@ def _run_epoch(run: Run, pos: Position, log: _Log, deadline: float | None,
                             run.dist.rank, run.dist.world_size)
     with _progress(run, pos.epoch, len(batches), pos.batch) as bar:
         for i in range(pos.batch, len(batches)):
+            if cfg.steps is not None and pos.step >= cfg.steps:
+                break  # the step budget ends inside this (last) epoch
             L, L_m, L_c = train_step(run, batches[i], pos.step).tolist()
             pos.step, pos.batch = pos.step + 1, i + 1
             pos.sequences += len(batches[i])
