@@ -230,10 +230,33 @@ def _coco17() -> Layout:
                   ref_bone=((5, 11), (6, 12)), dims=2, up_axis=1)
 
 
+_MEDIAPIPE_POSE33_NAMES = (
+    "nose", "left_eye_inner", "left_eye", "left_eye_outer", "right_eye_inner", "right_eye",
+    "right_eye_outer", "left_ear", "right_ear", "mouth_left", "mouth_right",
+    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist",
+    "right_wrist", "left_pinky", "right_pinky", "left_index", "right_index", "left_thumb",
+    "right_thumb", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
+    "right_ankle", "left_heel", "right_heel", "left_foot_index", "right_foot_index",
+)
+
+
+def _mediapipe_pose33() -> Layout:
+    """MediaPipe Pose's 33 landmarks, their image x, y (the z MediaPipe adds is relative
+    depth, not a third coordinate of the same scale). Face rooted at the nose, arms at
+    the shoulders, legs at the hips; left/right as MediaPipe names them (the person's)."""
+    n = _MEDIAPIPE_POSE33_NAMES
+    parents = (-1, 0, 1, 2, 0, 4, 5, 3, 6, 0, 0, -1, -1, 11, 12, 13, 14, 15, 16, 15, 16,
+               15, 16, 11, 12, 23, 24, 25, 26, 27, 28, 27, 28)
+    swap = {"left": "right", "right": "left"}
+    mirror = tuple(n.index("_".join(swap.get(w, w) for w in name.split("_"))) for name in n)
+    return Layout("mediapipe_pose33", n, parents, mirror, root=(23, 24),
+                  ref_bone=((11, 23), (12, 24)), dims=2, up_axis=1)
+
+
 LAYOUTS: dict[str, Layout] = {
     lay.name: lay
     for lay in (_h2o_hands(), _mediapipe_hand21(), _openxr_hands26(), _body25(), _penn13(),
-                _coco17())
+                _coco17(), _mediapipe_pose33())
 }
 
 
@@ -451,8 +474,18 @@ def _coco17_to_penn13() -> np.ndarray:
     return np.array([coco.index("nose" if j == "head" else j) for j in _PENN13_NAMES])
 
 
+def _mediapipe_pose33_to_penn13() -> np.ndarray:
+    """penn13 joint <- mediapipe_pose33 landmark: Penn's head <- the nose, the rest by
+    name (``l_`` <- ``left_``); hands, feet and face details dropped."""
+    mp = LAYOUTS["mediapipe_pose33"].joint_names
+    return np.array([mp.index("nose" if j == "head" else
+                              j.replace("l_", "left_", 1) if j.startswith("l_") else
+                              j.replace("r_", "right_", 1)) for j in _PENN13_NAMES])
+
+
 # Direct (src, dst) maps outside the hand hub: dst joint <- src joint, -1 = missing.
-_DIRECT = {("coco17", "penn13"): _coco17_to_penn13}
+_DIRECT = {("coco17", "penn13"): _coco17_to_penn13,
+           ("mediapipe_pose33", "penn13"): _mediapipe_pose33_to_penn13}
 
 
 def conversion_map(src: Layout | str, dst: Layout | str, hand: str | None = None

@@ -64,7 +64,7 @@ def test_named_joints_land_where_the_sources_put_them() -> None:
 
 
 def test_unknown_layout_lists_known_ones() -> None:
-    with pytest.raises(sk.UnknownLayoutError, match="known layouts: body25, coco17, h2o_hands"):
+    with pytest.raises(sk.UnknownLayoutError, match="known layouts: body25, coco17, h2o_hands, mediapipe_hand21, mediapipe_pose33"):
         sk.get_layout("hands17")
     assert issubclass(sk.UnknownLayoutError, ValueError)
 
@@ -303,3 +303,18 @@ def test_coco17_converts_to_penn13_by_name_with_the_nose_as_head() -> None:
         sk.conversion_map("penn13", "coco17")
     with pytest.raises(sk.UnsupportedConversionError, match="hand"):
         sk.conversion_map("mediapipe_hand21", "h2o_hands")  # which hand is it?
+
+
+def test_mediapipe_pose33_converts_to_penn13_and_mirrors_left_and_right() -> None:
+    mp = sk.get_layout("mediapipe_pose33")
+    assert mp.num_joints == 33 and mp.dims == 2
+    names = mp.joint_names
+    assert names[mp.mirror[names.index("mouth_left")]] == "mouth_right"
+    assert names[mp.mirror[names.index("left_eye_inner")]] == "right_eye_inner"
+    x = np.random.default_rng(0).normal(size=(33, 2)).astype(np.float32)
+    y = sk.convert(x, mp, "penn13")
+    penn = sk.get_layout("penn13").joint_names
+    np.testing.assert_array_equal(y[penn.index("head")], x[names.index("nose")])
+    np.testing.assert_array_equal(y[penn.index("r_knee")], x[names.index("right_knee")])
+    np.testing.assert_array_equal(sk.convert(sk.mirror(x, mp), mp, "penn13"),
+                                  sk.mirror(y, "penn13"))
