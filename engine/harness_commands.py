@@ -14,7 +14,7 @@ from masa_rt.cli_types import int_range, nonnegative_int, positive_int
 
 
 def _harness(args: argparse.Namespace) -> int:
-    from engine.commands import decoder_options
+    from engine.commands import decoder_flags, decoder_options
     from engine.export import resolve_checkpoint
     from engine.harness import (
         SCENARIOS,
@@ -39,7 +39,7 @@ def _harness(args: argparse.Namespace) -> int:
     if args.per_activity < 1:
         raise ValueError(f"--per-activity: expected >= 1, found {args.per_activity}")
     decoder = decoder_options(args)
-    if args.references and (any(v is not None for v in decoder.values())
+    if args.references and (any(v is not None for v in decoder_flags(args).values())
                             or args.reference_demos != 1 or args.decoder_demos != 1):
         raise ValueError("--references scores prebuilt references as they are: no "
                          "--decoder-*, --reference-demos or --decoder-demos with it")

@@ -380,7 +380,8 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
     ``policy``: ``"medoid"`` (average of all demos on the medoid's timeline) or
     ``"first"`` (the first demo; the others are only compared). ``decoder``: how the
     reference's phase decoder is trained on all the demos' labels (``with_phase_decoder``'s
-    ``options``; None: the defaults; ``{"steps": 0}``: no decoder).
+    ``options``; ``{}``: its defaults; None or ``{"steps": 0}``: no decoder, the default:
+    on ordinary demos a decoder measured lower than none, see ``engine.commands``).
     """
     if not demo_paths:
         raise ReferenceBuildError("no demo given")
@@ -405,7 +406,8 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
         meta={"checkpoint": str(meta["path"]), "input_spec": spec.to_dict(),
               "masa_rt_version": masa_rt.__version__})
     ref = with_raw_baseline(ref, spec, seqs, labels, policy, refine)
-    ref = with_phase_decoder(ref, demos, spec, decoder)
+    if decoder is not None:
+        ref = with_phase_decoder(ref, demos, spec, decoder)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     ref.save(out_path)
     log.info("reference %s: %s, %d frames, %s of %d demos, model %s", out_path, activity,
