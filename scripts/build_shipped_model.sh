@@ -3,8 +3,8 @@
 #   masa_rt/assets/masa_hands_causal.pt    the default model (weights + config, no optimizer)
 #   masa_rt/assets/masa_hands_causal.onnx  its streaming step, so serving needs no torch
 #   masa_rt/assets/masa_penn13_causal.pt   the 2D body model (penn13) and its .onnx:
-#                                          configs/penn_causal.yaml on Penn Action's train
-#                                          split (PENN=PATH/TO/pennaction/labels; ~15 min)
+#                                          configs/penn13_body.yaml on Penn Action's train
+#                                          split (PENN=PATH/TO/pennaction/labels; ~60 min)
 #   examples/demos/<activity>.npz          clean synthetic demonstrations (joints + phases)
 #   examples/<activity>.npz                references built from them by the shipped model,
 #                                          each with an ensemble of three phase decoders
@@ -54,10 +54,10 @@ done
 
 # The body model, where Penn Action's labels are at hand (PENN=.../pennaction/labels).
 if [ -n "${PENN:-}" ]; then
-  BODY=${BODY:-runs/penn_causal}
+  BODY=${BODY:-runs/penn13_body}
   masa-rt import-penn "$PENN" --out data/penn
   if ! grep -q '"status": "done"' "$BODY/summary.json" 2>/dev/null; then
-    OMP_NUM_THREADS=1 masa-rt train --data data/penn --out "$BODY" --config configs/penn_causal.yaml
+    OMP_NUM_THREADS=1 masa-rt train --data data/penn --out "$BODY" --config configs/penn13_body.yaml
   fi
   python -c "from masa_rt.checkpoint import strip_checkpoint as s; \
 s('$BODY/last.pt', 'masa_rt/assets/masa_penn13_causal.pt')"
