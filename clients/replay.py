@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import zipfile
 from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -58,10 +59,12 @@ def _read_npz(path: Path) -> Recording:
     """The recording in ``path``, or a ValueError saying what the file is instead."""
     try:
         f = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:  # not a zip, or pickled objects
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # not a zip, empty
         if isinstance(exc, FileNotFoundError | IsADirectoryError):
             raise
-        raise ValueError(f"{path}: not a .npz sequence file ({exc})") from None
+        raise ValueError(f"{path}: not a .npz sequence file ({exc or 'empty'})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):  # a bare .npy array
+        raise ValueError(f"{path}: not a .npz sequence file (one .npy array)")
     with f:
         missing = [k for k in ("joints", "layout", "fps") if k not in f.files]
         if "embeddings" in f.files:

@@ -85,10 +85,14 @@ def is_reference_file(path: str | Path) -> bool:
     """A built reference (its ``embeddings``, :meth:`Reference.save`) rather than a
     recording (joints)? ValueError naming the file if it is no ``.npz`` at all."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return "embeddings" in f.files
-    except ValueError as exc:  # not a zip archive, or pickled objects: name the file
-        raise ValueError(f"{path}: not a reference or recording .npz ({exc})") from None
+        f = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:  # not a zip, empty, pickles
+        raise ValueError(f"{path}: not a reference or recording .npz ({exc or 'empty'})"
+                         ) from None
+    if not isinstance(f, np.lib.npyio.NpzFile):  # a bare .npy array
+        raise ValueError(f"{path}: not a reference or recording .npz (one .npy array)")
+    with f:
+        return "embeddings" in f.files
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)

@@ -132,3 +132,21 @@ def test_logging_flags_go_before_or_after_the_subcommand(argv, level):
     from masa_rt.cli import build_parser
 
     assert build_parser().parse_args(argv).log_level == level
+
+
+@pytest.mark.parametrize("command", ["serve", "replay"])
+@pytest.mark.parametrize("kind, said", [("truncated", "File is not a zip file"),
+                                        ("empty", "No data left in file"),
+                                        ("npy", "one .npy array")])
+def test_a_broken_file_is_one_line_not_a_traceback(tmp_path, capsys, command, kind, said):
+    path = tmp_path / ("f.npy" if kind == "npy" else "f.npz")
+    if kind == "truncated":
+        path.write_bytes(REFERENCE.read_bytes()[:1000])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        np.save(path, np.zeros(3))
+    argv = ["serve", "--reference", path] if command == "serve" else ["replay", path]
+    code, err = run(capsys, *argv)
+    assert code == 2 and said in err and str(path) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
