@@ -93,6 +93,11 @@ class Pipeline:
         self._no_embedding = np.zeros(references[0].dim, np.float32)  # lost frames (held)
         self._no_input = np.zeros(spec.input_dim, np.float32)
         for r in references:
+            width = backend.embed_dim
+            if r.dim != width:
+                raise ReferenceMismatchError(
+                    f"Pipeline: reference {r.name}'s embeddings are {r.dim} wide, the model's "
+                    f"are {width}: rebuild it with masa-rt reference build")
             if r.decoder is not None and r.decoder.input_dim != spec.input_dim:
                 raise ValueError(f"Pipeline: reference {r.name}'s phase decoder reads inputs "
                                  f"of size {r.decoder.input_dim}, the model's are "

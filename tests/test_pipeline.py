@@ -134,3 +134,12 @@ def test_from_files_refuses_reference_of_another_model(setup, tmp_path):
                        match=r"bad.npz was built with model 0123456789abcdef, server runs "
                              r"model \w+: rebuild it with masa-rt reference build"):
         Pipeline.from_files(onnx_path, [good, bad])
+
+
+def test_a_reference_of_another_width_is_refused_at_load(setup):
+    from dataclasses import replace
+
+    _model, spec, onnx_path, refs, _demos = setup
+    narrow = replace(refs[0], embeddings=refs[0].embeddings[:, :7])
+    with pytest.raises(ReferenceMismatchError, match=r"7 wide, the model's are \d+"):
+        Pipeline(get_backend("onnxruntime", onnx_path, capacity=1), spec, [narrow])
