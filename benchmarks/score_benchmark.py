@@ -60,6 +60,7 @@ def build_references(demos: dict[str, list[Path]], k: int, out: Path,
                      checkpoint: str | None, decoder_steps: int, first: int = 0) -> list[Path]:
     """Per activity, a reference from its train recordings ``first .. first + k - 1``."""
     refs = []
+    out.mkdir(parents=True, exist_ok=True)
     for act, files in sorted(demos.items()):
         if len(files) < first + k:
             print(f"# {act}: only {len(files)} labelled train recordings, K={k} skipped")

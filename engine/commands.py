@@ -10,6 +10,7 @@ function plus a lazily importing handler.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from engine import harness_commands, score_commands, security_commands, serve_commands
@@ -39,6 +40,9 @@ def _reference_build(args: argparse.Namespace) -> int:
     # threads fought each other (and any other job) and a decoder build ran several times
     # slower than with one (issue 29: 50 of 4,800 steps in 347 s against ~0.4 s a step).
     torch.set_num_threads(args.threads)
+    folder = Path(args.out).parent
+    if not folder.is_dir():  # a typo in -o should not leave a tree of new folders behind
+        raise ValueError(f"-o {args.out}: folder {folder} does not exist (create it first)")
     ref = build_reference(args.demos, args.checkpoint, args.out, name=args.name,
                           policy=args.policy, refine=args.refine,
                           decoder=decoder_options(args))

@@ -150,3 +150,9 @@ def test_a_broken_file_is_one_line_not_a_traceback(tmp_path, capsys, command, ki
     code, err = run(capsys, *argv)
     assert code == 2 and said in err and str(path) in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_reference_build_into_a_missing_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "no" / "such" / "r.npz"
+    code, err = run(capsys, "reference", "build", RECORDING, "-o", out)
+    assert code == 2 and "does not exist" in err and not (tmp_path / "no").exists()
