@@ -93,11 +93,10 @@ class Pipeline:
         self._no_embedding = np.zeros(references[0].dim, np.float32)  # lost frames (held)
         self._no_input = np.zeros(spec.input_dim, np.float32)
         for r in references:
-            width = backend.embed_dim
-            if r.dim != width:
+            if r.dim != backend.embed_dim:
                 raise ReferenceMismatchError(
                     f"Pipeline: reference {r.name}'s embeddings are {r.dim} wide, the model's "
-                    f"are {width}: rebuild it with masa-rt reference build")
+                    f"are {backend.embed_dim}: rebuild it with masa-rt reference build")
             if r.decoder is not None and r.decoder.input_dim != spec.input_dim:
                 raise ValueError(f"Pipeline: reference {r.name}'s phase decoder reads inputs "
                                  f"of size {r.decoder.input_dim}, the model's are "
@@ -163,8 +162,6 @@ class Pipeline:
         if layout == self.spec.layout:
             return None
         try:
-            if get_layout(layout).dims != get_layout(self.spec.layout).dims:
-                raise UnsupportedConversionError("2D and 3D joints")
             return conversion_map(layout, self.spec.layout)
         except (UnknownLayoutError, UnsupportedConversionError) as exc:
             raise ProtocolError("wrong_layout", f"{layout!r}: this model reads "

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import masa_rt
 from engine.export import resolve_checkpoint
-from engine.streams import Resampler
+from engine.streams import Resampler, nearest_index
 from masa_rt.align import Reference, is_reference_file, offline_dtw
 from masa_rt.checkpoint import default_model_path, load_model, model_fingerprint
 from masa_rt.cli_types import check_output_path
@@ -85,17 +85,8 @@ def _resampled(seq: PoseSequence, spec: InputSpec) -> tuple[np.ndarray, np.ndarr
             joints.append(x[:size].reshape(j_shape))
             extra.append(x[size:])
     times_a = np.array(times)
-    phases = np.asarray(seq.phases)[_nearest(t, times_a)]
+    phases = np.asarray(seq.phases)[nearest_index(t, times_a)]
     return times_a, np.stack(joints), phases, (np.stack(extra) if feats is not None else None)
-
-
-def _nearest(t: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Index of the stamp in sorted ``t`` nearest to each ``query`` time."""
-    if len(t) == 1:
-        return np.zeros(len(query), dtype=np.int64)
-    right = np.clip(np.searchsorted(t, query), 1, len(t) - 1)
-    left_closer = (query - t[right - 1]) <= (t[right] - query)
-    return np.where(left_closer, right - 1, right)
 
 
 def embed_demo(model: MasaModel | None, spec: InputSpec, seq: PoseSequence,
@@ -125,7 +116,7 @@ def embed_demo(model: MasaModel | None, spec: InputSpec, seq: PoseSequence,
         with torch.no_grad():
             emb = model.encode(torch.from_numpy(x)[None])[0].numpy()  # (T, d), causal offline
     return {"embeddings": emb, "phases": phases[keep], "times": times[keep],
-            "joints": joints[keep]}
+            "joints": joints[keep], "inputs": x}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -236,15 +227,15 @@ def reference_from_demos(demos: Sequence[dict[str, Any]], phase_names: Sequence[
                      fps=fps, model_fingerprint=model_fingerprint, meta=meta)
 
 
-def with_raw_baseline(ref: Reference, spec: InputSpec, seqs: Sequence[PoseSequence],
+def with_raw_baseline(ref: Reference, demos: Sequence[dict[str, Any]],
                       labels: Sequence[str], policy: str = "medoid",
                       refine: int = 0) -> Reference:
-    """``ref`` with ``raw_embeddings``: the same demos' normalised keypoints, averaged by
-    the same policy on the same timeline (the learned reference's medoid), so ``masa-rt
-    score`` runs the raw-keypoint baseline on exactly the reference the engine uses."""
-    demos = [embed_demo(None, spec, s, lab, embed=raw_embedding)
-             for s, lab in zip(seqs, labels, strict=True)]
-    raw = reference_from_demos(demos, ref.phase_names, activity=ref.activity, name=ref.name,
+    """``ref`` with ``raw_embeddings``: the same demos' model input rows (``embed_demo``
+    dicts), unit length, averaged by the same policy on the same timeline (the learned
+    reference's medoid), so ``masa-rt score`` runs the raw-keypoint baseline on exactly
+    the reference the engine uses."""
+    raw_demos = [{**d, "embeddings": raw_embedding(d["inputs"])} for d in demos]
+    raw = reference_from_demos(raw_demos, ref.phase_names, activity=ref.activity, name=ref.name,
                                fps=ref.fps, labels=labels, policy=policy, refine=refine,
                                medoid=ref.meta.get("medoid_index"))
     return replace(ref, raw_embeddings=raw.embeddings)
@@ -405,7 +396,7 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
         model_fingerprint=fingerprint,
         meta={"checkpoint": str(meta["path"]), "input_spec": spec.to_dict(),
               "masa_rt_version": masa_rt.__version__})
-    ref = with_raw_baseline(ref, spec, seqs, labels, policy, refine)
+    ref = with_raw_baseline(ref, demos, labels, policy, refine)
     if decoder is not None:
         ref = with_phase_decoder(ref, demos, spec, decoder)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)

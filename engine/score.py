@@ -51,6 +51,7 @@ import numpy as np
 
 from engine.harness import Predictions, Stream, json_safe, run_bank, run_offline
 from engine.pipeline import Pipeline
+from engine.streams import nearest_index
 from masa_rt.align import AlignerConfig, Reference
 from masa_rt.atomic import atomic_write, atomic_write_json
 from masa_rt.metrics import paired_accuracy_difference_ci, streaming_summary
@@ -184,21 +185,13 @@ def true_progress(phases: np.ndarray, ref: Reference) -> np.ndarray:
     return out
 
 
-def _nearest(t: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Index of the stamp in sorted ``t`` nearest to each ``query`` time."""
-    if len(t) == 1:
-        return np.zeros(len(query), dtype=np.int64)
-    right = np.clip(np.searchsorted(t, query), 1, len(t) - 1)
-    return np.where(query - t[right - 1] <= t[right] - query, right - 1, right)
-
-
 def _described_truth(rec: Recording, lag_s: float, ref: Reference) -> tuple[np.ndarray,
                                                                              np.ndarray]:
     """Truth (phase, progress) of the frame each capture frame's answer describes."""
     if lag_s <= 0:
         return rec.phases, true_progress(rec.phases, ref)
     described = rec.times - lag_s
-    idx = _nearest(rec.times, described)
+    idx = nearest_index(rec.times, described)
     phase = rec.phases[idx].copy()
     before = described < rec.times[0] - 0.5 / rec.fps
     phase[before] = _NO_TRUTH
@@ -263,7 +256,7 @@ def _model_stream(r: _Result, index: int) -> Stream:
     lost = np.array([f[3] for f in r.frames], dtype=bool)
     x = np.stack([f[1] for f in r.frames if not f[3]]).astype(np.float32)
     emb = np.stack([f[2] for f in r.frames if not f[3]]).astype(np.float32)
-    phases = r.rec.phases[_nearest(r.rec.times, t)]
+    phases = r.rec.phases[nearest_index(r.rec.times, t)]
     return Stream(activity=r.rec.activity, scenario="score", index=index, joints=np.empty(0),
                   times=t, phases=phases, progress=np.full(len(t), np.nan), lost=lost, x=x,
                   emb={"learned": emb, "raw": raw_embedding(x)})
@@ -469,13 +462,18 @@ def run_score(reference_paths: Sequence[str | os.PathLike[str]],
     return report
 
 
+def _built_from(ref: Reference) -> list[str]:
+    """The recordings a reference was built from, as its metadata names them (every demo
+    of an average; the one demo otherwise)."""
+    if "demos" in ref.meta:
+        return [d["file"] for d in ref.meta["demos"]]
+    return [ref.meta["demo"]] if "demo" in ref.meta else []
+
+
 def _demo_files(refs: Any) -> frozenset[Path]:
-    """The recordings the references were built from, as their metadata names them."""
-    named = []
-    for ref in refs:
-        named += [d["file"] for d in ref.meta.get("demos", [])]
-        named += [ref.meta["demo"]] if "demo" in ref.meta else []
-    return frozenset(Path(f).resolve() for f in named if Path(f).is_file())
+    """The recordings the references were built from that exist here, resolved."""
+    return frozenset(Path(f).resolve() for ref in refs for f in _built_from(ref)
+                     if Path(f).is_file())
 
 
 def _describe(path: Path, ref: Reference) -> dict[str, Any]:
@@ -483,8 +481,7 @@ def _describe(path: Path, ref: Reference) -> dict[str, Any]:
             "phases": list(ref.phase_names),
             "decoders": ref.decoder.size if ref.decoder is not None else 0,
             "raw_baseline": ref.raw_embeddings is not None,
-            "built_from": ref.meta.get("demos") and [d["file"] for d in ref.meta["demos"]]
-            or ref.meta.get("demo")}
+            "built_from": _built_from(ref)}
 
 
 # ---------------------------------------------------------------------------------------

@@ -63,11 +63,15 @@ def shipped_onnx_path(layout: str | None = None) -> Path:
 
 def shipped_onnx_for(references: list[str]) -> Path | None:
     """The shipped export that built these references (by model fingerprint), or None."""
+    import numpy as np
+
     from engine.backends import read_model_info
-    from masa_rt.align import Reference
     from masa_rt.shipped import SHIPPED_MODELS
 
-    wanted = {Reference.load(r).model_fingerprint for r in references}
+    wanted = set()
+    for r in references:  # the fingerprint alone: Pipeline.from_files loads them whole
+        with np.load(r, allow_pickle=False) as f:
+            wanted.add(str(f["model_fingerprint"]))
     for layout in SHIPPED_MODELS:
         path = shipped_onnx_path(layout)
         if path.is_file() and read_model_info(path).fingerprint in wanted:

@@ -31,7 +31,7 @@ from engine.backends.base import Backend, BackendError
 from masa_rt.preprocess import InputSpec, frame_features
 
 __all__ = ["ModelFrame", "Resampler", "StreamBank", "StreamConfig", "StreamError",
-           "StreamState"]
+           "StreamState", "nearest_index"]
 
 _TIME_EPS = 1e-6  # seconds; a capture stamp this close to a grid time *is* that grid time
 
@@ -51,6 +51,14 @@ class ModelFrame:
     joints: np.ndarray  # (J, C) float32 resampled raw joints, NaN = missing
     extra: np.ndarray | None  # (F,) resampled per-frame features, for models that take them
     lost: bool  # every joint was missing: tracking lost, nothing to encode
+
+
+def nearest_index(t: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Index of the stamp in sorted ``t`` nearest to each ``query`` time (ties: earlier)."""
+    if len(t) == 1:
+        return np.zeros(len(query), dtype=np.int64)
+    right = np.clip(np.searchsorted(t, query), 1, len(t) - 1)
+    return np.where(query - t[right - 1] <= t[right] - query, right - 1, right)
 
 
 def interpolate(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:

@@ -336,9 +336,7 @@ def streaming_phase_accuracy_ci(true_phases: Arrays, pred_phases: Arrays,
                          f"{len(pred_phases)} predicted streams")
     if len(true_phases) < 2:
         return math.nan, math.nan
-    right = np.array([np.sum(np.asarray(t) == np.asarray(p))
-                      for t, p in zip(true_phases, pred_phases, strict=True)], dtype=float)
-    total = np.array([len(t) for t in true_phases], dtype=float)
+    right, total = _right_frames(true_phases, pred_phases), _frames(true_phases)
 
     def pooled(r: np.ndarray, n: np.ndarray, axis: int = -1) -> np.ndarray:
         return 100.0 * r.sum(axis=axis) / n.sum(axis=axis)
@@ -347,6 +345,16 @@ def streaming_phase_accuracy_ci(true_phases: Arrays, pred_phases: Arrays,
                     confidence_level=confidence, n_resamples=n_resamples,
                     method="percentile", rng=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _right_frames(true_phases: Arrays, pred_phases: Arrays) -> np.ndarray:
+    """Per stream, how many frames the prediction names the true phase (float)."""
+    return np.array([np.sum(np.asarray(t) == np.asarray(p))
+                     for t, p in zip(true_phases, pred_phases, strict=True)], dtype=float)
+
+
+def _frames(true_phases: Arrays) -> np.ndarray:
+    return np.array([len(t) for t in true_phases], dtype=float)
 
 
 def progress_mae(true_progress: np.ndarray, pred_progress: np.ndarray) -> float:
@@ -389,16 +397,13 @@ def paired_accuracy_difference_ci(true_phases: Arrays, pred_a: Arrays, pred_b: A
     if len(true_phases) < 2:
         return math.nan, math.nan
 
-    def right(preds: Arrays) -> np.ndarray:
-        return np.array([np.sum(np.asarray(t) == np.asarray(p))
-                         for t, p in zip(true_phases, preds, strict=True)], dtype=float)
-
-    total = np.array([len(t) for t in true_phases], dtype=float)
+    total = _frames(true_phases)
 
     def diff(ra: np.ndarray, rb: np.ndarray, n: np.ndarray, axis: int = -1) -> np.ndarray:
         return 100.0 * (ra.sum(axis=axis) - rb.sum(axis=axis)) / n.sum(axis=axis)
 
-    res = bootstrap((right(pred_a), right(pred_b), total), diff, paired=True,
+    res = bootstrap((_right_frames(true_phases, pred_a), _right_frames(true_phases, pred_b),
+                     total), diff, paired=True,
                     vectorized=True, confidence_level=confidence, n_resamples=n_resamples,
                     method="percentile", rng=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
