@@ -16,6 +16,23 @@ from importlib.metadata import entry_points
 from masa_rt import __version__
 
 
+def _with_default(action: argparse.Action) -> str:
+    """An option's help with its default appended, unless the help already says one or the
+    default is empty (None, False: "not given"), where a printed value would mislead."""
+    text = action.help or ""
+    if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings):
+        return text
+    return f"{text} (default: %(default)s)".lstrip()
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help with each option's default (see :func:`_with_default`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return _with_default(action)
+
+
 class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 2.
 
@@ -47,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         register(sub)
     for command in _subparsers(parser):
+        _show_defaults(command)
         _add_logging_flags(command)
     return parser
 
@@ -69,6 +87,17 @@ def _add_logging_flags(parser: argparse.ArgumentParser, top: bool = False) -> No
                        const="WARNING", help="warnings and errors only", **extra)
     group.add_argument("--log-level", dest="log_level", choices=LOG_LEVELS,
                        help="log level of masa-rt's own messages (default INFO)", **extra)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Defaults in this parser's --help, keeping its own formatter's layout (an epilog of
+    examples stays verbatim)."""
+    own = parser.formatter_class
+    parser.formatter_class = (DefaultsHelpFormatter if own is argparse.HelpFormatter else
+                              type("Formatter", (DefaultsHelpFormatter, own), {}))
+    for action in parser._actions:  # argparse prints no help line at all for help=None
+        if action.help is None and action.option_strings:
+            action.help = _with_default(action) or None
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:

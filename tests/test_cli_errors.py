@@ -156,3 +156,16 @@ def test_reference_build_into_a_missing_folder_is_refused(tmp_path, capsys):
     out = tmp_path / "no" / "such" / "r.npz"
     code, err = run(capsys, "reference", "build", RECORDING, "-o", out)
     assert code == 2 and "does not exist" in err and not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["serve"], "(default: 256)"),  # --max-sessions, which has no help text of its own
+    (["bench"], "(default: [1, 8, 64, 256])"),
+    (["serve"], "(default: the shipped model)"),  # said by the help itself, not repeated
+])
+def test_help_shows_the_defaults(capsys, argv, shown):
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert shown in text and "(default: None)" not in text
+    assert "(default: the shipped model) (default" not in text
