@@ -57,6 +57,12 @@ log = logging.getLogger(__name__)
 POLICIES = ("medoid", "first")  # medoid average of all demos; the first demo as it is
 
 
+# The shortest procedures users align (a squat repetition, a tap) last about a second; a
+# demo under half of that is a clipped or mislabelled file, not a performance (issue 31: a
+# 5-frame demo was accepted silently and served as a reference that answered at random).
+MIN_DEMO_SECONDS = 0.5
+
+
 class ReferenceBuildError(ValueError):
     """A demo that cannot become a reference (no phase labels, wrong layout, too short)."""
 
@@ -108,6 +114,11 @@ def embed_demo(model: MasaModel | None, spec: InputSpec, seq: PoseSequence,
     x = frame_features(joints[keep], spec, feats[keep] if feats is not None else None)
     if len(x) < 2:
         raise ReferenceBuildError(f"{name}: fewer than 2 frames with joints")
+    span = float(times[keep][-1] - times[keep][0])
+    if span < MIN_DEMO_SECONDS:
+        raise ReferenceBuildError(
+            f"{name}: {seq.num_frames} frames ({span:.2f} s with joints) is too short for a "
+            f"demonstration; a reference needs at least {MIN_DEMO_SECONDS:g} s")
     if embed is not None:
         emb = np.asarray(embed(x), dtype=np.float32)
     else:

@@ -158,6 +158,22 @@ def test_reference_build_into_a_missing_folder_is_refused(tmp_path, capsys):
     assert code == 2 and "does not exist" in err and not (tmp_path / "no").exists()
 
 
+def test_a_five_frame_demo_is_refused(tmp_path, capsys):
+    import dataclasses
+
+    from masa_rt.sequence import load_sequence, save_sequence
+
+    seq = load_sequence(RECORDING)
+    short = tmp_path / "short.npz"
+    cut = {f: getattr(seq, f)[:5] for f in ("joints", "timestamps", "phases", "canonical_time")
+           if getattr(seq, f) is not None}
+    save_sequence(short, dataclasses.replace(seq, **cut))
+    out = tmp_path / "r.npz"
+    code, err = run(capsys, "reference", "build", short, "-o", out)
+    assert code == 2 and "too short" in err and "5 frames" in err and not out.exists()
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("argv, shown", [
     (["serve"], "(default: 256)"),  # --max-sessions, which has no help text of its own
     (["bench"], "(default: [1, 8, 64, 256])"),
