@@ -9,6 +9,7 @@ are known, so the demo ends with honest numbers: phase accuracy, progress error,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import threading
@@ -25,7 +26,7 @@ from masa_rt.metrics import streaming_summary
 from masa_rt.sequence import Sequence, save_sequence
 from masa_rt.synth import Perturbation, generate
 
-__all__ = ["DemoConfig", "DemoScore", "run_demo", "score"]
+__all__ = ["DemoConfig", "DemoScore", "held_out_performance", "run_demo", "score"]
 
 log = logging.getLogger("masa_rt.demo")
 
@@ -36,11 +37,11 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 class DemoConfig:
     """What the demo runs; defaults are the README's ``masa-rt demo``."""
 
-    activity: str = "pour_milk"
+    activity: str | None = None  # None: the reference's own (run_demo reads it)
     # The shipped reference, built from examples/demos/pour_milk.npz by the shipped model; a
     # recording (joints) works too and is embedded once for ``model``.
     reference: Path = EXAMPLES / "pour_milk.npz"
-    seed: int = 7  # of the held-out pour: not a seed the training or examples use
+    seed: int = 7  # of the held-out performance: not a seed the training or examples use
     pause_phase: int = 3  # hold still halfway through this phase ...
     pause_seconds: float = 1.5
     repeat_phase: int = 1  # ... and redo this one
@@ -73,11 +74,28 @@ class DemoScore:
                 "(capture -> estimate received)"]
 
 
-def held_out_pour(cfg: DemoConfig) -> Sequence:
-    """A fresh synthetic recording with a pause and a repeated phase, exact labels included."""
+def reference_activity(path: Path) -> str:
+    """The activity a reference (or labelled recording) names: the one the demo performs."""
+    with np.load(path, allow_pickle=False) as f:
+        if "activity" not in f.files:
+            raise ValueError(f"{path}: names no activity, so the demo cannot tell what to "
+                             "perform")
+        return str(f["activity"])
+
+
+def held_out_performance(cfg: DemoConfig) -> Sequence:
+    """A fresh synthetic performance of ``cfg.activity`` with a pause and a repeated phase
+    (both moved inside the activity's phases), exact labels included."""
+    from masa_rt.synth import ACTIVITIES
+
+    if cfg.activity not in ACTIVITIES:
+        raise ValueError(f"the demo performs synthetic activities ({', '.join(ACTIVITIES)}); "
+                         f"the reference is {cfg.activity!r}: score your own recordings "
+                         "with `masa-rt score` or stream them with `masa-rt replay`")
+    last = len(ACTIVITIES[cfg.activity].phase_names) - 1
     rng = np.random.default_rng([cfg.seed, 0xDE30])
-    perturb = Perturbation(pause_phase=cfg.pause_phase, pause_seconds=cfg.pause_seconds,
-                           repeat_phase=cfg.repeat_phase)
+    perturb = Perturbation(pause_phase=min(cfg.pause_phase, last), pause_seconds=cfg.pause_seconds,
+                           repeat_phase=min(cfg.repeat_phase, last))
     return generate(cfg.activity, rng, perturb=perturb, subject=f"demo{cfg.seed}")
 
 
@@ -127,8 +145,10 @@ def run_demo(cfg: DemoConfig, pipeline=None) -> int:
     if not cfg.reference.is_file():
         raise FileNotFoundError(f"reference {cfg.reference} not found (see examples/README.md"
                                 " to rebuild the examples)")
+    if cfg.activity is None:
+        cfg = dataclasses.replace(cfg, activity=reference_activity(cfg.reference))
+    truth = held_out_performance(cfg)  # before the pipeline: a refusal costs no export
     pipeline = pipeline if pipeline is not None else build_pipeline(cfg)
-    truth = held_out_pour(cfg)
     server = Server(pipeline, ServerConfig(bind="tcp://127.0.0.1:0",
                                            pub_bind="tcp://127.0.0.1:0"))
     estimates: dict[int, Estimate] = {}
@@ -148,9 +168,11 @@ def run_demo(cfg: DemoConfig, pipeline=None) -> int:
     # Lookahead references answer each frame with the user of L model frames before.
     lag = round(getattr(pipeline, "lookahead", 0) * truth.fps / pipeline.spec.fps)
     result = score(truth, estimates, report, lag)
+    last = len(truth.phase_names) - 1
     print("\n".join([f"masa-rt demo: held-out {cfg.activity} (pause in phase "
-                     f"{truth.phase_names[cfg.pause_phase]}, {truth.phase_names[cfg.repeat_phase]}"
-                     " repeated)", *result.lines(), report.summary()]))
+                     f"{truth.phase_names[min(cfg.pause_phase, last)]}, "
+                     f"{truth.phase_names[min(cfg.repeat_phase, last)]} repeated)",
+                     *result.lines(), report.summary()]))
     return 0
 
 

@@ -272,7 +272,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="server + simulated headset + dashboard")
     p.add_argument("--duration", type=positive_float, metavar="S", help="stop after S seconds")
     p.add_argument("--no-watch", action="store_true", help="no dashboard, summary only")
-    p.add_argument("--seed", type=int, default=7, help="seed of the held-out pour")
+    p.add_argument("--seed", type=int, default=7, help="seed of the held-out performance")
     p.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model)")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--reference", type=Path, metavar="NPZ",

@@ -131,6 +131,25 @@ def test_demo_scores_a_held_out_pour(tiny_model, capsys):
     assert answered and answered.group(1) == answered.group(2) and int(answered.group(1)) >= 40
 
 
+@pytest.mark.parametrize("activity", ["stir_cup", "squat"])
+def test_demo_performs_the_references_activity(activity):
+    """Any synthetic activity, its pause and repeat moved inside its own phases."""
+    from engine.demo import DemoConfig, held_out_performance
+
+    seq = held_out_performance(DemoConfig(activity=activity, pause_phase=9, repeat_phase=9))
+    assert seq.activity == activity and len(set(seq.phases.tolist())) == len(seq.phase_names)
+
+
+def test_demo_of_an_activity_it_cannot_perform_is_one_line(tmp_path, capsys):
+    from masa_rt.cli import main
+
+    ref = tmp_path / "my_assembly.npz"
+    np.savez(ref, activity=np.array("my_assembly"), embeddings=np.zeros((3, 2)))
+    assert main(["demo", "--reference", str(ref)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'my_assembly'" in err and "masa-rt score" in err and len(err.splitlines()) == 1
+
+
 def test_demo_scores_lookahead_answers_against_the_frame_they_describe():
     """With lookahead L, the answer to frame s is where the user was at frame s - L."""
     from clients.replay import ReplayReport
