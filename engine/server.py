@@ -24,7 +24,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import zmq
@@ -32,6 +32,9 @@ import zmq
 from engine.counters import Counters, LatencyHistogram, LogLimiter, RejectionSummary, format_table
 from engine.security import apply_server_curve, plain_mode_warning, start_authenticator
 from masa_rt import protocol as P
+
+if TYPE_CHECKING:
+    from engine.recorder import SessionRecorder
 
 __all__ = ["PipelineLike", "Server", "ServerConfig", "install_signal_handlers"]
 
@@ -209,8 +212,10 @@ class Server:
     :meth:`start_in_thread` / :meth:`stop` (tests, demo, bench)."""
 
     def __init__(self, pipeline: PipelineLike, config: ServerConfig | None = None, *,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 recorder: SessionRecorder | None = None) -> None:
         self.pipeline = pipeline
+        self.recorder = recorder  # --record DIR: accepted frames to files (engine.recorder)
         self.config = config or ServerConfig()
         self.clock = clock  # perf_counter: the clients' local_clock, so loopback needs no offset
         self.counters = Counters()
@@ -265,6 +270,8 @@ class Server:
                     self.counters.loop_errors += 1
         finally:
             self._account_at_stop()
+            if self.recorder is not None:  # write the sessions still open
+                self.recorder.stop()
             self._final = self.stats()
             self._close_sockets()
             log.info("event=stopped frames_in=%d estimates_out=%d rejected=%d dropped=%d",
@@ -540,6 +547,9 @@ class Server:
             fps=msg["fps"], shape=tuple(info["shape"]), info=info, last_seen=t_recv,
             bucket=self._bucket(msg["fps"], t_recv))
         self.sessions[session.id] = session
+        if self.recorder is not None:  # the tenant is the CURVE key; plain mode has none
+            self.recorder.opened(session.id, session.layout, session.fps, session.shape,
+                                 peer.key if self._bound else None, msg["reference"])
         self._owned[peer.key] += 1
         self.counters.sessions_opened += 1
         return session
@@ -592,6 +602,8 @@ class Server:
         s.pending.append((seq, msg["t"], joints))
         s.in_flight[seq] = t_recv
         self._in_flight += 1
+        if self.recorder is not None:
+            self.recorder.frame(s.id, msg["t"], joints)
 
     def _count_gap(self, s: Session, seq: int) -> None:
         """Frames the client numbered that never arrived (shed ones did arrive)."""
@@ -692,6 +704,8 @@ class Server:
         bank_counters = getattr(getattr(self.pipeline, "bank", None), "counters", None)
         if isinstance(bank_counters, dict):
             counters.update({f"streams.{k}": int(v) for k, v in sorted(bank_counters.items())})
+        if self.recorder is not None:
+            counters.update(self.recorder.counters())
         return {"counters": counters, "latency": self.latency.to_wire()}
 
     # ------------------------------------------------------------------ engine
@@ -786,6 +800,8 @@ class Server:
     def _close(self, s: Session, why: str) -> None:
         self._drop_in_flight(s, "session_closed")
         del self.sessions[s.id]
+        if self.recorder is not None:
+            self.recorder.closed(s.id, why)
         self._set_owner(s, None)  # frees a slot of its client's max_sessions_per_client
         try:
             self.pipeline.close_session(s.id)
