@@ -38,6 +38,8 @@ class Recording:
     layout: str
     fps: float
     activity: str | None = None
+    phases: np.ndarray | None = None  # (T,) ids into phase_names, where the file is labelled
+    phase_names: tuple[str, ...] | None = None
 
 
 def load_recording(source: str | Path | Any) -> Recording:
@@ -51,8 +53,12 @@ def load_recording(source: str | Path | Any) -> Recording:
     joints = np.ascontiguousarray(source.joints, dtype=np.float32)
     if joints.ndim != 3 or len(joints) == 0:
         raise ValueError(f"joints must be a non-empty (T, J, C) array, got {joints.shape}")
+    phases, names = getattr(source, "phases", None), getattr(source, "phase_names", None)
+    labelled = phases is not None and names is not None and len(phases) == len(joints)
     return Recording(joints, str(source.layout), float(source.fps),
-                     getattr(source, "activity", None))
+                     getattr(source, "activity", None),
+                     np.asarray(phases) if labelled else None,
+                     tuple(str(n) for n in names) if labelled else None)
 
 
 def _read_npz(path: Path) -> Recording:
@@ -74,7 +80,10 @@ def _read_npz(path: Path) -> Recording:
             raise ValueError(f"{path}: not a sequence file, missing {', '.join(missing)} "
                              f"(has {', '.join(f.files) or 'nothing'})")
         activity = str(f["activity"]) if "activity" in f.files else None
-        return Recording(f["joints"], str(f["layout"]), float(f["fps"]), activity)
+        labelled = "phases" in f.files and "phase_names" in f.files
+        return Recording(f["joints"], str(f["layout"]), float(f["fps"]), activity,
+                         f["phases"] if labelled else None,
+                         tuple(f["phase_names"].tolist()) if labelled else None)
 
 
 @dataclass
@@ -89,6 +98,15 @@ class ReplayReport:
     rejected: Counter = field(default_factory=Counter)  # by server error reason
     dropped: Counter = field(default_factory=Counter)  # not sent: link down / queue full
     latencies_s: list[float] = field(default_factory=list, repr=False)
+    # Labelled recordings: answers whose phase name is the file's label for the frame they
+    # describe ("waiting" and other names count as wrong), of the answers that describe one.
+    phase_right: int = 0
+    phase_scored: int = 0
+
+    @property
+    def phase_accuracy(self) -> float | None:
+        """Fraction of scored answers with the right phase; None for an unlabelled file."""
+        return self.phase_right / self.phase_scored if self.phase_scored else None
 
     @property
     def unanswered(self) -> int:
@@ -107,6 +125,7 @@ class ReplayReport:
             "sent": self.sent, "answered": self.answered, "unanswered": self.unanswered,
             "rejected": dict(self.rejected), "dropped": dict(self.dropped),
             "latency_ms": {f"p{q:g}": self.latency_ms(q) for q in (50, 99, 99.9)},
+            "phase_accuracy": self.phase_accuracy, "phase_scored": self.phase_scored,
         }
 
     def summary(self) -> str:
@@ -115,25 +134,49 @@ class ReplayReport:
         lat = ", ".join(f"{k} {v:.2f}" for k, v in d["latency_ms"].items())
         rejected = f"rejected {sum(self.rejected.values())} {d['rejected'] or ''}".rstrip()
         dropped = f"dropped {sum(self.dropped.values())} {d['dropped'] or ''}".rstrip()
+        phase = ("" if self.phase_accuracy is None else
+                 f"; phase accuracy {self.phase_accuracy * 100:.1f} % of {self.phase_scored} "
+                 "answers (the file's labels)")
         return (f"{self.clients} client(s) at {self.rate_hz:g} Hz for {self.duration_s:.1f} s: "
                 f"sent {self.sent}, answered {self.answered}, {rejected}, {dropped}, "
-                f"unanswered {self.unanswered}; latency ms {lat}")
+                f"unanswered {self.unanswered}; latency ms {lat}{phase}")
 
 
 OnEstimate = Callable[[int, Estimate], None]
+
+
+def file_declaration(source: str | Path | Any) -> dict | None:
+    """The layout declaration a recording of a declared layout carries (its
+    ``layout_declaration`` field, JSON text), sent in the hello so that the server need not
+    know the layout (the server checks it); None for other files and objects."""
+    if not isinstance(source, str | Path):
+        return getattr(source, "layout_declaration", None)
+    with np.load(source, allow_pickle=False) as f:  # load_recording has vetted the file
+        if "layout_declaration" not in f.files:
+            return None
+        text = str(f["layout_declaration"])
+    try:
+        declared = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}: field 'layout_declaration' is not JSON ({exc})") from None
+    return declared if isinstance(declared, dict) else None
 
 
 def replay(source: str | Path | Any, address: str = DEFAULT_ADDRESS, rate_hz: float | None = None,
            clients: int = 1, loop: bool = False, duration: float | None = None,
            on_estimate: OnEstimate | None = None, *, reference: str | None = None,
            session_prefix: str = "replay", drain_s: float = 2.0,
-           open_timeout: float = 5.0) -> ReplayReport:
+           open_timeout: float = 5.0, layout_declaration: dict | None = None) -> ReplayReport:
     """Stream ``source`` from ``clients`` simulated headsets; return the report.
 
     Without ``loop`` each client sends the recording once; ``duration`` (s) stops earlier
     (or ends a loop). ``on_estimate(client_index, estimate)`` sees every answer.
+    ``layout_declaration`` (a layout file's contents) declares the recording's layout in
+    the hello; by default the file's own declaration, where it carries one.
     """
     rec = load_recording(source)
+    if layout_declaration is None:
+        layout_declaration = file_declaration(source)
     rate = float(rec.fps if rate_hz is None else rate_hz)
     if clients < 1 or rate <= 0:
         raise ValueError("need clients >= 1 and a positive rate")
@@ -144,7 +187,8 @@ def replay(source: str | Path | Any, address: str = DEFAULT_ADDRESS, rate_hz: fl
         outlets = []
         for i in range(clients):
             outlet = PoseOutlet(address, session=f"{session_prefix}-{i}", layout=rec.layout,
-                                fps=rate, reference=reference)
+                                fps=rate, reference=reference,
+                                layout_declaration=layout_declaration)
             outlet.open(open_timeout)
             stack.callback(outlet.close)
             outlets.append(outlet)
@@ -203,6 +247,19 @@ class _Run:
                 return
             self.collect(self.poller.poll(max(1, int((deadline - now) * 1000.0))))
 
+    def score_phase(self, i: int, est: Estimate) -> None:
+        """Compare the answer with the label of the frame it describes: frame seq, or
+        seq - lag where the references have lookahead (the welcome's ``lookahead_s``)."""
+        if self.rec.phases is None:
+            return
+        lag = round(float((self.outlets[i].welcome or {}).get("lookahead_s") or 0.0) * self.rate)
+        frame = est.seq - lag
+        if frame < 0:  # answers a frame not yet described: nothing to score
+            return
+        truth = self.rec.phase_names[int(self.rec.phases[frame % len(self.rec.phases)])]
+        self.report.phase_scored += 1
+        self.report.phase_right += int(est.phase_name == truth)
+
     def outstanding(self) -> int:
         rejected = sum(sum(o.rejected.values()) for o in self.outlets)
         return self.report.sent - self.report.answered - rejected
@@ -213,6 +270,7 @@ class _Run:
             while (est := self.outlets[i].pull(0.0)) is not None:
                 self.report.answered += 1
                 self.report.latencies_s.append(est.latency)
+                self.score_phase(i, est)
                 if self.on_estimate is not None:
                     self.on_estimate(i, est)
 

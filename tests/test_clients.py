@@ -291,6 +291,23 @@ def test_replay_several_clients_accounts_for_every_frame(tmp_path):
     assert "answered 60" in report.summary()
 
 
+def test_replay_of_a_labelled_file_reports_phase_accuracy(tmp_path, capsys):
+    """The fake server names phase seq % 4; labels that disagree on 5 frames: 15/20 right."""
+    joints = _write_npz(tmp_path / "plain.npz")
+    phases = np.arange(20) % 4
+    phases[:5] = (phases[:5] + 1) % 4
+    np.savez(tmp_path / "labelled.npz", format_version=1, joints=joints,
+             layout=np.str_("h2o_hands"), fps=np.float64(200.0), phases=phases,
+             phase_names=np.array([f"phase{k}" for k in range(4)]))
+    with FakeServer() as server:
+        plain = replay(tmp_path / "plain.npz", server.address)
+        assert main(["replay", str(tmp_path / "labelled.npz"), "--address", server.address,
+                     "--json", str(tmp_path / "r.json")]) == 0
+    assert plain.phase_accuracy is None and "phase accuracy" not in plain.summary()
+    assert "phase accuracy 75.0 % of 20 answers" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["phase_accuracy"] == 0.75
+
+
 def test_replay_loop_with_duration_and_rate(tmp_path):
     _write_npz(tmp_path / "seq.npz", frames=4)
     with FakeServer() as server:
