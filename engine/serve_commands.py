@@ -198,7 +198,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(bind=args.bind, pub_bind=args.pub, max_sessions=args.max_sessions,
                           max_sessions_per_client=args.max_sessions_per_client,
                           idle_timeout_s=args.idle_timeout, keydir=args.secure)
-    server = Server(pipeline, config)
+    server = Server(pipeline, config, recorder=_recorder(args))
     install_signal_handlers(server)
     try:
         server.run()
@@ -206,6 +206,18 @@ def _serve(args: argparse.Namespace) -> int:
         pipeline.close()
     print(server.report())
     return 0
+
+
+def _recorder(args: argparse.Namespace):
+    """``--record DIR``: a SessionRecorder (engine.recorder), or None."""
+    if args.record is None:
+        return None
+    from engine.recorder import SessionRecorder
+
+    folder = Path(args.record)
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"--record {folder}: not a writable folder (create it first)")
+    return SessionRecorder(folder, max_frames=args.record_max_frames)
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -259,6 +271,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-timeout", type=positive_float, default=10.0, metavar="S")
     p.add_argument("--secure", metavar="KEYDIR",
                    help="CURVE encryption + client allow-list (docs/security.md)")
+    p.add_argument("--record", metavar="DIR",
+                   help="write each session's frames to DIR/<started>_<session>.npz when it "
+                        "ends (with --secure: DIR/<key id>/...); docs/serving.md")
+    p.add_argument("--record-max-frames", type=positive_int, default=54_000, metavar="N",
+                   help="frames kept per recorded session (default 54000: 10 min at 90 Hz); "
+                        "later ones are counted, not recorded")
     p.set_defaults(func=_serve)
 
     p = subparsers.add_parser("watch", help="live terminal dashboard of the estimates")
