@@ -39,4 +39,23 @@ def test_tiny_bench_writes_json_and_plot(tmp_path, capsys):
     assert r["floors"]["casa"]["frames_per_s"] > 0
     assert r["verdict"]["speedup_vs_casa_1_stream"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 10_000
-    assert "zmq round trip floor" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "zmq round trip floor" in out
+    last = out.strip().splitlines()[-1]  # the headline: one line, the run's own numbers
+    served = r["verdict"]["streams_at_90hz_p99_5ms"]
+    assert served in (0, 1, 2) and last.startswith(f"headline: {served} streams at 90 Hz")
+    assert "(of 1, 2 measured)" in last and "x the CASA-style baseline" in last
+
+
+def test_headline_counts_only_streams_served_within_the_budget():
+    from engine.bench import headline, verdict
+
+    def row(n, p99, fps):
+        return {"streams": n, "p99_us": p99, "frames_per_s": fps}
+
+    r = {"engine": {"onnxruntime": [row(1, 200, 5000), row(64, 4000, 9000),
+                                    row(256, 9000, 30000)]},
+         "floors": {"zmq_round_trip": {"p99_us": 300}}}
+    v = verdict(r)  # 64 streams: p99 4 ms, 9000 frames/s >= 64 x 90; 256: p99 over 5 ms
+    assert v["streams_at_90hz_p99_5ms"] == 64 and v["e2e_p99_minus_zmq_p99_us"] is None
+    assert headline(r).startswith("headline: 64 streams at 90 Hz")
