@@ -1,4 +1,4 @@
-"""Core CLI commands: ``synth``, ``import-penn``, ``inspect``.
+"""Core CLI commands: ``synth``, ``import-penn``, ``inspect``, ``label``.
 
 Argument parsing lives here; each handler imports its module lazily so ``masa-rt --help``
 stays fast.
@@ -27,6 +27,26 @@ def _inspect(args: argparse.Namespace) -> int:
     from masa_rt.inspect import run_cli
 
     return run_cli(args)
+
+
+def _label(args: argparse.Namespace) -> int:
+    from masa_rt.labels import run_cli
+
+    return run_cli(args)
+
+
+def _add_label(subparsers) -> None:
+    p = subparsers.add_parser("label", help="phase labels for a recording from a CSV of "
+                                            "phase starts (then: reference build)")
+    p.add_argument("demo", metavar="DEMO.npz", help="a sequence file, e.g. from serve --record")
+    p.add_argument("--phases", required=True, metavar="CSV",
+                   help="header 'time,phase' (seconds from the first frame) or "
+                        "'frame,phase' (frame index), then one row per phase start")
+    p.add_argument("-o", "--out", default=None, metavar="OUT.npz",
+                   help="output sequence (default: DEMO's stem + .labelled.npz beside it)")
+    p.add_argument("--activity", default=None, help="activity name to store (default: keep "
+                                                    "the recording's)")
+    p.set_defaults(func=_label)
 
 
 def register(subparsers) -> None:
@@ -62,3 +82,5 @@ def register(subparsers) -> None:
     p.add_argument("--plot", default=None, metavar="OUT.png",
                    help="draw a few skeleton frames and the phase timeline")
     p.set_defaults(func=_inspect)
+
+    _add_label(subparsers)
