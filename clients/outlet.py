@@ -50,10 +50,14 @@ class PoseOutlet:
                  layout: str = "h2o_hands", fps: float = 30.0, reference: str | None = None,
                  *, curve: CurveKeys | None = None, lost_after: float = 3.0,
                  heartbeat: float | None = None, sndhwm: int = 256, sndbuf: int = 65_536,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None,
+                 layout_declaration: dict | None = None) -> None:
         self.address = address
         self.session = session or uuid.uuid4().hex
         self.layout, self.fps, self.reference = layout, float(fps), reference
+        # A layout the server may not know, declared in full in every hello (a layout file's
+        # contents, docs/formats.md "Layout files"); None: a layout the server knows.
+        self.layout_declaration = layout_declaration
         self.lost_after = lost_after
         self.heartbeat = heartbeat if heartbeat is not None else lost_after / 4.0
         self.welcome: dict | None = None
@@ -273,7 +277,8 @@ class PoseOutlet:
         self._hello_sent_at = local_clock()
         sent = self._try_send(P.hello(self.session, self.layout, self.fps, self._hello_sent_at,
                                       reference=self.reference, resume=resume,
-                                      client=CLIENT_NAME))
+                                      client=CLIENT_NAME,
+                                      layout_declaration=self.layout_declaration))
         # A lost resume hello would leave the session unknown to the server: retry it.
         self._resume_due = resume and not sent
 

@@ -30,6 +30,7 @@ import numpy as np
 from engine.backends import Backend, CapacityError, get_backend, read_model_info
 from engine.streams import ModelFrame, StreamBank
 from masa_rt.align import AlignerBank, AlignerConfig, Estimate, Reference
+from masa_rt.layout_file import hello_layout
 from masa_rt.preprocess import InputSpec
 from masa_rt.protocol import ProtocolError
 from masa_rt.skeleton import (
@@ -130,10 +131,15 @@ class Pipeline:
     # -- sessions ---------------------------------------------------------------------------
 
     def open_session(self, session_id: str, layout: str, fps: float,
-                     reference: str | None = None) -> dict:
+                     reference: str | None = None, declaration: dict | None = None) -> dict:
         """Start a session; returns what a ``welcome`` needs. Refusals are ProtocolErrors
-        with the reason the client can switch on (wrong_layout, unknown_reference, ...)."""
-        convert = self._conversion(layout)
+        with the reason the client can switch on (wrong_layout, unknown_reference, ...).
+        ``declaration``: the hello's declaration of a layout this server may not know
+        (``masa_rt.layout_file``)."""
+        if declaration is not None:
+            lay, convert = self._declared_conversion(layout, declaration)
+        else:
+            lay, convert = None, self._conversion(layout)
         if reference is not None and reference not in self.references:
             raise ProtocolError("unknown_reference", f"{reference!r}; loaded: "
                                                      f"{sorted(self.references)}")
@@ -148,7 +154,7 @@ class Pipeline:
         bank = self._banks[reference] if reference else self._bank_all
         bank.add(session_id)
         self._sessions[session_id] = _Session(bank, bank.last(session_id), convert=convert)
-        lay = get_layout(layout)
+        lay = lay or get_layout(layout)
         return {"shape": (lay.num_joints, lay.dims), "model": self.model_name,
                 "references": [reference] if reference else sorted(self.references),
                 "window": self.window, "model_fps": self.spec.fps,
@@ -167,6 +173,16 @@ class Pipeline:
             raise ProtocolError("wrong_layout", f"{layout!r}: this model reads "
                                                 f"{self.spec.layout!r} and {layout!r} does "
                                                 f"not convert to it ({exc})") from None
+
+    def _declared_conversion(self, layout: str, declaration: dict
+                             ) -> tuple[Any, np.ndarray | None]:
+        """(the declared Layout, its joint map to the model's layout or None) for a hello
+        that declares its layout; a wrong_layout refusal when the model cannot read it.
+        Nothing is registered: one client's declaration never changes another's session."""
+        try:
+            return hello_layout(layout, declaration, self.spec.layout)
+        except ValueError as exc:
+            raise ProtocolError("wrong_layout", str(exc)) from None
 
     def close_session(self, session_id: str) -> None:
         s = self._sessions.pop(session_id, None)

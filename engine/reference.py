@@ -47,6 +47,12 @@ from masa_rt.phase_decoder import DecoderEnsemble, PhaseDecoderError
 from masa_rt.preprocess import InputSpec, frame_features, raw_embedding
 from masa_rt.sequence import Sequence as PoseSequence
 from masa_rt.sequence import load_sequence
+from masa_rt.skeleton import (
+    UnknownLayoutError,
+    UnsupportedConversionError,
+    apply_map,
+    conversion_map,
+)
 
 __all__ = ["POLICIES", "ReferenceBuildError", "average_demos", "build_reference",
            "decoder_members_meta", "embed_demo", "ensemble_references", "reference_from_demos",
@@ -95,6 +101,20 @@ def _resampled(seq: PoseSequence, spec: InputSpec) -> tuple[np.ndarray, np.ndarr
     return times_a, np.stack(joints), phases, (np.stack(extra) if feats is not None else None)
 
 
+def _in_model_layout(seq: PoseSequence, spec: InputSpec, name: str) -> PoseSequence:
+    """The demo in the model's layout: converted where a joint map exists (a declared
+    layout's ``convert_to``, OpenXR hands -> h2o_hands, ...), as the server converts a
+    live stream of that layout, else refused."""
+    if seq.layout == spec.layout:
+        return seq
+    try:
+        m = conversion_map(seq.layout, spec.layout)
+    except (UnknownLayoutError, UnsupportedConversionError):
+        raise ReferenceBuildError(f"{name}: layout {seq.layout!r}, the model reads "
+                                  f"{spec.layout!r} (and no conversion exists)") from None
+    return replace(seq, joints=apply_map(seq.joints, m), layout=spec.layout)
+
+
 def embed_demo(model: MasaModel | None, spec: InputSpec, seq: PoseSequence,
                name: str = "demo",
                embed: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
@@ -103,9 +123,7 @@ def embed_demo(model: MasaModel | None, spec: InputSpec, seq: PoseSequence,
     ``embed`` (model input (T, D) -> (T, d)) replaces the model's causal encoder, e.g. the
     harness's raw-keypoint baseline; ``model`` is then unused.
     """
-    if seq.layout != spec.layout:
-        raise ReferenceBuildError(f"{name}: layout {seq.layout!r}, the model reads "
-                                  f"{spec.layout!r}")
+    seq = _in_model_layout(seq, spec, name)
     if seq.phases is None or seq.phase_names is None:
         raise ReferenceBuildError(f"{name}: has no phase labels (phases, phase_names); a "
                                   "reference needs them")

@@ -113,7 +113,8 @@ class PipelineLike(Protocol):
     """What the server needs from the engine (``engine.pipeline.Pipeline`` or a test fake)."""
 
     def open_session(self, session_id: str, layout: str, fps: float,
-                     reference: str | None = None) -> dict: ...
+                     reference: str | None = None, declaration: dict | None = None
+                     ) -> dict: ...
 
     def close_session(self, session_id: str) -> None: ...
 
@@ -536,8 +537,11 @@ class Server:
 
     def _open(self, peer: Peer, msg: dict, t_recv: float) -> Session:
         try:
+            # a declared layout (masa_rt.layout_file) is passed only where one came
+            declared = ({"declaration": msg["layout_declaration"]}
+                        if msg.get("layout_declaration") is not None else {})
             info = self.pipeline.open_session(msg["session"], msg["layout"], msg["fps"],
-                                              msg["reference"])
+                                              msg["reference"], **declared)
         except P.ProtocolError:
             raise
         except (KeyError, ValueError) as exc:

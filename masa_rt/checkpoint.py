@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from masa_rt.atomic import atomic_write
+from masa_rt.layout_file import conversion_targets
 from masa_rt.model import MasaConfig, MasaModel
 from masa_rt.preprocess import InputSpec
-from masa_rt.shipped import shipped_model_path
+from masa_rt.shipped import SHIPPED_MODELS, NoShippedModelError, shipped_model_path
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -50,8 +51,16 @@ class CheckpointError(ValueError):
 
 def default_model_path(layout: str | None = None) -> Path:
     """The model shipped inside the package for ``layout`` (None: the default hand
-    model), used when no ``--model`` is given (``masa_rt.shipped``)."""
-    return shipped_model_path(layout)
+    model), used when no ``--model`` is given (``masa_rt.shipped``). A declared layout
+    (``masa_rt.layout_file``) with no model of its own gets the shipped model of a layout
+    its ``convert_to`` names (its demos and streams are converted to it)."""
+    try:
+        return shipped_model_path(layout)
+    except NoShippedModelError:
+        for target in conversion_targets(layout):
+            if target in SHIPPED_MODELS:
+                return shipped_model_path(target)
+        raise
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

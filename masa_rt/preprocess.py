@@ -22,11 +22,12 @@ The trainer augments between the two steps (see ``trainer.data``), on root-centr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
+from masa_rt.layout_file import declaration_of, declare, is_declared
 from masa_rt.skeleton import flatten_frames, get_layout, normalise
 
 __all__ = [
@@ -49,6 +50,10 @@ class InputSpec:
 
     ``fps`` is the frame rate the model was trained at: the engine resamples live streams
     to it (METHOD.md §3, "Frame rate"). ``feature_dim`` is 0 for skeleton-only input.
+    ``layout_declaration``: a declared layout's declaration (``masa_rt.layout_file``),
+    filled in from this process's registry when not given, so a model of a declared
+    layout carries it into its checkpoint, ONNX metadata and references, and whoever
+    loads the model knows the layout without the file; None for a built-in layout.
     """
 
     layout: str
@@ -56,9 +61,17 @@ class InputSpec:
     root_mode: str = "per_frame"
     input_kind: str = "skeleton"
     feature_dim: int = 0
+    layout_declaration: dict[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
+        if self.layout_declaration is not None:
+            where = f"input spec (layout {self.layout!r})"
+            if declare(self.layout_declaration, where).name != self.layout:
+                raise ValueError(f"InputSpec: layout_declaration declares "
+                                 f"{self.layout_declaration.get('name')!r}, not {self.layout!r}")
         get_layout(self.layout)  # fail early, naming the known layouts
+        if self.layout_declaration is None and is_declared(self.layout):
+            object.__setattr__(self, "layout_declaration", declaration_of(self.layout))
         if self.root_mode not in ROOT_MODES:
             raise ValueError(f"InputSpec: root_mode: expected one of {ROOT_MODES}, "
                              f"found {self.root_mode!r}")
@@ -91,7 +104,10 @@ class InputSpec:
         return skeleton + self.feature_dim
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["layout_declaration"] is None:  # built-in layouts: the dict models always had
+            del d["layout_declaration"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InputSpec:

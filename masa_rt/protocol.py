@@ -200,6 +200,9 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
         "client_time": (_number, True),
         "resume": (_bool, True),
         "client": (_optional(_text), False),  # software name/version, for logs
+        # A layout the server may not know, declared in full (masa_rt.layout_file's
+        # canonical form; the server checks it): docs/protocol.md, "Layouts".
+        "layout_declaration": (_optional(_map), False),
     },
     "frame": {
         "session": (_session, True),
@@ -388,9 +391,11 @@ def _msg(kind: str, **fields: Any) -> dict:
 
 
 def hello(session: str, layout: str, fps: float, client_time: float, *,
-          reference: str | None = None, resume: bool = False, client: str | None = None) -> dict:
+          reference: str | None = None, resume: bool = False, client: str | None = None,
+          layout_declaration: dict | None = None) -> dict:
+    declared = {} if layout_declaration is None else {"layout_declaration": layout_declaration}
     return _msg("hello", session=session, layout=layout, fps=float(fps), reference=reference,
-                client_time=float(client_time), resume=resume, client=client)
+                client_time=float(client_time), resume=resume, client=client, **declared)
 
 
 def frame(session: str, seq: int, t: float, joints: np.ndarray) -> dict:

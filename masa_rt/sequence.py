@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from masa_rt.atomic import atomic_write, atomic_write_json
+from masa_rt.layout_file import LayoutFileError, declaration_of, declare, declare_json
+from masa_rt.layout_file import load_layout_file as _load_layout_file
 from masa_rt.skeleton import LAYOUTS, Layout, UnknownLayoutError, get_layout
 
 __all__ = [
@@ -173,6 +175,8 @@ class _Checker:
             if field not in raw:
                 raise self.fail(field, "a value (required field)", "none")
         self.version(raw["format_version"])
+        if "layout_declaration" in raw:  # a self-describing recording of a declared layout
+            self.declaration(raw["layout_declaration"])
         out: dict[str, Any] = {"layout": self.layout(raw["layout"])}
         out["joints"] = self.joints(raw["joints"], get_layout(out["layout"]))
         t = out["joints"].shape[0]
@@ -204,6 +208,15 @@ class _Checker:
                             "masa-rt to read newer files)", str(int(arr)))
         if int(arr) < 1:
             raise self.fail("format_version", f"1..{FORMAT_VERSION}", str(int(arr)))
+
+    def declaration(self, value: Any) -> None:
+        """Declare the layout a file carries (``masa_rt.layout_file``, JSON text)."""
+        text = self.string("layout_declaration", value)
+        try:
+            declare_json(text, f"{self.name}: field 'layout_declaration'")
+        except LayoutFileError as e:
+            raise self.fail("layout_declaration", "a valid layout declaration",
+                            e.problem) from None
 
     def layout(self, value: Any) -> str:
         name = self.string("layout", value)
@@ -278,6 +291,10 @@ class _Checker:
 def _to_disk(fields: dict[str, Any]) -> dict[str, np.ndarray]:
     """Canonical fields -> arrays for ``np.savez`` (strings as numpy unicode, no pickles)."""
     arrays = {"format_version": np.array(FORMAT_VERSION, dtype=np.int64)}
+    declaration = declaration_of(fields["layout"])
+    if declaration is not None:  # a declared layout travels in the file: self-describing
+        arrays["layout_declaration"] = np.array(json.dumps(declaration, sort_keys=True),
+                                                dtype=np.str_)
     for key, value in fields.items():
         if key == "phase_names":
             arrays[key] = np.array(list(value), dtype=np.str_)
@@ -352,15 +369,25 @@ class ManifestEntry:
 
 @dataclass
 class Manifest:
-    """The contents of ``manifest.json``; every file shares ``layout`` and ``fps``."""
+    """The contents of ``manifest.json``; every file shares ``layout`` and ``fps``.
+
+    A declared layout (``masa_rt.layout_file``) is named by ``layout_file`` (a path
+    relative to the dataset folder) or carried inline as ``layout_declaration``.
+    """
 
     layout: str
     fps: float
     activities: list[str]
     files: list[ManifestEntry]
+    layout_file: str | None = None
+    layout_declaration: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **asdict(self)}
+        d = {"format_version": FORMAT_VERSION, **asdict(self)}
+        for key in ("layout_file", "layout_declaration"):  # absent: as manifests always were
+            if d[key] is None:
+                del d[key]
+        return d
 
 
 def save_manifest(root: str | os.PathLike[str], manifest: Manifest) -> None:
@@ -382,6 +409,7 @@ def _parse_manifest(obj: Any, name: str) -> Manifest:
     for key in ("format_version", "layout", "fps", "activities", "files"):
         if key not in obj:
             raise ManifestError(name, key, "a value (required field)", "none")
+    layout_file, declaration = _manifest_declaration(obj, name)
     try:
         chk.version(obj["format_version"])
         layout = chk.layout(obj["layout"])
@@ -401,7 +429,32 @@ def _parse_manifest(obj: Any, name: str) -> Manifest:
         if e.file in seen:
             raise fail(f"files[{i}].file", "each file listed once", e.file)
         seen.add(e.file)
-    return Manifest(layout, fps, list(activities), entries)
+    return Manifest(layout, fps, list(activities), entries, layout_file, declaration)
+
+
+def _manifest_declaration(obj: dict[str, Any], name: str
+                          ) -> tuple[str | None, dict[str, Any] | None]:
+    """Declare the manifest's layout from ``layout_file`` (relative to the manifest's
+    folder) or an inline ``layout_declaration``; returns both as found."""
+    layout_file, declaration = obj.get("layout_file"), obj.get("layout_declaration")
+    if layout_file is not None:
+        if not isinstance(layout_file, str) or not layout_file:
+            raise ManifestError(name, "layout_file", "a path relative to the dataset folder",
+                                _describe(layout_file))
+        try:
+            _load_layout_file(Path(name).parent / layout_file)
+        except FileNotFoundError:
+            raise ManifestError(name, "layout_file", "an existing layout file",
+                                f"no {layout_file!r} beside the manifest") from None
+        except LayoutFileError as e:
+            raise ManifestError(name, "layout_file", "a valid layout file", str(e)) from None
+    if declaration is not None:
+        try:
+            declare(declaration, f"{name}: field 'layout_declaration'")
+        except LayoutFileError as e:
+            raise ManifestError(name, "layout_declaration", "a valid layout declaration",
+                                e.problem) from None
+    return layout_file, declaration
 
 
 def _parse_entry(obj: Any, i: int, activities: set[str], fail) -> ManifestEntry:
@@ -537,6 +590,7 @@ def write_dataset_files(root: str | os.PathLike[str],
         raise ValueError(f"write_dataset_files: items for {root}: expected at least one, "
                          "found none")
     seen = list(dict.fromkeys(e.activity for e in entries))
-    manifest = Manifest(layout, float(fps), list(activities) if activities else seen, entries)
+    manifest = Manifest(layout, float(fps), list(activities) if activities else seen, entries,
+                        layout_declaration=declaration_of(layout))
     save_manifest(root, manifest)
     return manifest

@@ -29,9 +29,11 @@ __all__ = [
     "get_layout",
     "mirror",
     "normalise",
+    "register_layout",
     "rotate",
     "rotation_2d",
     "rotation_about",
+    "topological_order",
     "valid_mask",
 ]
 
@@ -48,9 +50,11 @@ class UnsupportedConversionError(ValueError):
 class Layout:
     """A named skeleton.
 
-    ``parents`` lists the bone tree in topological order (parent index < joint index, -1
-    for a tree root), so the first joint of each connected part is a root even where
-    anatomy would root elsewhere (e.g. ``body25`` starts at the nose).
+    ``parents`` lists the bone tree (-1 for a tree root). The built-in tables list it in
+    topological order (parent index < joint index), so the first joint of each connected
+    part is a root even where anatomy would root elsewhere (e.g. ``body25`` starts at the
+    nose); a declared layout (``masa_rt.layout_file``) keeps its tracker's joint order, so
+    its parents may come after their children: walk bones in :func:`topological_order`.
     ``mirror[i]`` is the left/right counterpart of joint ``i`` (``i`` itself on the midline).
     The root is the nan-mean of the ``root`` joints; the scale is the nan-mean length of
     the ``ref_bone`` pairs. ``up_axis`` is the vertical coordinate (rotation augmentation
@@ -74,9 +78,10 @@ class Layout:
                 raise ValueError(f"layout {self.name}: {field}: expected {j} entries, "
                                  f"found {len(getattr(self, field))}")
         for i, p in enumerate(self.parents):
-            if not (p == -1 or 0 <= p < i):
-                raise ValueError(f"layout {self.name}: parents[{i}]: expected -1 or < {i}, "
-                                 f"found {p}")
+            if not (p == -1 or 0 <= p < j) or p == i:
+                raise ValueError(f"layout {self.name}: parents[{i}]: expected -1 or another "
+                                 f"joint's index in [0, {j}), found {p}")
+        topological_order(self.parents, self.name)  # a cycle is an error
         for i, m in enumerate(self.mirror):
             if not (0 <= m < j and self.mirror[m] == i):
                 raise ValueError(f"layout {self.name}: mirror[{i}]: expected an involution, "
@@ -99,6 +104,24 @@ class Layout:
             return self.joint_names.index(joint_name)
         except ValueError:
             raise ValueError(f"layout {self.name}: no joint named {joint_name!r}") from None
+
+
+def topological_order(parents: tuple[int, ...] | list[int], name: str = "") -> list[int]:
+    """Joint indices with every parent before its children (stable: joint order where it
+    already is one). A cycle raises ``ValueError`` naming the layout and a joint on it."""
+    order: list[int] = []
+    placed = [False] * len(parents)
+    for start in range(len(parents)):
+        chain, j = [], start
+        while j != -1 and not placed[j]:  # climb to a placed joint or a tree root
+            if j in chain:
+                raise ValueError(f"layout {name}: parents: a cycle through joint {j}")
+            chain.append(j)
+            j = parents[j]
+        for k in reversed(chain):
+            placed[k] = True
+            order.append(k)
+    return order
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,6 +281,17 @@ LAYOUTS: dict[str, Layout] = {
     for lay in (_h2o_hands(), _mediapipe_hand21(), _openxr_hands26(), _body25(), _penn13(),
                 _coco17(), _mediapipe_pose33())
 }
+
+
+def register_layout(layout: Layout, maps: dict[str, np.ndarray] | None = None) -> None:
+    """Add a declared layout (``masa_rt.layout_file``, which checks names and conflicts)
+    to :data:`LAYOUTS`, with its joint maps to other layouts (``dst`` name -> for each
+    ``dst`` joint, the ``layout`` joint it copies, -1: missing), used by
+    :func:`conversion_map` like the built-in ones."""
+    LAYOUTS[layout.name] = layout
+    for dst, m in (maps or {}).items():
+        frozen = np.array(m, dtype=np.int64)
+        _DIRECT[(layout.name, dst)] = frozen.copy  # a fresh array per call, like the others
 
 
 def get_layout(name: str | Layout) -> Layout:

@@ -73,8 +73,13 @@ def test_unknown_layout_lists_known_ones() -> None:
 def test_bad_layout_table_is_rejected() -> None:
     with pytest.raises(ValueError, match="mirror"):
         sk.Layout("bad", ("a", "b"), (-1, 0), (1, 1), root=(0,), ref_bone=((0, 1),), dims=3)
-    with pytest.raises(ValueError, match="parents"):
-        sk.Layout("bad", ("a", "b"), (1, -1), (0, 1), root=(0,), ref_bone=((0, 1),), dims=3)
+    with pytest.raises(ValueError, match="parents"):  # a cycle
+        sk.Layout("bad", ("a", "b"), (1, 0), (0, 1), root=(0,), ref_bone=((0, 1),), dims=3)
+    with pytest.raises(ValueError, match="parents"):  # its own parent
+        sk.Layout("bad", ("a", "b"), (0, -1), (0, 1), root=(0,), ref_bone=((0, 1),), dims=3)
+    # a parent after its child is a tree all the same (declared layouts keep their order)
+    lay = sk.Layout("ok", ("a", "b"), (1, -1), (0, 1), root=(0,), ref_bone=((0, 1),), dims=3)
+    assert sk.topological_order(lay.parents) == [1, 0]
 
 
 # --- mirror --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from masa_rt.augment import axis_angle
+from masa_rt.skeleton import topological_order
 from masa_rt.synth.generate import minimum_jerk
 from masa_rt.synth.hand import FLEX_PER_CURL
 
@@ -146,7 +147,8 @@ def vary_bones(joints: np.ndarray, parents: Sequence[int], rng: np.random.Genera
     (every bone's direction) is kept. Roots (parent -1) stay where they are."""
     factor = 1.0 + rng.uniform(-jitter, jitter, len(parents)).astype(np.float32)
     out = joints.copy()
-    for j, p in enumerate(parents):  # topological order: out[p] is final before j
+    for j in topological_order(parents):  # out[p] is final before j (a declared layout's
+        p = parents[j]                       # parents may come after their children)
         if p >= 0:
             out[:, j] = out[:, p] + factor[j] * (joints[:, j] - joints[:, p])
     return out
