@@ -9,6 +9,7 @@ import argparse
 import os
 
 from masa_rt.cli_types import check_output_path, positive_float, positive_int
+from masa_rt.layout_option import add_layout_file_option, layout_files
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -19,11 +20,23 @@ def _replay(args: argparse.Namespace) -> int:
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise ValueError(f"--json {args.json}: cannot write into {folder}")
     report = replay(args.file, address=args.address, rate_hz=args.rate, clients=args.clients,
-                    loop=args.loop, duration=args.duration, reference=args.reference)
+                    loop=args.loop, duration=args.duration, reference=args.reference,
+                    layout_declaration=_declared_layout(args))
     print(report.summary())
     if args.json:
         write_report(report, args.json)
     return 0 if report.unanswered == 0 else 1
+
+
+def _declared_layout(args: argparse.Namespace) -> dict | None:
+    """The declaration (--layout-file) of the recording's layout, sent in each hello; None:
+    the file's own, if it carries one."""
+    if not layout_files(args):
+        return None
+    from clients.replay import load_recording
+    from masa_rt.layout_file import declaration_of
+
+    return declaration_of(load_recording(args.file).layout)
 
 
 def _export_raw(args: argparse.Namespace) -> int:
@@ -46,6 +59,7 @@ def _add_replay(subparsers) -> None:
                    help="stop after S s")
     p.add_argument("--reference", default=None, help="reference activity to align against")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the report")
+    add_layout_file_option(p)
     p.set_defaults(func=_replay)
 
 

@@ -21,6 +21,7 @@ from masa_rt.cli_types import (
     positive_int,
     probability,
 )
+from masa_rt.layout_option import add_layout_file_option
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -99,6 +100,7 @@ def _add_reference(subparsers) -> None:
                    help="torch threads for embedding and decoder training (default 1: "
                         "faster than one per core on a small shared machine)")
     add_decoder_options(b)
+    add_layout_file_option(b)
     b.set_defaults(func=_reference_build)
     e = sub.add_parser("ensemble", help="combine the phase decoders of references of one "
                                         "demo built apart into one reference")

@@ -57,6 +57,7 @@ from masa_rt.atomic import atomic_write, atomic_write_json
 from masa_rt.metrics import paired_accuracy_difference_ci, streaming_summary
 from masa_rt.preprocess import raw_embedding
 from masa_rt.sequence import Dataset, SequenceFormatError, load_sequence
+from masa_rt.skeleton import conversion_map
 
 __all__ = ["METHODS", "Recording", "find_recordings", "markdown_report", "run_score",
            "score_pipeline", "true_progress", "write_report"]
@@ -148,7 +149,7 @@ def find_recordings(paths: Sequence[str | os.PathLike[str]], activities: Sequenc
                 skipped["no phase labels"] += 1
             elif activity not in activities:
                 skipped[f"no reference for activity {activity or '?'}"] += 1
-            elif seq.layout != layout:
+            elif seq.layout != layout and not _converts(seq.layout, layout):
                 skipped[f"layout {seq.layout}, the model reads {layout}"] += 1
             elif seq.num_frames < 2:
                 skipped["fewer than 2 frames"] += 1
@@ -159,6 +160,16 @@ def find_recordings(paths: Sequence[str | os.PathLike[str]], activities: Sequenc
                                       np.asarray(seq.phases, dtype=np.int64), seq.layout,
                                       float(seq.fps)))
     return recs, skipped
+
+
+def _converts(src: str, dst: str) -> bool:
+    """The pipeline converts a session in layout ``src`` to the model's ``dst`` (a joint
+    map exists: a declared layout's convert_to, OpenXR hands, COCO-17, ...)."""
+    try:
+        conversion_map(src, dst)
+    except ValueError:  # UnknownLayoutError, UnsupportedConversionError
+        return False
+    return True
 
 
 def _runs(phases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ import shlex
 import sys
 
 from masa_rt.cli_types import positive_int
+from masa_rt.layout_option import add_layout_file_option
 
 SPLITS = ("val", "train", "all")
 
@@ -95,6 +96,7 @@ def register(subparsers) -> None:
                         "e.g. --aligner pause_speed_ratio=0.1")
     p.add_argument("--no-baselines", action="store_true",
                    help="score the engine only")
+    add_layout_file_option(p)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="also write DIR/score.json and DIR/score.md (default: print only)")
     p.set_defaults(func=_score)

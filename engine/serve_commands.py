@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from masa_rt.cli_types import nonnegative_int, positive_float, positive_int
+from masa_rt.layout_option import add_layout_file_option
 
 log = logging.getLogger("masa_rt.serve")
 
@@ -111,7 +112,11 @@ def prepare(model: str | None, references: list[str]) -> tuple[Path, list[Path]]
         return Path(model), [Path(r) for r in references]
     log.info("event=prepare checkpoint=%s demos=%d cache=%s", model or "shipped", len(demos),
              cache_dir())
-    request = json.dumps({"checkpoint": model, "demos": demos, "cache": str(cache_dir())})
+    from masa_rt.layout_file import declared_layouts
+
+    # the layouts declared here (--layout-file, files read so far) are declared there too
+    request = json.dumps({"checkpoint": model, "demos": demos, "cache": str(cache_dir()),
+                          "layouts": declared_layouts()})
     code, out, last = _run_child([sys.executable, "-c", "from engine.serve_commands import "
                                   "_prepare_in_child as p; p()", request])
     if code != 0:
@@ -170,9 +175,12 @@ def _prepare_in_child() -> None:
     from engine.export import export_cached, resolve_checkpoint
     from engine.reference import build_reference
     from masa_rt.checkpoint import default_model_path
+    from masa_rt.layout_file import declare
     from masa_rt.sequence import load_sequence
 
     req = json.loads(sys.argv[1])
+    for declaration in req.get("layouts", []):
+        declare(declaration, "serve's layout declarations")
     layout = load_sequence(req["demos"][0]).layout if req["demos"] else None
     ckpt = resolve_checkpoint(req["checkpoint"]) or default_model_path(layout)
     onnx = export_cached(ckpt, req["cache"])
@@ -258,6 +266,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve pose streams over ZeroMQ")
     p.add_argument("--reference", action="append", required=True, metavar="NPZ",
                    help="reference recording (repeat for several activities)")
+    add_layout_file_option(p)
     p.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model)")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--device", choices=DEVICES,

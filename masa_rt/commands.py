@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from masa_rt.cli_types import float_range, nonnegative_int, positive_int
+from masa_rt.layout_option import add_layout_file_option
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -81,6 +82,7 @@ def register(subparsers) -> None:
     p.add_argument("path", help="a .npz sequence or a dataset folder")
     p.add_argument("--plot", default=None, metavar="OUT.png",
                    help="draw a few skeleton frames and the phase timeline")
+    add_layout_file_option(p)
     p.set_defaults(func=_inspect)
 
     _add_label(subparsers)

@@ -19,7 +19,6 @@ Numpy and pyyaml only: the serving path imports this module (it must stay torch-
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -35,11 +34,11 @@ from masa_rt.skeleton import LAYOUTS, Layout, get_layout, register_layout
 __all__ = [
     "Declaration",
     "LayoutFileError",
-    "add_layout_file_option",
     "conversion_targets",
     "declaration_of",
     "declare",
     "declare_json",
+    "declared_layouts",
     "hello_layout",
     "is_declared",
     "load_layout_file",
@@ -343,6 +342,12 @@ def declaration_of(name: str) -> dict[str, Any] | None:
     return None if decl is None else json.loads(json.dumps(decl.canonical))
 
 
+def declared_layouts() -> list[dict[str, Any]]:
+    """Every declaration of this process, canonical: what a child process is handed so
+    that it knows the same layouts (``engine.serve_commands.prepare``)."""
+    return [declaration_of(name) for name in _DECLARED]
+
+
 def conversion_targets(name: str | None) -> list[str]:
     """The layouts a declared layout converts to (its ``convert_to``); [] for others."""
     decl = _DECLARED.get(name) if name is not None else None
@@ -384,25 +389,3 @@ def hello_layout(name: str, declaration: Any, model_layout: str
                                       f"declaration converts only to: {targets}")
     return decl.layout, decl.maps[model_layout].copy()
 
-
-# ---------------------------------------------------------------------------------------
-# The command line
-# ---------------------------------------------------------------------------------------
-
-def add_layout_file_option(parser: argparse.ArgumentParser) -> None:
-    """``--layout-file FILE`` (repeatable) on a command that reads data."""
-    parser.add_argument("--layout-file", action="append", default=None, metavar="FILE",
-                        type=_declared_layout_file,
-                        help="declare a layout masa-rt does not know, from a YAML/JSON "
-                             "file (docs/formats.md, 'Layout files'); repeatable")
-
-
-def _declared_layout_file(path: str) -> str:
-    """argparse type: the layout is declared as the command line is read, so every later
-    step (files, models, child processes given the path) knows it by name; a bad file is
-    one usage error."""
-    try:
-        load_layout_file(path)
-    except (LayoutFileError, FileNotFoundError) as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from masa_rt.cli_types import float_range, nonnegative_int
+from masa_rt.layout_option import add_layout_file_option
 from trainer import eval_commands
 
 TRAIN_EPILOG = """\
@@ -38,6 +39,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="same as --set train.seed=S")
     parser.add_argument("--max-minutes", type=float_range(0.0), default=None,
                         help="time budget; stop cleanly with a checkpoint when it runs out")
+    add_layout_file_option(parser)  # the checkpoint then carries the declaration
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from masa_rt.cli_types import nonnegative_int, positive_int
+from masa_rt.layout_option import add_layout_file_option
 from masa_rt.preprocess import ROOT_MODES
 
 __all__ = ["add_eval_arguments", "register", "run_cli"]
@@ -107,4 +108,5 @@ def register(subparsers) -> None:
         epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_eval_arguments(p)
+    add_layout_file_option(p)
     p.set_defaults(func=run_cli)
