@@ -24,13 +24,14 @@ from engine.server import Server, ServerConfig
 from engine.watch import Dashboard, WatchConfig
 from masa_rt.metrics import streaming_summary
 from masa_rt.sequence import Sequence, save_sequence
+from masa_rt.shipped import examples_dir
 from masa_rt.synth import Perturbation, generate
 
 __all__ = ["DemoConfig", "DemoScore", "held_out_performance", "run_demo", "score"]
 
 log = logging.getLogger("masa_rt.demo")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = examples_dir()  # the clone's examples/, or the copy a wheel installs
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ def prepare(model: str | None, references: list[str]) -> tuple[Path, list[Path]]
                              "model with `masa-rt reference build DEMO --checkpoint CKPT -o "
                              "REF.npz`, or pass the checkpoint as --model")
         return Path(model), [Path(r) for r in references]
+    _need_torch(demos[0] if demos else None, model)
     log.info("event=prepare checkpoint=%s demos=%d cache=%s", model or "shipped", len(demos),
              cache_dir())
     from masa_rt.layout_file import declared_layouts
@@ -124,6 +125,20 @@ def prepare(model: str | None, references: list[str]) -> tuple[Path, list[Path]]
     answer = json.loads(out.strip().splitlines()[-1])
     built = answer["references"]
     return Path(answer["onnx"]), [Path(built.get(r, r)) for r in references]
+
+
+def _need_torch(demo: str | None, checkpoint: str | None) -> None:
+    """Embedding a recording or exporting a checkpoint runs torch (in the child): on a
+    serving-only install say so in one line, before a child fails with an ImportError."""
+    from masa_rt.extras import installed
+
+    if installed("torch"):
+        return
+    what = (f"{demo} is a recording: embedding it into a reference" if demo else
+            f"exporting checkpoint {checkpoint}")
+    raise ValueError(f"{what} needs torch, which this serving-only install lacks: pip install "
+                     "'masa-rt[train]', or build the reference (masa-rt reference build) or "
+                     "export (masa-rt export) on a training machine and serve the files")
 
 
 def _run_child(cmd: list[str]) -> tuple[int, str, str]:
@@ -199,8 +214,8 @@ def _serve(args: argparse.Namespace) -> int:
     from engine.server import Server, ServerConfig, install_signal_handlers
     from engine.threads import limit_blas_threads
 
+    model, references = prepare(args.model, args.reference)  # refusals before any log line
     limit_blas_threads()
-    model, references = prepare(args.model, args.reference)
     pipeline = Pipeline.from_files(model, references, backend=args.backend,
                                    **backend_options(args.backend, args.device, args.model))
     config = ServerConfig(bind=args.bind, pub_bind=args.pub, max_sessions=args.max_sessions,

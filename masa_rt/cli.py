@@ -14,6 +14,7 @@ import sys
 from importlib.metadata import entry_points
 
 from masa_rt import __version__
+from masa_rt.extras import install_hint
 
 
 def _with_default(action: argparse.Action) -> str:
@@ -128,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        hint = install_hint(exc.name or "")
+        if hint is None:
+            raise  # not an optional dependency: a broken install or a bug
+        print(f"masa-rt {args.command}: error: needs {exc.name}, which this install lacks: "
+              f"{hint}", file=sys.stderr)
+        return 2
     except Exception as exc:
         if not is_user_facing(exc):
             raise  # a bug: the traceback is what we need

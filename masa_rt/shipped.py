@@ -8,15 +8,27 @@ serving commands import this module.
 
 from __future__ import annotations
 
+import site
+import sysconfig
 from pathlib import Path
 
-__all__ = ["ASSETS", "SHIPPED_MODELS", "NoShippedModelError", "shipped_model_path",
-           "shipped_onnx_path"]
+__all__ = ["ASSETS", "SHIPPED_MODELS", "NoShippedModelError", "examples_dir",
+           "shipped_model_path", "shipped_onnx_path"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # layout -> file stem in ASSETS (``.pt`` checkpoint, ``.onnx`` its checked export); the
 # first is the default where no layout is known.
 SHIPPED_MODELS = {"h2o_hands": "masa_hands_causal", "penn13": "masa_penn13_causal"}
+
+
+def examples_dir() -> Path:
+    """The shipped examples (references, demos): the clone's ``examples/`` where the package
+    runs from a clone, else the copy a wheel installs under ``<prefix>/share/masa-rt``
+    (pyproject's data-files; a ``--user`` install puts it under the user base)."""
+    clone = Path(__file__).resolve().parents[1] / "examples"
+    installed = [Path(base) / "share" / "masa-rt" / "examples"
+                 for base in (sysconfig.get_path("data"), site.USER_BASE) if base]
+    return next((p for p in [clone, *installed] if p.is_dir()), clone)
 
 
 class NoShippedModelError(ValueError):
