@@ -1,4 +1,4 @@
-"""CLI commands contributed by clients (see masa_rt.cli): ``replay``, ``export-raw``.
+"""CLI commands contributed by clients (see masa_rt.cli): ``replay``, ``export-raw``, ``web``.
 
 Handlers import their modules lazily so ``masa-rt --help`` stays fast.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from masa_rt.cli_types import check_output_path, positive_float, positive_int
 from masa_rt.layout_option import add_layout_file_option, layout_files
@@ -70,6 +71,41 @@ def _add_export_raw(subparsers) -> None:
     p.set_defaults(func=_export_raw)
 
 
+def _web(args: argparse.Namespace) -> int:
+    try:
+        from clients.web.serve import serve
+    except ImportError as exc:  # the [web] extra is not installed
+        raise ValueError(f"masa-rt web needs the web extra: pip install 'masa-rt[web]' "
+                         f"({exc})") from None
+    from clients.web.config import GatewayConfig
+
+    cfg = GatewayConfig(server=args.server, pub=args.pub, host=args.host, port=args.port,
+                        token_file=args.token_file, keydir=args.secure, key_name=args.key_name,
+                        certfile=args.certfile, keyfile=args.keyfile,
+                        **({"recordings": args.recordings} if args.recordings else {}))
+    return serve(cfg)
+
+
+def _add_web(subparsers) -> None:
+    p = subparsers.add_parser("web", help="browser gateway: operator dashboard and WebXR "
+                                          "headset page on a running server")
+    p.add_argument("--server", default="tcp://127.0.0.1:5555", help="server ROUTER endpoint")
+    p.add_argument("--pub", default="tcp://127.0.0.1:5556", help="server PUB endpoint")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address to listen on")
+    p.add_argument("--port", type=int, default=8080, help="HTTP port (0: any free one)")
+    p.add_argument("--token-file", type=Path, metavar="FILE",
+                   help="browsers must present a token listed here ('NAME TOKEN' lines)")
+    p.add_argument("--secure", type=Path, metavar="KEYDIR",
+                   help="the server runs --secure: connect with the gateway's CURVE key")
+    p.add_argument("--key-name", default="web",
+                   help="the gateway's key, KEYDIR/private/NAME.key_secret (default web)")
+    p.add_argument("--recordings", type=Path, metavar="DIR",
+                   help="recordings the headset page may replay (default examples/demos)")
+    p.add_argument("--certfile", type=Path, help="HTTPS certificate (WebXR off localhost)")
+    p.add_argument("--keyfile", type=Path, help="HTTPS private key")
+    p.set_defaults(func=_web)
+
+
 # ---- watch: the live terminal dashboard (``masa-rt watch [SESSION]``) goes here, as
 # ---- ``_add_watch(subparsers)`` built on clients.inlet.EstimateInlet, and is called below.
 
@@ -78,3 +114,4 @@ def register(subparsers) -> None:
     """Add this package's subcommands to the masa-rt parser."""
     _add_replay(subparsers)
     _add_export_raw(subparsers)
+    _add_web(subparsers)

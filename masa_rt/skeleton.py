@@ -175,6 +175,18 @@ def _openxr_hand() -> tuple[list[str], list[int]]:
     return names, [-1, 0] + _chain_parents(2, (4, 5, 5, 5, 5), base=1)
 
 
+def _webxr_hand() -> tuple[list[str], list[int]]:
+    # WebXR Hand Input's XRHandJoint names, in the spec's order: the wrist, the thumb's 4
+    # joints, then 5 per finger (metacarpal, phalanx-proximal/-intermediate/-distal, tip).
+    # The names are the spec's own strings, so a page can index joints by them directly.
+    names = ["wrist", "thumb-metacarpal", "thumb-phalanx-proximal", "thumb-phalanx-distal",
+             "thumb-tip"]
+    for f in ("index", "middle", "ring", "pinky"):
+        names += [f"{f}-finger-{s}" for s in ("metacarpal", "phalanx-proximal",
+                                              "phalanx-intermediate", "phalanx-distal", "tip")]
+    return names, [-1] + _chain_parents(1, (4, 5, 5, 5, 5), base=0)
+
+
 def _h2o_hands() -> Layout:
     names, parents = _mano_hand()
     return _two_hands("h2o_hands", names, parents, root=0, bone_end=names.index("middle1"))
@@ -191,6 +203,13 @@ def _openxr_hands26() -> Layout:
     # Scale bone = wrist -> middle proximal (the MCP), the same bone as h2o_hands uses.
     return _two_hands("openxr_hands26", names, parents, root=names.index("wrist"),
                       bone_end=names.index("middle_proximal"))
+
+
+def _webxr_hands25() -> Layout:
+    names, parents = _webxr_hand()
+    # Scale bone = wrist -> middle phalanx-proximal (the MCP), as for the other hands.
+    return _two_hands("webxr_hands25", names, parents, root=names.index("wrist"),
+                      bone_end=names.index("middle-finger-phalanx-proximal"))
 
 
 _BODY25_NAMES = (
@@ -278,8 +297,8 @@ def _mediapipe_pose33() -> Layout:
 
 LAYOUTS: dict[str, Layout] = {
     lay.name: lay
-    for lay in (_h2o_hands(), _mediapipe_hand21(), _openxr_hands26(), _body25(), _penn13(),
-                _coco17(), _mediapipe_pose33())
+    for lay in (_h2o_hands(), _mediapipe_hand21(), _openxr_hands26(), _webxr_hands25(),
+                _body25(), _penn13(), _coco17(), _mediapipe_pose33())
 }
 
 
@@ -469,6 +488,24 @@ def _openxr_to_h2o() -> np.ndarray:
     return np.array(one + [i + 26 for i in one])
 
 
+def _webxr_to_h2o() -> np.ndarray:
+    """h2o_hands joint <- webxr_hands25 joint, on the same anatomy as :func:`_openxr_to_h2o`
+    (WebXR's joints are OpenXR's without the palm): thumb1..4 <- thumb metacarpal,
+    phalanx-proximal, phalanx-distal, tip; index1..4 <- index phalanx-proximal,
+    -intermediate, -distal, tip (likewise middle, ring, pinky). The four finger
+    metacarpals have no MANO counterpart and are dropped.
+    """
+    wxr = LAYOUTS["webxr_hands25"]
+    one = [wxr.index("l_wrist")]
+    one += [wxr.index(f"l_thumb-{s}") for s in ("metacarpal", "phalanx-proximal",
+                                                "phalanx-distal", "tip")]
+    for f in ("index", "middle", "ring", "pinky"):
+        one += [wxr.index(f"l_{f}-finger-{s}") for s in ("phalanx-proximal",
+                                                         "phalanx-intermediate",
+                                                         "phalanx-distal", "tip")]
+    return np.array(one + [i + 25 for i in one])
+
+
 def _single_to_h2o(hand: str | None) -> np.ndarray:
     """h2o_hands joint <- single-hand joint (same 21-joint order); other hand missing."""
     if hand not in ("left", "right"):
@@ -485,6 +522,8 @@ def _to_hub(name: str, hand: str | None) -> np.ndarray:
         return np.arange(42)
     if name == "openxr_hands26":
         return _openxr_to_h2o()
+    if name == "webxr_hands25":
+        return _webxr_to_h2o()
     if name == "mediapipe_hand21":
         return _single_to_h2o(hand)
     raise KeyError(name)
@@ -547,7 +586,8 @@ def _conversion_map(src: Layout, dst: Layout, hand: str | None) -> np.ndarray:
     except KeyError:
         raise UnsupportedConversionError(
             f"convert: no joint mapping from {src.name} to {dst.name}; supported: "
-            f"identity, between h2o_hands, openxr_hands26, mediapipe_hand21, and "
+            f"identity, between h2o_hands, openxr_hands26, webxr_hands25, "
+            f"mediapipe_hand21, and "
             f"{', '.join(f'{a} -> {b}' for a, b in _DIRECT)}"
         ) from None
     hub_to_dst = _invert(dst_to_hub, dst.num_joints)  # dst joint <- hub joint

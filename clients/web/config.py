@@ -1,0 +1,44 @@
+"""``GatewayConfig``: where the gateway listens, which server it speaks to, its limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from clients.inlet import DEFAULT_PUB_ADDRESS
+from clients.outlet import DEFAULT_ADDRESS
+from masa_rt.protocol import MAX_MESSAGE_BYTES
+
+# The shipped demo recordings, where this is a source checkout (an installed wheel has
+# none: pass --recordings).
+EXAMPLE_RECORDINGS = Path(__file__).resolve().parents[2] / "examples" / "demos"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything ``masa-rt web`` is told; defaults serve loopback without tokens."""
+
+    server: str = DEFAULT_ADDRESS  # the server's ROUTER (headset sessions, stats)
+    pub: str = DEFAULT_PUB_ADDRESS  # the server's PUB (estimates of every session)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token_file: Path | None = None  # None: browsers need no token (loopback use)
+    keydir: Path | None = None  # the server runs --secure: the gateway's CURVE keys
+    key_name: str = "web"  # KEYDIR/private/KEY_NAME.key_secret
+    recordings: Path | None = EXAMPLE_RECORDINGS  # recordings the headset page can replay
+    certfile: Path | None = None  # HTTPS (WebXR needs a secure context off localhost)
+    keyfile: Path | None = None
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_upload_bytes: int = 16 << 20  # an uploaded .npz recording
+    auth_timeout_s: float = 5.0  # a browser must authenticate within this
+    snapshot_hz: float = 5.0  # dashboard updates per second
+    stats_period_s: float = 1.0  # how often the server's counters are asked for
+    forget_s: float = 10.0  # a session silent this long leaves the dashboard
+    session_hold_s: float = 30.0  # a closed page's sessions stay its own this long
+    max_sessions_per_client: int = 16  # per token name (the server sees one key for all)
+    sndhwm: int = 256  # frames queued towards the server per page before dropping
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.certfile else "http"
+        return f"{scheme}://{self.host}:{self.port}"
