@@ -32,7 +32,7 @@ from engine.streams import ModelFrame, StreamBank
 from masa_rt.align import AlignerBank, AlignerConfig, Estimate, Reference
 from masa_rt.layout_file import hello_layout
 from masa_rt.preprocess import InputSpec
-from masa_rt.protocol import ProtocolError
+from masa_rt.protocol import MAX_JOINTS, ProtocolError
 from masa_rt.skeleton import (
     UnknownLayoutError,
     UnsupportedConversionError,
@@ -180,7 +180,7 @@ class Pipeline:
         that declares its layout; a wrong_layout refusal when the model cannot read it.
         Nothing is registered: one client's declaration never changes another's session."""
         try:
-            return hello_layout(layout, declaration, self.spec.layout)
+            return hello_layout(layout, declaration, self.spec.layout, MAX_JOINTS)
         except ValueError as exc:
             raise ProtocolError("wrong_layout", str(exc)) from None
 

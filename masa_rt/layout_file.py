@@ -161,14 +161,17 @@ class _Parser:
         if missing:
             raise self.fail(f"parents: joint {missing[0]!r} has no parent (every joint but "
                             f"the root {root!r} needs one)")
-        for start in joints:  # every climb must reach the root
-            seen, j = [start], start
-            while j != root:
+        reaches_root = {root}  # climbs already known to end at the root: linear overall
+        for start in joints:
+            path, on_path, j = [], set(), start
+            while j not in reaches_root:
+                if j in on_path:
+                    cycle = path[path.index(j):]
+                    raise self.fail(f"parents: a cycle: {' -> '.join(cycle)} -> {j}")
+                path.append(j)
+                on_path.add(j)
                 j = out[j]
-                if j in seen:
-                    raise self.fail(f"parents: a cycle: {' -> '.join(seen[seen.index(j):])} "
-                                    f"-> {j}")
-                seen.append(j)
+            reaches_root.update(path)
         return out
 
     def mirror(self, value: Any, joints: list[str], parents: dict[str, str]) -> list[list[str]]:
@@ -364,17 +367,22 @@ def same_skeleton(a: dict[str, Any], b: dict[str, Any]) -> bool:
 # Sessions (the server)
 # ---------------------------------------------------------------------------------------
 
-def hello_layout(name: str, declaration: Any, model_layout: str
+def hello_layout(name: str, declaration: Any, model_layout: str, max_joints: int = 128
                  ) -> tuple[Layout, np.ndarray | None]:
     """For a client's hello that declares its layout ``name``: the declared ``Layout`` and
     the joint map from it to ``model_layout`` (None: the model reads it as it is).
 
     A ``LayoutFileError`` (one line) when the declaration is invalid, declares another
     name, differs from the model's own layout of that name, or has no ``convert_to`` the
-    model's layout. Nothing is registered (a server must not let one client's declaration
-    change what a name means for the others).
+    model's layout, or has more than ``max_joints`` joints (no frame could carry them).
+    Nothing is registered (a server must not let one client's declaration change what a
+    name means for the others).
     """
     source = f"hello: layout_declaration of {name!r}"
+    joints = declaration.get("joints") if isinstance(declaration, dict) else None
+    if isinstance(joints, list) and len(joints) > max_joints:  # before any work on it
+        raise LayoutFileError(source, f"{len(joints)} joints, a frame carries at most "
+                                      f"{max_joints}")
     decl = parse_declaration(declaration, source)
     if decl.layout.name != name:
         raise LayoutFileError(source, f"declares {decl.layout.name!r}, not {name!r}")

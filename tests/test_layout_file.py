@@ -397,3 +397,39 @@ def test_a_hello_naming_the_models_declared_layout_must_declare_the_same_skeleto
     other["mirror"] = []
     with pytest.raises(LayoutFileError, match="differs from the 'sports23' this model reads"):
         hello_layout("sports23", other, "sports23")
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False)
+    | st.sampled_from(["pelvis", "neck", "penn13", "head", "l_hip", "x"]),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["name", "dims", "joints", "root", "parents", "mirror",
+                                       "ref_bone", "convert_to", "penn13", "neck", "head"]),
+                      inner, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_whatever_a_hello_declares_is_a_one_line_refusal_or_a_layout(data):
+    """A hostile or buggy client's declaration: the example with any field replaced by
+    anything JSON-like, or anything at all; never another exception."""
+    decl = example()
+    decl["name"] = "fuzz23"
+    if data.draw(st.booleans()):
+        decl[data.draw(st.sampled_from(sorted(decl)))] = data.draw(JSONISH)
+    else:
+        decl = data.draw(JSONISH)
+    try:
+        lay, _ = hello_layout("fuzz23", decl, "penn13")
+    except LayoutFileError as e:
+        assert "\n" not in str(e)
+    else:
+        assert lay.name == "fuzz23"
+
+
+def test_a_hello_declaring_more_joints_than_a_frame_carries_is_refused_at_once():
+    decl = example()
+    decl["joints"] = [f"j{i}" for i in range(5000)]
+    with pytest.raises(LayoutFileError, match="5000 joints, a frame carries at most 128"):
+        hello_layout("sports23", decl, "penn13")
