@@ -67,6 +67,12 @@ def _reference_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference_propose(args: argparse.Namespace) -> int:
+    from engine.propose import run_cli
+
+    return run_cli(args)
+
+
 def _add_export(subparsers) -> None:
     p = subparsers.add_parser("export", help="export a checkpoint's streaming step to ONNX")
     p.add_argument("--checkpoint", default=None, metavar="RUN_OR_PT",
@@ -109,6 +115,36 @@ def _add_reference(subparsers) -> None:
                         "phase decoder; the first gives everything but the decoder")
     e.add_argument("-o", "--out", required=True, help="output reference .npz")
     e.set_defaults(func=_reference_ensemble)
+    _add_reference_propose(sub)
+
+
+def _add_reference_propose(sub) -> None:
+    p = sub.add_parser("propose", help="propose phase boundaries for unlabelled demos (a "
+                                       "phases CSV to edit and pass to masa-rt label)")
+    p.add_argument("demos", nargs="+", metavar="DEMO.npz",
+                   help="recordings of one activity; several get the same phase count")
+    p.add_argument("--phases", type=positive_int, default=None, metavar="K",
+                   help="propose exactly K phases (default: chosen by a penalty per phase "
+                        "on each demo; with several demos the median of their counts)")
+    p.add_argument("-o", "--out", default=None, metavar="FILE_OR_FOLDER",
+                   help="write the phases CSV (header frame,phase; names phase_1..phase_K): "
+                        "a file for one demo, or an existing folder (one "
+                        "<demo>.phases.csv each)")
+    p.add_argument("--unit", choices=("frame", "time"), default="frame",
+                   help="CSV column: the phase's first frame, or its time in seconds from "
+                        "the first frame")
+    p.add_argument("--signal", choices=("both", "learned", "raw"), default="both",
+                   help="what is segmented: the velocity of the learned embedding and of "
+                        "the keypoints together (default), or one of them; measured in "
+                        "docs/results.md")
+    p.add_argument("--penalty", type=positive_float, default=None, metavar="P",
+                   help="cost of one more phase (default 12, chosen on Penn Action's "
+                        "train split); lower proposes more phases")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint .pt (default: the shipped model for the demos' layout)")
+    p.add_argument("--threads", type=positive_int, default=1, metavar="N",
+                   help="torch threads (default 1)")
+    p.set_defaults(func=_reference_propose)
 
 
 def add_decoder_options(p: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Hashable, Sequence
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 from scipy.stats import bootstrap, kendalltau
 from sklearn.cluster import KMeans
@@ -33,11 +34,16 @@ __all__ = [
     "RETRIEVAL_KS",
     "action_recognition",
     "activity_separation",
+    "boundary_f1",
+    "boundary_f1_ci",
+    "boundary_f1_difference_ci",
+    "boundary_matches",
     "clock_embeddings",
     "crop_error",
     "crop_start",
     "frame_retrieval_ap",
     "kendalls_tau",
+    "label_boundaries",
     "nearest_neighbours",
     "paired_accuracy_difference_ci",
     "pair_taus",
@@ -447,3 +453,97 @@ def streaming_summary(true_phases: Arrays, pred_phases: Arrays,
         out["progress_mae_pct"] = 100.0 * progress_mae(tp, pp)
         out["progress_frames"] = int(np.count_nonzero(np.isfinite(tp) & np.isfinite(pp)))
     return out
+
+
+# ----------------------------------------------------------------------------- boundaries
+
+def label_boundaries(labels: np.ndarray) -> np.ndarray:
+    """Frames where a new phase begins: every ``t > 0`` with ``labels[t] != labels[t-1]``."""
+    labels = np.asarray(labels)
+    return np.flatnonzero(labels[1:] != labels[:-1]) + 1
+
+
+def boundary_matches(true: np.ndarray, pred: np.ndarray, tolerance: float) -> int:
+    """Most one-to-one pairs (true, predicted boundary) at most ``tolerance`` frames apart.
+
+    A maximum matching (``scipy.optimize.linear_sum_assignment`` on the 0/1 cost "farther
+    than the tolerance"), so one prediction never counts for two true boundaries and a
+    near miss elsewhere never steals a better pair.
+    """
+    true, pred = np.asarray(true, float).ravel(), np.asarray(pred, float).ravel()
+    if not true.size or not pred.size:
+        return 0
+    far = (np.abs(true[:, None] - pred[None, :]) > tolerance).astype(float)
+    rows, cols = linear_sum_assignment(far)
+    return int(np.sum(far[rows, cols] == 0))
+
+
+def _boundary_counts(true: Arrays, pred: Arrays, tolerance: float) -> np.ndarray:
+    """(3, recordings): matched, true and predicted boundaries per recording."""
+    if len(true) != len(pred):
+        raise ValueError(f"boundary_f1: {len(true)} true and {len(pred)} predicted recordings")
+    return np.array([[boundary_matches(t, p, tolerance), len(np.ravel(t)), len(np.ravel(p))]
+                     for t, p in zip(true, pred, strict=True)], dtype=float).T
+
+
+def _f1(tp: np.ndarray, n_true: np.ndarray, n_pred: np.ndarray) -> np.ndarray:
+    """Pooled F1 = 2 TP / (true + predicted); 1 where both are empty (nothing to find)."""
+    total = n_true + n_pred
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 2.0 * tp / np.where(total > 0, total, 1), 1.0)
+
+
+def boundary_f1(true: Arrays, pred: Arrays, tolerance: float = 3) -> dict[str, float]:
+    """Boundary precision, recall and F1 within ``tolerance`` frames, pooled over recordings.
+
+    ``true[i]``, ``pred[i]``: boundary frames of recording ``i`` (e.g. from
+    :func:`label_boundaries`). Matches are one-to-one (:func:`boundary_matches`); counts
+    are summed over recordings before the ratios are taken (micro average), so a recording
+    with many boundaries weighs more than one with a single boundary.
+    """
+    tp, n_true, n_pred = _boundary_counts(true, pred, tolerance).sum(axis=1)
+    return {"precision": float(tp / n_pred) if n_pred else math.nan,
+            "recall": float(tp / n_true) if n_true else math.nan,
+            "f1": float(_f1(tp, n_true, n_pred)), "matched": int(tp),
+            "true": int(n_true), "predicted": int(n_pred)}
+
+
+def boundary_f1_ci(true: Arrays, pred: Arrays, tolerance: float = 3,
+                   confidence: float = 0.95, n_resamples: int = 2000,
+                   seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of :func:`boundary_f1`'s F1, resampling whole recordings
+    (``scipy.stats.bootstrap``, percentile). (nan, nan) for fewer than two recordings."""
+    if len(true) < 2:
+        return math.nan, math.nan
+    tp, n_true, n_pred = _boundary_counts(true, pred, tolerance)
+
+    def pooled(a: np.ndarray, b: np.ndarray, c: np.ndarray, axis: int = -1) -> np.ndarray:
+        return _f1(a.sum(axis=axis), b.sum(axis=axis), c.sum(axis=axis))
+
+    res = bootstrap((tp, n_true, n_pred), pooled, paired=True, vectorized=True,
+                    confidence_level=confidence, n_resamples=n_resamples,
+                    method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def boundary_f1_difference_ci(true: Arrays, pred_a: Arrays, pred_b: Arrays,
+                              tolerance: float = 3, confidence: float = 0.95,
+                              n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of F1(a) - F1(b) (:func:`boundary_f1`) on the same recordings,
+    resampling whole recordings with both methods' counts kept together (paired, as
+    :func:`paired_accuracy_difference_ci`). (nan, nan) for fewer than two recordings."""
+    if len(true) < 2:
+        return math.nan, math.nan
+    tp_a, n_true, n_a = _boundary_counts(true, pred_a, tolerance)
+    tp_b, _n_true, n_b = _boundary_counts(true, pred_b, tolerance)
+
+    def diff(ta: np.ndarray, na: np.ndarray, tb: np.ndarray, nb: np.ndarray, nt: np.ndarray,
+             axis: int = -1) -> np.ndarray:
+        t = nt.sum(axis=axis)
+        return (_f1(ta.sum(axis=axis), t, na.sum(axis=axis))
+                - _f1(tb.sum(axis=axis), t, nb.sum(axis=axis)))
+
+    res = bootstrap((tp_a, n_a, tp_b, n_b, n_true), diff, paired=True, vectorized=True,
+                    confidence_level=confidence, n_resamples=n_resamples,
+                    method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
