@@ -8,6 +8,7 @@ uvicorn, the ``websockets`` client); every wait has a deadline.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import re
 import urllib.error
@@ -181,6 +182,36 @@ def test_dashboard_socket_shows_live_sessions(server):
     segments = snap["phases"]["pour_milk"]
     assert segments and {s["name"] for s in segments} <= set(pour_milk_phases())
     assert snap["server"]["counters"]["frames_in"] >= 50
+
+
+def test_gateway_speaks_curve_to_a_secure_server(tmp_path):
+    from clients.web.keys import load_gateway_keys
+    from engine.security import create_keypair
+
+    keydir = tmp_path / "keys"
+    create_keypair(keydir, "server", server=True)
+    # Where the server lets only operator keys read every session's estimates, the
+    # gateway (which shows them all on the dashboard) needs one.
+    create_keypair(keydir, "web", **({"operator": True} if "operator" in
+                                      inspect.signature(create_keypair).parameters else {}))
+    curve = load_gateway_keys(keydir, "web")
+    with shipped_server(keydir=str(keydir)) as secure:
+        cfg = GatewayConfig(server=secure.address, pub=secure.pub_address,
+                            token_file=_config(secure, tmp_path).token_file)
+        with running_gateway(cfg, curve) as url, \
+                _open(url, token=TOKENS["alice"]) as (ws, _):
+            ws.send(P.encode(P.hello("secure-web", "h2o_hands", 30.0, 0.0)))
+            assert _next(ws, "welcome")["session"] == "secure-web"
+        for listed in keydir.glob("*/web.key"):  # revoked: the page hears why
+            listed.unlink()
+        with running_gateway(cfg, curve) as url, \
+                _open(url, token=TOKENS["alice"]) as (ws, _):
+            refused = _next(ws, "error")
+            stats = json.loads(urllib.request.urlopen(urllib.request.Request(
+                url + "/stats", headers={"Authorization": f"Bearer {TOKENS['bob']}"}),
+                timeout=5).read())
+    assert refused["reason"] == "unauthorised" and "CURVE key" in refused["detail"]
+    assert stats["refused_by_server.unauthorised"] >= 1
 
 
 def test_recordings_listed_served_and_junk_uploads_refused(server):

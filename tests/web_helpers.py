@@ -24,8 +24,9 @@ def pour_milk_phases() -> list[str]:
 
 
 @contextlib.contextmanager
-def shipped_server() -> Iterator[object]:
-    """engine.server.Server with the shipped hand model and the pour_milk reference."""
+def shipped_server(**config) -> Iterator[object]:
+    """engine.server.Server with the shipped hand model and the pour_milk reference;
+    ``config``: more ServerConfig fields (e.g. ``keydir`` for CURVE)."""
     from engine.pipeline import Pipeline
     from engine.server import Server, ServerConfig
     from masa_rt.shipped import shipped_onnx_path
@@ -33,19 +34,19 @@ def shipped_server() -> Iterator[object]:
     pipeline = Pipeline.from_files(shipped_onnx_path("h2o_hands"), [REFERENCE], capacity=8)
     try:
         with Server(pipeline, ServerConfig(bind="tcp://127.0.0.1:0",
-                                           pub_bind="tcp://127.0.0.1:0")) as srv:
+                                           pub_bind="tcp://127.0.0.1:0", **config)) as srv:
             yield srv
     finally:
         pipeline.close()
 
 
 @contextlib.contextmanager
-def running_gateway(cfg) -> Iterator[str]:
+def running_gateway(cfg, curve=None) -> Iterator[str]:
     """The gateway app for ``cfg`` (port ignored) on uvicorn in a thread; yields its URL."""
     uvicorn = pytest.importorskip("uvicorn")
     from clients.web.app import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=0,
+    server = uvicorn.Server(uvicorn.Config(create_app(cfg, curve), host="127.0.0.1", port=0,
                                            log_level="warning",
                                            ws_max_size=2 * cfg.max_message_bytes))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -22,6 +22,7 @@ import logging
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from clients._sockets import CurveKeys, connect, new_socket
 from clients.web.config import GatewayConfig
@@ -50,8 +51,10 @@ class HeadsetBridge:
         The page's first messages wait (in the WebSocket) up to ``connect_wait_s`` for the
         link to the server, as ``PoseOutlet.open`` waits before its hello: without it the
         hello of a page that has just connected would be dropped."""
+        monitor = self.dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         await self.dealer.poll(int(connect_wait_s * 1000), zmq.POLLOUT)
-        tasks = {asyncio.create_task(self._from_page()), asyncio.create_task(self._to_page())}
+        tasks = {asyncio.create_task(self._from_page()), asyncio.create_task(self._to_page()),
+                 asyncio.create_task(self._refused_by_server(monitor))}
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -60,6 +63,8 @@ class HeadsetBridge:
         finally:
             for task in tasks:
                 task.cancel()
+            self.dealer.disable_monitor()
+            monitor.close(linger=0)
             self.dealer.close(linger=0)
             self.owners.hold(self.sessions, self.owner)
 
@@ -68,7 +73,7 @@ class HeadsetBridge:
             msg = await self.ws.receive()
             if msg["type"] == "websocket.disconnect":
                 return
-            await self.relay(msg.get("bytes"), msg.get("text"))
+            await self.relay(msg.get("bytes"))
 
     async def _to_page(self) -> None:
         while True:
@@ -76,7 +81,16 @@ class HeadsetBridge:
             await self.ws.send_bytes(data)
             self.counters.count("messages_to_pages")
 
-    async def relay(self, data: bytes | None, text: str | None = None) -> None:
+    async def _refused_by_server(self, monitor) -> None:
+        """With CURVE: the server's allow-list refused the gateway's key. Say so to the
+        page as the server's ``unauthorised`` (as ``PoseOutlet.open`` raises it), end."""
+        await recv_monitor_message(monitor)  # only EVENT_HANDSHAKE_FAILED_AUTH is asked for
+        self.counters.count("refused_by_server.unauthorised")
+        await self.ws.send_bytes(P.encode(P.error(
+            "unauthorised", "the server refused the gateway's CURVE key (not on its "
+            "allow-list: masa-rt keys new, docs/security.md)")))
+
+    async def relay(self, data: bytes | None) -> None:
         """Check one page message and pass it on, or refuse it with an ``error``."""
         if data is None:
             return await self._refuse("malformed", "send binary msgpack, not text", {})
