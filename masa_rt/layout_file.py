@@ -79,8 +79,12 @@ class Declaration:
 class _Parser:
     """Checks one declaration field by field; every failure is a :class:`LayoutFileError`."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, strict: bool = True) -> None:
         self.source = source
+        # strict: a conversion to a layout this process does not know is an error (a
+        # typo in a user's file); else it is dropped (a declaration read back from a
+        # recording or a model may name a layout declared elsewhere).
+        self.strict = strict
 
     def fail(self, problem: str) -> LayoutFileError:
         return LayoutFileError(self.source, problem)
@@ -235,6 +239,8 @@ class _Parser:
             try:
                 dst = get_layout(target)
             except ValueError:
+                if not self.strict:
+                    continue
                 raise self.fail(f"{field}: unknown layout {target!r} (known: "
                                 f"{', '.join(sorted(LAYOUTS))})") from None
             if dst.dims != dims:
@@ -274,10 +280,12 @@ def _build(c: dict[str, Any], source: str) -> Declaration:
     return Declaration(layout, maps, c, source)
 
 
-def parse_declaration(obj: Any, source: str = "<declaration>") -> Declaration:
+def parse_declaration(obj: Any, source: str = "<declaration>",
+                      strict: bool = True) -> Declaration:
     """Check a declaration (a file's parsed contents, or a canonical dict) without
-    registering it; raises :class:`LayoutFileError` naming ``source``."""
-    return _Parser(source).parse(obj)
+    registering it; raises :class:`LayoutFileError` naming ``source``. ``strict=False``
+    drops conversions to layouts this process does not know instead of refusing them."""
+    return _Parser(source, strict).parse(obj)
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,32 +314,51 @@ def load_layout_file(path: str | os.PathLike[str]) -> Layout:
     return declare(obj, str(p))
 
 
-def declare(obj: Any, source: str = "<declaration>") -> Layout:
+def declare(obj: Any, source: str = "<declaration>", strict: bool = True) -> Layout:
     """Check a declaration and register its layout (and conversions) in this process.
 
-    Declaring the same skeleton again is a no-op; a *different* declaration under a name
-    already declared is refused (data written for one must never be read as the other).
+    Declaring the same skeleton again adds the conversions it has and the known one lacks
+    (a layout file may gain a ``convert_to`` after recordings were made); a *different*
+    skeleton, or another map to the same target, under a declared name is refused (data
+    written for one must never be read as the other). ``strict``: see
+    :func:`parse_declaration` (False for declarations read back from files and models).
     """
-    decl = obj if isinstance(obj, Declaration) else parse_declaration(obj, source)
-    name = decl.layout.name
-    known = _DECLARED.get(name)
-    if known is not None:
-        if known.canonical != decl.canonical:
-            raise LayoutFileError(decl.source, f"layout {name!r} differs from the one "
-                                               f"already declared by {known.source}")
-        return known.layout
-    _DECLARED[name] = decl
-    register_layout(decl.layout, decl.maps)
-    return decl.layout
+    decl = obj if isinstance(obj, Declaration) else parse_declaration(obj, source, strict)
+    known = _DECLARED.get(decl.layout.name)
+    if known is None:
+        _DECLARED[decl.layout.name] = decl
+        register_layout(decl.layout, decl.maps)
+        return decl.layout
+    if not same_skeleton(known.canonical, decl.canonical):
+        raise LayoutFileError(decl.source, f"layout {decl.layout.name!r} differs from the one "
+                                           f"already declared by {known.source}")
+    _merge_conversions(known, decl)
+    return known.layout
+
+
+def _merge_conversions(known: Declaration, new: Declaration) -> None:
+    """Register ``new``'s conversions that ``known`` (the same skeleton) lacks."""
+    ours, theirs = known.canonical["convert_to"], new.canonical["convert_to"]
+    for target in set(ours) & set(theirs):
+        if ours[target] != theirs[target]:
+            raise LayoutFileError(new.source, f"convert_to[{target!r}] differs from the one "
+                                              f"declared by {known.source}")
+    added = {t: m for t, m in new.maps.items() if t not in known.maps}
+    if not added:
+        return
+    canonical = dict(known.canonical, convert_to={**ours, **{t: theirs[t] for t in added}})
+    _DECLARED[known.layout.name] = Declaration(known.layout, {**known.maps, **added},
+                                               canonical, known.source)
+    register_layout(known.layout, added)
 
 
 def declare_json(text: str, source: str) -> Layout:
-    """:func:`declare` a declaration stored as JSON text (sequence files)."""
+    """:func:`declare` a declaration stored as JSON text (sequence files; not strict)."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise LayoutFileError(source, f"layout declaration is not valid JSON ({e})") from None
-    return declare(obj, source)
+    return declare(obj, source, strict=False)
 
 
 def is_declared(name: str) -> bool:
@@ -383,7 +410,7 @@ def hello_layout(name: str, declaration: Any, model_layout: str, max_joints: int
     if isinstance(joints, list) and len(joints) > max_joints:  # before any work on it
         raise LayoutFileError(source, f"{len(joints)} joints, a frame carries at most "
                                       f"{max_joints}")
-    decl = parse_declaration(declaration, source)
+    decl = parse_declaration(declaration, source, strict=False)
     if decl.layout.name != name:
         raise LayoutFileError(source, f"declares {decl.layout.name!r}, not {name!r}")
     if name == model_layout:

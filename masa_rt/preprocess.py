@@ -66,7 +66,7 @@ class InputSpec:
     def __post_init__(self) -> None:
         if self.layout_declaration is not None:
             where = f"input spec (layout {self.layout!r})"
-            if declare(self.layout_declaration, where).name != self.layout:
+            if declare(self.layout_declaration, where, strict=False).name != self.layout:
                 raise ValueError(f"InputSpec: layout_declaration declares "
                                  f"{self.layout_declaration.get('name')!r}, not {self.layout!r}")
         get_layout(self.layout)  # fail early, naming the known layouts

@@ -450,7 +450,7 @@ def _manifest_declaration(obj: dict[str, Any], name: str
             raise ManifestError(name, "layout_file", "a valid layout file", str(e)) from None
     if declaration is not None:
         try:
-            declare(declaration, f"{name}: field 'layout_declaration'")
+            declare(declaration, f"{name}: field 'layout_declaration'", strict=False)
         except LayoutFileError as e:
             raise ManifestError(name, "layout_declaration", "a valid layout declaration",
                                 e.problem) from None

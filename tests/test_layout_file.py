@@ -159,6 +159,35 @@ def test_another_declaration_under_a_declared_name_is_refused():
         declare(other, "second.yaml")
 
 
+def test_a_redeclaration_may_add_conversions_but_not_change_one():
+    bare = renamed("grow23")
+    del bare["convert_to"]
+    declare(bare, "old.yaml")  # recordings made before the file gained its convert_to
+    with pytest.raises(ValueError, match="no joint mapping from grow23 to penn13"):
+        conversion_map("grow23", "penn13")
+    declare(renamed("grow23"), "new.yaml")
+    assert conversion_map("grow23", "penn13").shape == (13,)
+    assert "penn13" in declaration_of("grow23")["convert_to"]
+    changed = renamed("grow23")
+    changed["convert_to"]["penn13"]["head"] = "nose"
+    with pytest.raises(LayoutFileError, match=r"convert_to\['penn13'\] differs from the one "
+                                              "declared by old.yaml"):
+        declare(changed, "changed.yaml")
+
+
+def test_a_conversion_to_a_layout_unknown_here_is_an_error_in_a_file_only(tmp_path):
+    decl = renamed("far23")
+    decl["convert_to"]["elsewhere42"] = {"a": "neck"}
+    with pytest.raises(LayoutFileError, match="unknown layout 'elsewhere42'"):
+        parse_declaration(decl, "far23.yaml")
+    # a recording (or model) made where elsewhere42 was declared still loads here
+    path = tmp_path / "take.npz"
+    np.savez(path, format_version=np.array(1), joints=_motion(), layout=np.array("far23"),
+             fps=np.array(30.0), layout_declaration=np.array(json.dumps(decl)))
+    assert load_sequence(path).layout == "far23"
+    assert list(declaration_of("far23")["convert_to"]) == ["penn13"]
+
+
 # --------------------------------------------------------------------------- properties
 
 @st.composite
