@@ -75,6 +75,9 @@ class Gateway:
                 task.cancel()
             await asyncio.gather(*feeds, return_exceptions=True)
             self.ctx.destroy(linger=0)
+            # Here, not after uvicorn returns: on SIGTERM it re-raises the signal at exit.
+            counts = " ".join(f"{k}={v}" for k, v in self.counters.snapshot().items())
+            log.info("event=stopped %s", counts or "nothing_counted=1")
 
     # ------------------------------------------------------------------ HTTP
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
+import socket
 
-from clients.web.app import create_app
+from clients.web.app import Gateway
 from clients.web.config import GatewayConfig
 from clients.web.keys import load_gateway_keys
 
@@ -44,29 +46,39 @@ def serve(cfg: GatewayConfig) -> int:
 
     check_config(cfg)
     curve = load_gateway_keys(cfg.keydir, cfg.key_name) if cfg.keydir else None
-    app = create_app(cfg, curve)
+    app = Gateway(cfg, curve).app()
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                             # a frame over the protocol cap is cut off by the WebSocket
                             # layer (close 1009) before it is buffered whole
                             ws_max_size=2 * cfg.max_message_bytes,
                             ssl_certfile=cfg.certfile, ssl_keyfile=cfg.keyfile)
+    sock = listen(cfg.host, cfg.port)  # ours, so that a port in use is one line
     server = uvicorn.Server(config)
-    asyncio.run(_serve(server, cfg))
+    asyncio.run(_serve(server, sock, cfg))  # the app logs event=stopped with its counters
     return 0
 
 
-async def _serve(server, cfg: GatewayConfig) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (``port`` 0: any free one); OSError naming the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OSError(f"cannot listen on {host}:{port}: {why}") from None
+
+
+async def _serve(server, sock: socket.socket, cfg: GatewayConfig) -> None:
     async def announce() -> None:
         while not server.started:
             await asyncio.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
         scheme = "https" if cfg.certfile else "http"
         log.info("event=web_serving url=%s://%s:%d server=%s pub=%s tokens=%s secure=%s",
-                 scheme, cfg.host, port, cfg.server, cfg.pub, cfg.token_file is not None,
-                 cfg.keydir is not None)
+                 scheme, cfg.host, sock.getsockname()[1], cfg.server, cfg.pub,
+                 cfg.token_file is not None, cfg.keydir is not None)
 
     task = asyncio.create_task(announce())
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         task.cancel()
