@@ -106,6 +106,48 @@ def _add_web(subparsers) -> None:
     p.set_defaults(func=_web)
 
 
+def _lsl(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from clients.lsl_bridge import LslBridge
+
+    prop, value = next((k, v) for k, v in (("name", args.name), ("type", args.type),
+                                           ("source_id", args.source_id)) if v is not None)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, say bye, report
+        signal.signal(sig, lambda *_: stop.set())
+    bridge = LslBridge(prop, value, args.address, layout=args.layout, fps=args.fps,
+                       reference=args.reference, session=args.session,
+                       resolve_timeout=args.resolve_timeout)
+    with bridge:
+        report = bridge.run(duration=args.duration, stop=stop)
+    print(report.summary(bridge.outlet))
+    return 0
+
+
+def _add_lsl(subparsers) -> None:
+    p = subparsers.add_parser("lsl", help="bridge an LSL pose stream to the server; estimates "
+                                          "back out as LSL streams (needs masa-rt[lsl])")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--name", help="the LSL pose stream's name")
+    which.add_argument("--type", help="... or its type (e.g. Mocap), if only one has it")
+    which.add_argument("--source-id", help="... or its source id")
+    p.add_argument("--address", default="tcp://127.0.0.1:5555", help="server ROUTER endpoint")
+    p.add_argument("--layout", default=None,
+                   help="masa-rt layout of the channels (default: from the channel labels, "
+                        "e.g. l_wrist_x; required for unlabelled channels)")
+    p.add_argument("--fps", type=positive_float, default=None, metavar="HZ",
+                   help="frame rate (default: the stream's nominal rate)")
+    p.add_argument("--reference", default=None, help="reference activity to align against")
+    p.add_argument("--session", default=None, help="session id (default: a random one)")
+    p.add_argument("--duration", type=positive_float, default=None, metavar="S",
+                   help="stop after S s (default: until Ctrl-C)")
+    p.add_argument("--resolve-timeout", type=positive_float, default=5.0, metavar="S",
+                   help="how long to look for the LSL stream (default 5 s)")
+    p.set_defaults(func=_lsl)
+
+
 # ---- watch: the live terminal dashboard (``masa-rt watch [SESSION]``) goes here, as
 # ---- ``_add_watch(subparsers)`` built on clients.inlet.EstimateInlet, and is called below.
 
@@ -114,4 +156,5 @@ def register(subparsers) -> None:
     """Add this package's subcommands to the masa-rt parser."""
     _add_replay(subparsers)
     _add_export_raw(subparsers)
+    _add_lsl(subparsers)
     _add_web(subparsers)

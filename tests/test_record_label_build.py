@@ -8,18 +8,14 @@ a second ``masa-rt serve``, and a replay of the same performance gets its phases
 
 from __future__ import annotations
 
-import os
-import re
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from serve_process import ENV, serving
 
 from clients.replay import replay
 from masa_rt.cli import main
@@ -29,39 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "demos" / "pour_milk.npz"
 SHIPPED_REFERENCE = ROOT / "examples" / "pour_milk.npz"
 RATE_HZ = 60.0  # twice the demo's 30 fps: the test takes half the time, recording and all
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 pytestmark = pytest.mark.slow
-
-
-@contextmanager
-def serving(*args: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``masa-rt serve ARGS`` on free loopback ports; yields (ROUTER address, process)."""
-    cmd = [sys.executable, "-m", "masa_rt.cli", "serve", "--bind", "tcp://127.0.0.1:0",
-           "--pub", "tcp://127.0.0.1:0", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
-    try:
-        yield _wait_for_bind(proc), proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-
-
-def _wait_for_bind(proc: subprocess.Popen, timeout: float = 120.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            raise AssertionError(f"server exited: {proc.wait()}")
-        m = re.search(r"event=serving bind=(\S+)", line)
-        if m:
-            return m.group(1)
-    raise AssertionError("server did not start")
 
 
 def _wait_for_file(folder: Path, timeout: float = 20.0) -> Path:
@@ -85,8 +49,7 @@ def test_record_label_build_serve(tmp_path):
     record_dir.mkdir()
 
     # 1. Record: a headset performs the pour against the shipped reference.
-    with serving("--reference", str(SHIPPED_REFERENCE), "--record", str(record_dir)) as (
-            address, _):
+    with serving("--reference", str(SHIPPED_REFERENCE), "--record", str(record_dir)) as address:
         report = replay(DEMO, address, rate_hz=RATE_HZ, session_prefix="take")
         assert report.sent == demo.num_frames and report.unanswered == 0
         take = _wait_for_file(record_dir)  # written on the replay's bye
@@ -111,7 +74,7 @@ def test_record_label_build_serve(tmp_path):
 
     # 4. Serve it; the same performance gets its phases back.
     said: dict[int, str | None] = {}
-    with serving("--reference", str(reference)) as (address, _):
+    with serving("--reference", str(reference)) as address:
         report = replay(DEMO, address, rate_hz=RATE_HZ, session_prefix="check",
                         on_estimate=lambda _i, est: said.__setitem__(est.seq, est.phase_name))
     assert report.unanswered == 0 and len(said) == demo.num_frames
