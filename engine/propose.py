@@ -216,14 +216,18 @@ def penalised_segments(cost: np.ndarray, penalty: float) -> list[int]:
 
 
 def _pooled_change_points(x: np.ndarray, **kw: Any) -> list[int]:
-    """:func:`change_points` on a recording average-pooled to at most MAX_FRAMES rows
-    (penalty and ``min_size`` in pooled rows), indices mapped back to ``x``'s rows."""
+    """:func:`change_points` on a recording average-pooled to at most MAX_FRAMES rows,
+    indices mapped back to ``x``'s rows. A pooled row stands for ``step`` smooth frames,
+    so its squared deviations are about 1/step of theirs: the penalty is divided by the
+    step (and ``min_size`` too) to propose about what the full recording would."""
     step = max(1, math.ceil(len(x) / MAX_FRAMES))
     if step == 1:
         return change_points(x, **kw)
     m = len(x) // step * step
     pooled = x[:m].reshape(-1, step, x.shape[1]).mean(axis=1)
     kw = dict(kw, min_size=max(1, kw.get("min_size", MIN_SEGMENT) // step))
+    if kw.get("penalty") is not None:
+        kw["penalty"] = kw["penalty"] / step
     return [s * step for s in change_points(pooled, **kw)]
 
 

@@ -44,6 +44,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SPORTS23 = ROOT / "examples" / "layouts" / "sports23.yaml"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _forget_declarations():
+    """Declarations are process-wide: the layouts this module declares are forgotten at
+    its end, so later test modules see the built-in table they expect."""
+    from masa_rt import layout_file, skeleton
+
+    saved = (dict(skeleton.LAYOUTS), dict(skeleton._DIRECT), dict(layout_file._DECLARED))
+    yield
+    for live, old in zip((skeleton.LAYOUTS, skeleton._DIRECT, layout_file._DECLARED), saved,
+                         strict=True):
+        live.clear()
+        live.update(old)
+
+
 def example() -> dict:
     """The shipped example's contents (a fresh copy to break)."""
     return yaml.safe_load(SPORTS23.read_text())

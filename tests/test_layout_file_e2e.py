@@ -30,6 +30,20 @@ TINY = ["model.d_model=16", "model.n_heads=2", "model.ffn_dim=32", "model.proj_d
         "model.window=8", "train.batch_size=4", "train.epochs=2"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _forget_declarations():
+    """Declarations are process-wide: the layouts this module declares are forgotten at
+    its end, so later test modules see the built-in table they expect."""
+    from masa_rt import layout_file, skeleton
+
+    saved = (dict(skeleton.LAYOUTS), dict(skeleton._DIRECT), dict(layout_file._DECLARED))
+    yield
+    for live, old in zip((skeleton.LAYOUTS, skeleton._DIRECT, layout_file._DECLARED), saved,
+                         strict=True):
+        live.clear()
+        live.update(old)
+
+
 def layout_file(tmp_path: Path, name: str) -> Path:
     """The shipped example declared as ``name``, in a file of its own."""
     d = yaml.safe_load(SPORTS23.read_text())
