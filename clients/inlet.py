@@ -53,6 +53,10 @@ class Estimate(EstimateMsg):
 class EstimateInlet:
     """Subscribe to the server's estimate stream, for one session or all (``session=None``).
 
+    Against a ``--secure`` server ``curve`` keys are needed, and "all" means all of this
+    key's sessions; an operator key (``masa-rt keys new NAME --operator``) with
+    ``operator=True`` reads every session of every client.
+
     ``pull(timeout)`` returns ``None`` on timeout, like pylsl's ``pull_sample``. Junk from
     the wire is skipped and counted in ``malformed``, never raised: a dashboard should not
     die of one bad message. A SUB socket cannot tell a quiet server from a gone one, so an
@@ -60,16 +64,23 @@ class EstimateInlet:
     """
 
     def __init__(self, address: str = DEFAULT_PUB_ADDRESS, session: str | None = None, *,
-                 hwm: int = 10_000, curve: CurveKeys | None = None,
+                 hwm: int = 10_000, curve: CurveKeys | None = None, operator: bool = False,
                  context: zmq.Context | None = None) -> None:
         self.session = session
         self.malformed = 0
-        self._topic = topic(session) if session is not None else None
         self._ctx = context or zmq.Context.instance()
         self._sock = new_socket(self._ctx, zmq.SUB, curve=curve, linger_ms=0)
         self._sock.setsockopt(zmq.RCVHWM, hwm)
-        self._sock.setsockopt(zmq.SUBSCRIBE, self._topic or b"")
+        self._sock.setsockopt(zmq.SUBSCRIBE, self._subscription(curve, operator))
         connect(self._sock, address)
+
+    def _subscription(self, curve: CurveKeys | None, operator: bool) -> bytes:
+        """What to ask the server for. A secure server publishes under ``KEY/session`` and
+        lets a key read only its own (docs/protocol.md, "Sockets"); an operator key may
+        read every session, so it subscribes to all and this inlet filters."""
+        if curve is None or operator:
+            return topic(self.session) if self.session is not None and curve is None else b""
+        return topic(self.session or "", curve.public)
 
     def pull(self, timeout: float = 0.0) -> Estimate | None:
         """The next estimate, waiting up to ``timeout`` seconds; None if none arrived."""
@@ -95,9 +106,8 @@ class EstimateInlet:
         """Read one queued message; None (and count it) if it is not an estimate for us."""
         parts = self._sock.recv_multipart(zmq.NOBLOCK)
         t_received = local_clock()
-        if len(parts) != 2 or (self._topic is not None and parts[0] != self._topic):
-            # ZeroMQ matches topics by prefix: session "a" must not receive "ab".
-            self.malformed += len(parts) != 2
+        if len(parts) != 2:
+            self.malformed += 1
             return None
         try:
             msg = decode(parts[1])
@@ -107,6 +117,8 @@ class EstimateInlet:
         if msg["type"] != "estimate":
             self.malformed += 1
             return None
+        if self.session is not None and msg["session"] != self.session:
+            return None  # ZeroMQ matches topics by prefix: session "a" also gets "ab"
         return Estimate.received(msg, t_received)
 
     def close(self) -> None:

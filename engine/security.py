@@ -9,6 +9,8 @@ Key directory (``masa-rt keys new``; default :data:`DEFAULT_KEYDIR`)::
     KEYDIR/server/NAME.key           server public key (clients need a copy)
     KEYDIR/server/NAME.key_secret    server keypair, 0600 (never leaves the server)
     KEYDIR/clients/NAME.key          allow-list: one public key per client
+    KEYDIR/operators/NAME.key        operators: allowed too, and may read every tenant's
+                                     estimates on the PUB socket (engine.estimate_feed)
     KEYDIR/private/NAME.key_secret   a client's keypair, 0600 (copy it to that client only)
 
 Files are ZeroMQ certificates (``zmq.auth.create_certificates``). ``server/`` holds exactly
@@ -60,6 +62,7 @@ log = logging.getLogger("masa_rt.security")
 
 DEFAULT_KEYDIR = Path.home() / ".config" / "masa-rt" / "keys"
 SERVER_DIR, CLIENTS_DIR, PRIVATE_DIR = "server", "clients", "private"
+OPERATORS_DIR = "operators"
 PUBLIC_SUFFIX, SECRET_SUFFIX = ".key", ".key_secret"
 KEY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _LOOPBACK_NAMES = ("localhost", "lo", "lo0")
@@ -83,7 +86,7 @@ class SecurityConfig:
 class KeyInfo:
     """One key as listed by :func:`list_keys`."""
 
-    role: str  # "server" | "client"
+    role: str  # "server" | "client" | "operator"
     name: str
     public: str  # Z85
     secret_file: Path | None  # None: public key only (e.g. a listed remote client)
@@ -120,18 +123,21 @@ def _load_secret(path: Path) -> tuple[bytes, bytes]:
 
 
 def create_keypair(keydir: Path | str, name: str, *, server: bool = False,
-                   force: bool = False) -> tuple[Path, Path]:
+                   force: bool = False, operator: bool = False) -> tuple[Path, Path]:
     """Make a CURVE keypair; return (public file, secret file). The secret is 0600.
 
     A client's public key goes to ``clients/`` (the allow-list) and its keypair to
     ``private/``; with ``server=True`` both go to ``server/``, which may hold only one
-    keypair. Existing files are kept unless ``force``. The keys are written inside an
+    keypair; an ``operator``'s public key goes to ``operators/`` instead of ``clients/``.
+    Existing files are kept unless ``force``. The keys are written inside an
     owner-only temporary directory and moved into place, so a secret is never readable
     by others, not even for a moment.
     """
     keydir = Path(keydir).expanduser()
     _check_name(name)
-    public_dir = keydir / (SERVER_DIR if server else CLIENTS_DIR)
+    if server and operator:
+        raise ValueError("a key is the server's or an operator's, not both")
+    public_dir = keydir / (SERVER_DIR if server else OPERATORS_DIR if operator else CLIENTS_DIR)
     secret_dir = keydir / (SERVER_DIR if server else PRIVATE_DIR)
     public_file = public_dir / (name + PUBLIC_SUFFIX)
     secret_file = secret_dir / (name + SECRET_SUFFIX)
@@ -157,8 +163,8 @@ def create_keypair(keydir: Path | str, name: str, *, server: bool = False,
         os.replace(made_public, public_file)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("event=key_created role=%s name=%s public=%s", "server" if server else "client",
-             name, public_file)
+    log.info("event=key_created role=%s name=%s public=%s",
+             "server" if server else "operator" if operator else "client", name, public_file)
     return public_file, secret_file
 
 
@@ -178,16 +184,22 @@ def _one_server_file(keydir: Path, suffix: str) -> Path:
     return found[0]
 
 
+def _names(folder: Path, suffix: str) -> set[str]:
+    return ({p.name[:-len(suffix)] for p in folder.glob("*" + suffix)} if folder.is_dir()
+            else set())
+
+
 def list_keys(keydir: Path | str) -> list[KeyInfo]:
     """The server key and every client key under ``keydir`` (listed or with a secret)."""
     keydir = Path(keydir).expanduser()
     out: list[KeyInfo] = []
     for role, pub_dir, sec_dir in (("server", SERVER_DIR, SERVER_DIR),
-                                   ("client", CLIENTS_DIR, PRIVATE_DIR)):
-        names: set[str] = set()
-        for sub, suffix in ((pub_dir, PUBLIC_SUFFIX), (sec_dir, SECRET_SUFFIX)):
-            if (keydir / sub).is_dir():
-                names.update(p.name[:-len(suffix)] for p in (keydir / sub).glob("*" + suffix))
+                                   ("client", CLIENTS_DIR, PRIVATE_DIR),
+                                   ("operator", OPERATORS_DIR, PRIVATE_DIR)):
+        names = _names(keydir / pub_dir, PUBLIC_SUFFIX)
+        if role != "operator":  # private/ holds clients' and operators' keypairs alike
+            names |= _names(keydir / sec_dir, SECRET_SUFFIX) - _names(
+                keydir / OPERATORS_DIR, PUBLIC_SUFFIX)
         for name in sorted(names):
             pub_file = keydir / pub_dir / (name + PUBLIC_SUFFIX)
             sec_file = keydir / sec_dir / (name + SECRET_SUFFIX)
@@ -203,11 +215,46 @@ def list_keys(keydir: Path | str) -> list[KeyInfo]:
 # ---------------------------------------------------------------------- server side
 
 
+class _KeyList:
+    """The public keys in one folder, re-read when the folder changes (a key file added or
+    removed), so allow-list edits apply to new connections without a restart."""
+
+    def __init__(self, folder: Path, required: bool) -> None:
+        self.folder, self.required = folder, required
+        self.keys: frozenset[bytes] = frozenset()
+        self._stamp: int | None = None
+        self._lock = threading.Lock()
+
+    def reload(self) -> int:
+        with self._lock:
+            try:
+                self._stamp = self.folder.stat().st_mtime_ns
+                keys = zmq.auth.load_certificates(self.folder)
+            except OSError as exc:
+                if not self.required and isinstance(exc, FileNotFoundError):
+                    self._stamp, self.keys = None, frozenset()  # optional: none is fine
+                    return 0
+                log.error("event=allow_list_unreadable dir=%s error=%s", self.folder, exc)
+                self._stamp, keys = None, {}
+            self.keys = frozenset(keys)
+        return len(self.keys)
+
+    def fresh(self) -> frozenset[bytes]:
+        try:
+            stamp = self.folder.stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if stamp != self._stamp:
+            self.reload()
+        return self.keys
+
+
 class ZapAuthenticator(ThreadAuthenticator):
-    """ZAP handler admitting only CURVE clients whose public key is in ``clients/``.
+    """ZAP handler admitting only CURVE clients whose public key is in ``clients/`` or
+    ``operators/``.
 
     Every denial is logged (``event=zap_denied``) and counted (:attr:`denied`). The
-    allow-list is re-read when the directory changes, so removing ``clients/NAME.key``
+    allow-lists are re-read when their directory changes, so removing ``clients/NAME.key``
     revokes that client for new connections without a restart (a connection already
     established stays up until it drops). An allowed connection's ZMQ ``User-Id``
     property is the client's Z85 public key (``frame.get("User-Id")``, with copy=False).
@@ -215,41 +262,33 @@ class ZapAuthenticator(ThreadAuthenticator):
 
     def __init__(self, context: zmq.Context, keydir: Path | str) -> None:
         super().__init__(context, log=logging.getLogger("masa_rt.security.zap"))
-        self.clients_dir = Path(keydir).expanduser() / CLIENTS_DIR
+        keydir = Path(keydir).expanduser()
+        self.clients_dir = keydir / CLIENTS_DIR
+        self._clients = _KeyList(self.clients_dir, required=True)
+        self._operators = _KeyList(keydir / OPERATORS_DIR, required=False)
         self.allowed = 0
         self.denied = 0
-        self._keys: frozenset[bytes] = frozenset()
-        self._stamp: int | None = None
-        self._lock = threading.Lock()
         self.reload()
 
+    @property
+    def _keys(self) -> frozenset[bytes]:
+        return self._clients.keys | self._operators.keys
+
     def reload(self) -> int:
-        """Re-read the allow-list now; return how many client keys it holds."""
-        with self._lock:
-            try:
-                self._stamp = self.clients_dir.stat().st_mtime_ns
-                keys = zmq.auth.load_certificates(self.clients_dir)
-            except OSError as exc:
-                log.error("event=allow_list_unreadable dir=%s error=%s", self.clients_dir, exc)
-                self._stamp, keys = None, {}
-            self._keys = frozenset(keys)
-        if not self._keys:
+        """Re-read the allow-lists now; return how many keys (clients and operators)."""
+        count = self._clients.reload() + self._operators.reload()
+        if not count:
             log.warning("event=allow_list_empty dir=%s detail=\"no client can connect; "
                         "masa-rt keys new NAME\"", self.clients_dir)
-        return len(self._keys)
+        return count
 
-    def _fresh(self) -> frozenset[bytes]:
-        try:
-            stamp = self.clients_dir.stat().st_mtime_ns
-        except OSError:
-            stamp = None
-        if stamp != self._stamp:
-            self.reload()
-        return self._keys
+    def is_operator(self, key: bytes) -> bool:
+        """Whether ``key`` (Z85) may read every tenant's estimates."""
+        return key in self._operators.fresh()
 
     def callback(self, domain: str, key: bytes) -> bool:
         """The credentials-provider hook pyzmq calls with a client's Z85 public key."""
-        ok = key in self._fresh()
+        ok = key in self._clients.fresh() or key in self._operators.fresh()
         if ok:
             self.allowed += 1
             log.debug("event=zap_allowed client_key=%s", key.decode("ascii", "replace"))

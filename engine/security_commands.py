@@ -13,17 +13,20 @@ from engine.security import DEFAULT_KEYDIR, create_keypair, list_keys
 
 
 def keys_new(name: str, keydir: Path | str = DEFAULT_KEYDIR, *, server: bool = False,
-             force: bool = False, out=print) -> tuple[Path, Path]:
+             force: bool = False, operator: bool = False, out=print) -> tuple[Path, Path]:
     """Make NAME's keypair in ``keydir`` and say where it went and what to copy where."""
     keydir = Path(keydir).expanduser()
-    public, secret = create_keypair(keydir, name, server=server, force=force)
+    public, secret = create_keypair(keydir, name, server=server, force=force,
+                                    operator=operator)
     out(f"public key: {public}")
     out(f"secret key: {secret} (0600, keep it private)")
     if server:
         out(f"serve with: masa-rt serve --secure {keydir} ...")
         out(f"give every client a copy of {public} (as KEYDIR/server/{public.name})")
     else:
-        out(f"allow-listed: {public} (remove the file to revoke)")
+        what = ("operator (reads every tenant's estimates on the PUB socket)" if operator
+                else "allow-listed")
+        out(f"{what}: {public} (remove the file to revoke)")
         out(f"on the client, put {secret.name} in KEYDIR/private/ and the server's public "
             "key in KEYDIR/server/; then load_client_keys(KEYDIR, "
             f"{name!r}) gives PoseOutlet(curve=...) its keys")
@@ -41,12 +44,13 @@ def keys_list(keydir: Path | str = DEFAULT_KEYDIR, *, out=print) -> int:
             secret = "-"
         else:
             secret = str(k.secret_file) + ("" if k.secret_mode_ok else "  (UNSAFE: chmod 600)")
-        out(f"{k.role:<6}  {k.name:<20}  {k.public}  {secret}")
+        out(f"{k.role:<8}  {k.name:<20}  {k.public}  {secret}")
     return len(keys)
 
 
 def _new(args: argparse.Namespace) -> int:
-    keys_new(args.name, args.dir, server=args.server, force=args.force)
+    keys_new(args.name, args.dir, server=args.server, force=args.force,
+             operator=args.operator)
     return 0
 
 
@@ -64,6 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", type=Path, default=DEFAULT_KEYDIR, metavar="KEYDIR",
                    help="key directory (default ~/.config/masa-rt/keys)")
     p.add_argument("--server", action="store_true", help="the server's keypair (one per KEYDIR)")
+    p.add_argument("--operator", action="store_true",
+                   help="an operator's keypair: may read every tenant's estimates on the PUB "
+                        "socket (dashboards); a client reads only its own")
     p.add_argument("--force", action="store_true", help="replace an existing key of that name")
     p.set_defaults(func=_new)
     p = sub.add_parser("list", help="list the server key and the clients' keys")

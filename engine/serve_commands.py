@@ -246,8 +246,13 @@ def _recorder(args: argparse.Namespace):
 def _watch(args: argparse.Namespace) -> int:
     from engine.watch import WatchConfig, watch
 
+    curve = None
+    if args.secure is not None:
+        from engine.security import load_client_keys
+
+        curve = load_client_keys(args.secure, args.key)
     cfg = WatchConfig(address=args.address, session=args.session,
-                      clock_offset=args.clock_offset)
+                      clock_offset=args.clock_offset, curve=curve, operator=args.operator)
     return watch(cfg, duration=args.duration)
 
 
@@ -309,6 +314,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=positive_float, metavar="S", help="stop after S seconds")
     p.add_argument("--clock-offset", type=float, metavar="S",
                    help="server-minus-headset clock offset (0 on one machine): e2e latency")
+    p.add_argument("--secure", metavar="KEYDIR",
+                   help="the server runs --secure: connect with the CURVE key --key NAME")
+    p.add_argument("--key", default="dashboard", metavar="NAME",
+                   help="with --secure: KEYDIR/private/NAME.key_secret")
+    p.add_argument("--operator", action="store_true",
+                   help="with --secure: NAME is an operator key, show every client's "
+                        "sessions (else only NAME's own)")
     p.set_defaults(func=_watch)
 
     p = subparsers.add_parser("demo", help="server + simulated headset + dashboard")

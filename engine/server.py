@@ -30,6 +30,7 @@ import numpy as np
 import zmq
 
 from engine.counters import Counters, LatencyHistogram, LogLimiter, RejectionSummary, format_table
+from engine.estimate_feed import EstimateFeed
 from engine.security import apply_server_curve, plain_mode_warning, start_authenticator
 from masa_rt import protocol as P
 
@@ -60,6 +61,13 @@ class ServerConfig:
     zmq_size_factor: int = 2
     rate_factor: float = 2.0  # frames/s a session may sustain, times its declared fps
     rate_burst_s: float = 1.0  # ... with bursts of this many seconds' worth of frames
+    # Hellos one client (key with --secure, else connection) may send per second, with
+    # bursts of ``hello_burst``; more are refused 'rate_limited'. A headset opens a session
+    # or two and resumes after a reconnect; a client opening and closing sessions back to
+    # back (11 k pairs/s) held another headset's answers at p99 23.5 ms against 3.6 ms quiet
+    # (benchmarks/hello_churn.py).
+    hello_rate: float = 10.0
+    hello_burst: float = 20.0
     idle_timeout_s: float = 10.0  # a session silent this long (no frame/ping) expires
     # An accepted frame unanswered this long is dropped: 'engine_timeout' once in the
     # engine, 'stale' if it is still waiting for it (then it is never computed at all).
@@ -182,7 +190,9 @@ class Session:
     """One headset stream: where to answer it, what it promised, what it is owed."""
 
     id: str
-    identity: bytes  # routing id of the connection its last frame came from
+    # Routing id of the connection that last opened, resumed or fed it: where answers go
+    # when the connection that sent their frame is gone (see _emit).
+    identity: bytes
     owner: bytes  # Peer.key of the client that opened (or, in plain mode, resumed) it
     layout: str
     fps: float
@@ -195,7 +205,8 @@ class Session:
     # resampler would drop the frame without an answer ('out_of_order' instead).
     last_t: float = -math.inf
     counters: Counters = field(default_factory=Counters)
-    in_flight: dict[int, float] = field(default_factory=dict)  # seq -> t_server_recv
+    # seq -> (t_server_recv, routing id of the connection that sent it: the answer's way)
+    in_flight: dict[int, tuple[float, bytes]] = field(default_factory=dict)
     # Accepted frames not yet handed to the engine (a subset of in_flight), oldest first.
     pending: deque[tuple[int, float, np.ndarray]] = field(default_factory=deque)
     lag: TransitDelay | None = None  # capture -> receipt delay, to spot queued frames
@@ -223,6 +234,7 @@ class Server:
         self.latency = LatencyHistogram()
         self.sessions: dict[str, Session] = {}
         self._owned: Counter[bytes] = Counter()  # Peer.key -> sessions it holds
+        self._hellos: dict[bytes, TokenBucket] = {}  # Peer.key -> its hello allowance
         self._bound = self.config.keydir is not None  # sessions bound to their CURVE key
         self.address: str | None = None  # actual endpoints once bound (port 0 / '*' resolved)
         self.pub_address: str | None = None
@@ -235,6 +247,7 @@ class Server:
         self._router: zmq.Socket | None = None
         self._auth = None  # ZAP authenticator thread in --secure mode
         self._pub: zmq.Socket | None = None
+        self._estimates: EstimateFeed | None = None
         self._in_flight = 0
         self._engine_busy = True
         self._backlogged = False  # True while the last drain stopped with messages still queued
@@ -327,7 +340,11 @@ class Server:
         # vanishing silently, so every undelivered estimate is counted in dropped[reason].
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes * cfg.zmq_size_factor)
-        self._pub = self._socket(zmq.PUB, cfg.pub_hwm)
+        # Under --secure each key reads only its own sessions' estimates, operators all.
+        self._estimates = EstimateFeed(self._ctx, cfg.pub_hwm, is_operator=(
+            (lambda key: self._auth is not None and self._auth.is_operator(key))
+            if cfg.keydir is not None else None))
+        self._pub = self._estimates.socket
         if cfg.keydir is not None:
             # The authenticator must run before bind, or libzmq admits any CURVE client.
             for sock in (self._router, self._pub):
@@ -364,6 +381,7 @@ class Server:
         timeout = 0 if self._in_flight and self._engine_busy else self.config.poll_ms
         if self._router.poll(timeout):
             self._drain()
+        self._estimates.drain_subscriptions()  # --secure: who may read which estimates
         if self._in_flight:
             self._feed(self.clock())
             self._step()
@@ -427,6 +445,11 @@ class Server:
             # the reply must carry them, or the client takes an error without seq for the end
             # of its session (docs/protocol.md, "Error reasons") instead of one bad frame.
             session = self.sessions.get(exc.session) if exc.session is not None else None
+            if session is not None and exc.seq is not None and exc.seq > session.last_seq and (
+                    not self._bound or peer.key == session.owner):
+                # Refused while decoding (bad dtype, non-finite joints): it arrived, so the
+                # next accepted frame must not count it as lost (issue 31: 7 lost, not 5).
+                session.refused_seq = max(session.refused_seq, exc.seq)
             self._reject(ident, exc.reason, exc.detail, seq=exc.seq, session=session,
                          session_id=exc.session)
         except Exception as exc:  # noqa: BLE001 - a server bug must not take everyone down
@@ -464,6 +487,7 @@ class Server:
 
     def _on_hello(self, peer: Peer, msg: dict, t_recv: float) -> None:
         """Open, resume or restart a session (rules: docs/protocol.md, "Sessions")."""
+        self._check_hello_rate(peer.key, t_recv)
         sid = msg["session"]
         old = self.sessions.get(sid)
         if old is not None:
@@ -487,6 +511,17 @@ class Server:
                        "resume" if resumed else "open", sid, session.layout, session.fps,
                        session.last_seq)
         self._send(peer.ident, P.encode(self._welcome(session, resumed)))
+
+    def _check_hello_rate(self, key: bytes, now: float) -> None:
+        """At most ``hello_rate`` hellos/s per client ('rate_limited'), so opening and
+        closing sessions back to back cannot take the loop from the streaming headsets."""
+        bucket = self._hellos.get(key)
+        if bucket is None:
+            bucket = self._hellos[key] = TokenBucket(self.config.hello_rate,
+                                                     self.config.hello_burst, now)
+        if not bucket.take(now):
+            raise P.ProtocolError("rate_limited", f"over {self.config.hello_rate:g} hellos/s "
+                                                  "from this client")
 
     def _check_owner(self, s: Session, peer: Peer, what: str, seq: int | None = None) -> None:
         """With --secure, only the key that opened a session may use it ('session_owner').
@@ -604,7 +639,7 @@ class Server:
         # Queued here, not in the engine: _feed hands it over when the session's earlier
         # frames are answered, unless it has gone stale by then.
         s.pending.append((seq, msg["t"], joints))
-        s.in_flight[seq] = t_recv
+        s.in_flight[seq] = (t_recv, peer.ident)
         self._in_flight += 1
         if self.recorder is not None:
             self.recorder.frame(s.id, msg["t"], joints)
@@ -710,6 +745,10 @@ class Server:
             counters.update({f"streams.{k}": int(v) for k, v in sorted(bank_counters.items())})
         if self.recorder is not None:
             counters.update(self.recorder.counters())
+        if self._auth is not None:  # --secure: handshakes allowed and denied (ZAP)
+            counters.update(self._auth.counters())
+        if self._estimates is not None:
+            counters.update(self._estimates.counters())
         return {"counters": counters, "latency": self.latency.to_wire()}
 
     # ------------------------------------------------------------------ engine
@@ -729,7 +768,7 @@ class Server:
 
     def _drop_stale(self, s: Session, deadline: float) -> None:
         """Drop waiting frames received before ``deadline`` (oldest first: stop at a fresh one)."""
-        while s.pending and s.in_flight[s.pending[0][0]] < deadline:
+        while s.pending and s.in_flight[s.pending[0][0]][0] < deadline:
             seq = s.pending.popleft()[0]
             del s.in_flight[seq]
             self._in_flight -= 1
@@ -752,9 +791,10 @@ class Server:
 
     def _emit(self, sid: str, seq: int, t_capture: float, est: Any) -> None:
         s = self.sessions.get(sid)
-        t_recv = s.in_flight.pop(seq, None) if s is not None else None
-        if t_recv is None:
+        sent = s.in_flight.pop(seq, None) if s is not None else None
+        if sent is None:
             return  # the session closed or restarted meanwhile: already counted as dropped
+        t_recv, sender = sent
         self._in_flight -= 1
         self._drop_older(s, seq)
         t_send = self.clock()
@@ -764,8 +804,15 @@ class Server:
             log.warning("event=bad_estimate session=%s seq=%d detail=%r", sid, seq, str(exc))
             self._count_drop(s, "bad_estimate")
             return
-        dropped = self._send(s.identity, data)
-        self._publish(s.id, data)
+        # The routing rule (docs/protocol.md, "Sockets"): an estimate goes to the connection
+        # that sent its frame, so a peer that resumes a session cannot take the answers to
+        # frames another connection sent. Only if that connection is gone (the headset
+        # reconnected) does it go to the session's current one, which under --secure is
+        # the same key by construction.
+        dropped = self._send(sender, data)
+        if dropped == "unroutable" and s.identity != sender:
+            dropped = self._send(s.identity, data)
+        self._publish(s, data)
         if dropped is not None:
             self._count_drop(s, dropped)
             return
@@ -773,11 +820,10 @@ class Server:
         self.counters.estimates_out += 1
         s.counters.estimates_out += 1
 
-    def _publish(self, sid: str, data: bytes) -> None:
-        try:
-            self._pub.send_multipart([P.topic(sid), data], zmq.NOBLOCK)
+    def _publish(self, s: Session, data: bytes) -> None:
+        if self._estimates.publish(s.id, s.owner, data):
             self.counters.published += 1
-        except zmq.ZMQError:  # PUB drops at its HWM by itself; this is belt and braces
+        else:
             self.counters.dropped["publish_failed"] += 1
 
     def _drop_older(self, s: Session, seq: int) -> None:
@@ -822,6 +868,9 @@ class Server:
     def _sweep(self, now: float) -> None:
         """Expire silent sessions; drop frames waited on too long (a stalled engine feeds
         nothing, so waiting frames are dropped here too, not only in _feed)."""
+        refilled = self.config.hello_burst / self.config.hello_rate
+        for key in [k for k, b in self._hellos.items() if now - b.stamp > refilled]:
+            del self._hellos[key]  # full again: forget it (connections come and go)
         for s in list(self.sessions.values()):
             if now - s.last_seen > self.config.idle_timeout_s:
                 self._close(s, "expired")
@@ -830,7 +879,7 @@ class Server:
             self._drop_stale(s, deadline)
             # What is left before the deadline is in the engine (same test as _drop_stale,
             # so no waiting frame is taken for one).
-            late = [q for q, t in s.in_flight.items() if t < deadline]
+            late = [q for q, (t, _sender) in s.in_flight.items() if t < deadline]
             for q in late:
                 del s.in_flight[q]
                 self._in_flight -= 1

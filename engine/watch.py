@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from clients._sockets import CurveKeys
 from clients.clock import local_clock
 from clients.inlet import DEFAULT_PUB_ADDRESS, Estimate, EstimateInlet
 
@@ -37,6 +38,8 @@ class WatchConfig:
     # Server-minus-headset clock offset (s). Known (0 when both run on this machine):
     # latency = server send - capture. Unknown (None): server-side latency only.
     clock_offset: float | None = None
+    curve: CurveKeys | None = None  # for a --secure server (None: plain)
+    operator: bool = False  # an operator key: every tenant's sessions, not only its own
 
 
 def latency_ms(est: Estimate, clock_offset: float | None) -> tuple[float, str]:
@@ -142,7 +145,8 @@ class Dashboard:
 def watch(cfg: WatchConfig, duration: float | None = None, out: TextIO | None = None) -> int:
     """``masa-rt watch``: subscribe and draw until ``duration`` or Ctrl-C; exit status."""
     dash = Dashboard(cfg, out or sys.stdout)
-    with EstimateInlet(cfg.address, cfg.session) as inlet:
+    with EstimateInlet(cfg.address, cfg.session, curve=cfg.curve,
+                       operator=cfg.operator) as inlet:
         try:
             dash.run(inlet, duration)
         except KeyboardInterrupt:

@@ -31,6 +31,9 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_JOINTS = 128  # 2 x 26 OpenXR hand joints or a 25-joint body fit with room to spare
 JOINT_DIMS = (2, 3)
 MAX_FPS = 1000.0
+# A declared rate below 1 Hz is no pose stream; it also sized a session's frame allowance
+# (issue 31: fps 1e-300 still got a burst of 8 frames), so it is refused at hello.
+MIN_FPS = 1.0
 MAX_SEQ = 2**63 - 1  # seq is an unsigned counter that must also fit an int64 in C++
 MAX_TEXT = 256  # names, states, details: long enough to be useful, short enough to log
 JOINT_DTYPE = "<f4"
@@ -128,8 +131,8 @@ def _last_seq(name: str, v: Any) -> int:
 
 def _fps(name: str, v: Any) -> float:
     v = _number(name, v)
-    if not 0.0 < v <= MAX_FPS:
-        raise _fail(name, f"must be in (0, {MAX_FPS}]")
+    if not MIN_FPS <= v <= MAX_FPS:
+        raise _fail(name, f"must be in [{MIN_FPS:g}, {MAX_FPS:g}]")
     return v
 
 
@@ -486,10 +489,12 @@ class EstimateMsg:
         return _msg("estimate", **asdict(self))
 
 
-def topic(session: str) -> bytes:
-    """PUB topic frame for a session's estimates: the session id as ASCII bytes.
+def topic(session: str, tenant: bytes | None = None) -> bytes:
+    """PUB topic frame for a session's estimates: the session id as ASCII bytes; under
+    ``--secure`` prefixed by its owner's Z85 public key and a slash (``tenant``), so a key
+    can be held to its own sessions (engine.estimate_feed).
 
-    ZeroMQ filters by prefix, so subscribers must compare the topic frame exactly
-    (session "a" would otherwise also receive "ab").
+    ZeroMQ filters by prefix, so subscribers must compare exactly (session "a" would
+    otherwise also receive "ab"); the payload's ``session`` field serves.
     """
-    return session.encode("ascii")
+    return session.encode("ascii") if tenant is None else tenant + b"/" + session.encode("ascii")

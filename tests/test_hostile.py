@@ -159,9 +159,10 @@ class World:
         self.ctx = zmq.Context()
         self.pipe = FakePipeline()
         # The good session must never be shed as overloaded here, however slow a shared CI
-        # machine is: this world checks accounting; overload has its own test below.
+        # machine is: this world checks accounting; overload has its own test below. The
+        # hostile peer opens hundreds of sessions: the hello rate limit has its own test.
         config = ServerConfig(bind="tcp://127.0.0.1:0", pub_bind="tcp://127.0.0.1:0",
-                              max_in_flight=1_000_000)
+                              max_in_flight=1_000_000, hello_rate=1e6, hello_burst=1e6)
         self.server = Server(self.pipe, config).start_in_thread()
         self.peer = Peer(self.ctx, self.server.address)
         self.ledger = Ledger()

@@ -18,7 +18,7 @@ texts = st.text(max_size=40)
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 unit = st.floats(0.0, 1.0)
 seqs = st.integers(0, P.MAX_SEQ)
-fps = st.floats(0.5, P.MAX_FPS)
+fps = st.floats(P.MIN_FPS, P.MAX_FPS)
 joint_arrays = st.tuples(st.integers(1, P.MAX_JOINTS), st.sampled_from(P.JOINT_DIMS)).flatmap(
     lambda shape: hnp.arrays(np.float32, shape,
                              elements=st.floats(allow_infinity=False, width=32)))
@@ -167,6 +167,8 @@ def test_wrong_version_rejected(v):
     ({**P.frame("s", 0, 1.0, np.zeros((2, 3), np.float32)), "seq": True}, "malformed"),
     ({**P.frame("s", 0, 1.0, np.zeros((2, 3), np.float32)), "t": math.inf}, "non_finite"),
     ({**P.hello("s", "h2o_hands", 30.0, 0.0), "fps": 0.0}, "malformed"),
+    ({**P.hello("s", "h2o_hands", 30.0, 0.0), "fps": 1e-300}, "malformed"),  # issue 31
+    ({**P.hello("s", "h2o_hands", 30.0, 0.0), "fps": 0.99}, "malformed"),
     ({**P.hello("s", "h2o_hands", 30.0, 0.0), "resume": 1}, "malformed"),
     ({**P.error("internal"), "reason": "bored"}, "malformed"),
 ])

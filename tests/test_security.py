@@ -101,11 +101,11 @@ class MiniServer:
             self.user_ids.append(payload.get("User-Id") if self.auth else None)
             msg = P.decode(payload.bytes)
             self.received.append(msg)
-            reply = self._answer(msg)
+            reply = self._answer(msg, self.user_ids[-1])
             if reply is not None:
                 self._router.send_multipart([ident.bytes, P.encode(reply)])
 
-    def _answer(self, msg: dict) -> dict | None:
+    def _answer(self, msg: dict, user: str | None) -> dict | None:
         now = time.perf_counter()
         if msg["type"] == "hello":
             return P.welcome(msg["session"], now, model="mini", references=["pour_milk"],
@@ -117,7 +117,9 @@ class MiniServer:
                              phase_name="phase0", phase_progress=0.5,
                              progress=float(np.nanmean(msg["joints"])), confidence=0.9,
                              state="tracking", activity="pour_milk")
-            self._pub.send_multipart([P.topic(msg["session"]), P.encode(est)])
+            # The real server's topics: under --secure, the owner's key first
+            tenant = user.encode() if user else None
+            self._pub.send_multipart([P.topic(msg["session"], tenant), P.encode(est)])
             return est
         return None
 
