@@ -214,6 +214,7 @@ def _serve(args: argparse.Namespace) -> int:
     from engine.server import Server, ServerConfig, install_signal_handlers
     from engine.threads import limit_blas_threads
 
+    _check_record_dir(args)  # before the model: a typo in --record should not wait for it
     model, references = prepare(args.model, args.reference)  # refusals before any log line
     limit_blas_threads()
     pipeline = Pipeline.from_files(model, references, backend=args.backend,
@@ -237,10 +238,14 @@ def _recorder(args: argparse.Namespace):
         return None
     from engine.recorder import SessionRecorder
 
-    folder = Path(args.record)
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
+    return SessionRecorder(args.record, max_frames=args.record_max_frames)
+
+
+def _check_record_dir(args: argparse.Namespace) -> None:
+    """``--record DIR`` must be a folder we can write (not created: a typo would be)."""
+    folder = Path(args.record) if args.record is not None else None
+    if folder is not None and (not folder.is_dir() or not os.access(folder, os.W_OK)):
         raise ValueError(f"--record {folder}: not a writable folder (create it first)")
-    return SessionRecorder(folder, max_frames=args.record_max_frames)
 
 
 def _watch(args: argparse.Namespace) -> int:

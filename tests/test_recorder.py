@@ -170,3 +170,15 @@ def test_secure_server_records_each_client_key_into_its_own_folder(recording_ser
         (path,) = _files(folder)
         assert f"key={folder.name}" in load_sequence(path).source
         assert folder.stat().st_mode & 0o077 == 0  # a tenant's recordings are not world-readable
+
+
+def test_serve_refuses_a_record_folder_that_does_not_exist(tmp_path, capsys):
+    from masa_rt.cli import main
+
+    reference = Path(__file__).resolve().parents[1] / "examples" / "pour_milk.npz"
+    missing = tmp_path / "nope"
+    assert main(["serve", "--reference", str(reference), "--record", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"masa-rt serve: error: --record {missing}: not a writable folder "
+                   "(create it first)")
+    assert not missing.exists()
