@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from clients._sockets import CurveKeys
-from clients.web.auth import admit
+from clients.web.auth import Refused, admit, refuse
 from clients.web.board import Board
 from clients.web.bridge import HeadsetBridge
 from clients.web.config import GatewayConfig
@@ -58,6 +58,7 @@ class Gateway:
         self.board = Board(cfg.forget_s)
         self.owners = SessionOwners(cfg.session_hold_s, cfg.max_sessions_per_client)
         self.ctx: zmq.asyncio.Context | None = None
+        self.headset_pages = 0  # bridges running now
 
     # ------------------------------------------------------------------ lifespan
 
@@ -116,7 +117,7 @@ class Gateway:
                 return _error(413, f"upload over {self.cfg.max_upload_bytes} bytes")
         name = request.query_params.get("name", "upload.npz")[:128]
         try:
-            data = uploaded_recording(bytes(body), name)
+            data = uploaded_recording(bytes(body), name, self.cfg.max_unpacked_bytes)
         except Exception as exc:  # noqa: BLE001 - any junk upload is the sender's problem
             self.counters.count("refused.upload_not_recording")
             return _error(422, str(exc) if isinstance(exc, ValueError)
@@ -132,14 +133,21 @@ class Gateway:
     # ------------------------------------------------------------------ WebSockets
 
     async def headset_socket(self, ws: WebSocket) -> None:
-        admitted = await admit(ws, self.tokens, self.cfg.auth_timeout_s, self.cfg.server,
-                               self.counters)
-        if admitted is None:
-            return
-        self.counters.count("pages.headset")
-        bridge = HeadsetBridge(ws, admitted.name, self.ctx, self.cfg, self.curve,
-                               self.owners, self.counters)
-        await bridge.run()
+        if self.headset_pages >= self.cfg.max_headset_pages:  # before a DEALER is made
+            await ws.accept()  # so that the close carries its reason to the page
+            return await refuse(ws, Refused("too_many_pages", f"{self.headset_pages} pages "
+                                            "are streaming already"), self.counters)
+        self.headset_pages += 1  # from here on: two pages at once cannot both pass
+        try:
+            admitted = await admit(ws, self.tokens, self.cfg.auth_timeout_s, self.cfg.server,
+                                   self.counters)
+            if admitted is None:
+                return
+            self.counters.count("pages.headset")
+            await HeadsetBridge(ws, admitted.name, self.ctx, self.cfg, self.curve,
+                                self.owners, self.counters).run()
+        finally:
+            self.headset_pages -= 1
 
     async def dashboard_socket(self, ws: WebSocket) -> None:
         admitted = await admit(ws, self.tokens, self.cfg.auth_timeout_s, self.cfg.server,

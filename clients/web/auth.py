@@ -9,7 +9,8 @@ logs, so the page sends its token as the first message, msgpack as everything el
 
 or the gateway closes the socket with a code and a one-line reason (and counts it):
 4400 ``bad_auth`` (not an auth message), 4401 ``unauthorised`` (no such token), 4403
-``bad_origin`` (opened by a page of another site), 4408 ``auth_timeout``. Without a
+``bad_origin`` (opened by a page of another site), 4408 ``auth_timeout``, 4429
+``too_many_pages`` (``max_headset_pages`` already streaming). Without a
 token file any ``auth`` message is admitted (loopback use) and ``name`` is nil.
 """
 
@@ -26,7 +27,7 @@ from clients.web.tokens import TokenFile
 from masa_rt import protocol as P
 
 CLOSE_CODES = {"bad_auth": 4400, "unauthorised": 4401, "bad_origin": 4403,
-               "auth_timeout": 4408}
+               "auth_timeout": 4408, "too_many_pages": 4429}
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,14 @@ async def admit(ws, tokens: TokenFile | None, timeout_s: float, server: str,
         if tokens is not None and name is None:
             raise Refused("unauthorised", "unknown token")
     except Refused as why:
-        counters.count(f"refused.{why.reason}")
-        await ws.close(code=CLOSE_CODES[why.reason], reason=f"{why.reason}: {why.detail}"[:120])
+        await refuse(ws, why, counters)
         return None
     await ws.send_bytes(msgpack.packb({"v": 1, "type": "auth_ok", "name": name,
                                        "server": server, "tokens": tokens is not None}))
     return Admission(name)
+
+
+async def refuse(ws, why: Refused, counters: GatewayCounters) -> None:
+    """Close ``ws`` with the reason's code and a one-line reason; count it."""
+    counters.count(f"refused.{why.reason}")
+    await ws.close(code=CLOSE_CODES[why.reason], reason=f"{why.reason}: {why.detail}"[:120])

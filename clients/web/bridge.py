@@ -59,7 +59,8 @@ class HeadsetBridge:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
-                    log.warning("event=bridge_error error=%r", task.exception())
+                    # Mostly a page gone mid-send; a page can cause it at will: debug only.
+                    log.debug("event=bridge_end error=%r", task.exception())
         finally:
             for task in tasks:
                 task.cancel()

@@ -30,12 +30,14 @@ class GatewayConfig:
     keyfile: Path | None = None
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_upload_bytes: int = 16 << 20  # an uploaded .npz recording
+    max_unpacked_bytes: int = 256 << 20  # its arrays, uncompressed
     auth_timeout_s: float = 5.0  # a browser must authenticate within this
     snapshot_hz: float = 5.0  # dashboard updates per second
     stats_period_s: float = 1.0  # how often the server's counters are asked for
     forget_s: float = 10.0  # a session silent this long leaves the dashboard
     session_hold_s: float = 30.0  # a closed page's sessions stay its own this long
     max_sessions_per_client: int = 16  # per token name (the server sees one key for all)
+    max_headset_pages: int = 256  # pages streaming at once (a DEALER each), as max_sessions
     sndhwm: int = 256  # frames queued towards the server per page before dropping
 
     @property

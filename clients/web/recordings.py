@@ -12,6 +12,7 @@ reader ``masa-rt replay`` uses; a file that is not a recording is a one-line Val
 
 from __future__ import annotations
 
+import io
 import tempfile
 import zipfile
 from pathlib import Path
@@ -44,8 +45,11 @@ def named_recording(folder: Path | None, name: str) -> bytes:
     return _message(load_recording(folder / name), name)
 
 
-def uploaded_recording(data: bytes, name: str) -> bytes:
-    """An uploaded ``.npz`` file's recording as a message; ValueError if it is not one."""
+def uploaded_recording(data: bytes, name: str, max_unpacked_bytes: int = 256 << 20) -> bytes:
+    """An uploaded ``.npz`` file's recording as a message; ValueError if it is not one,
+    or if its arrays would unpack to more than ``max_unpacked_bytes`` (a compressed .npz
+    of a few MiB can claim gigabytes)."""
+    _check_unpacked_size(data, name, max_unpacked_bytes)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "upload.npz"
         path.write_bytes(data)
@@ -54,6 +58,16 @@ def uploaded_recording(data: bytes, name: str) -> bytes:
         except ValueError as exc:  # the message names the temporary file: name the upload
             raise ValueError(str(exc).replace(str(path), name or "upload")) from None
     return _message(recording, name)
+
+
+def _check_unpacked_size(data: bytes, name: str, limit: int) -> None:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            total = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, ValueError):
+        return  # not a zip: load_recording says what it is instead
+    if total > limit:
+        raise ValueError(f"{name}: its arrays unpack to {total} bytes, over {limit}")
 
 
 def _message(rec: Recording, name: str) -> bytes:
