@@ -87,11 +87,15 @@ def test_change_points_respect_the_shortest_phase():
         change_points(x, n_segments=9, min_size=5)  # 9 phases of 5 frames > 42 frames
 
 
-def test_long_recordings_are_pooled_not_refused(monkeypatch):
-    monkeypatch.setattr(propose, "MAX_FRAMES", 100)
-    x = np.concatenate([np.zeros((300, 2)), np.ones((300, 2))])
-    starts = propose._pooled_change_points(x, penalty=1.0, min_size=5)
-    assert len(starts) == 1 and abs(starts[0] - 300) <= 6
+def test_long_recordings_are_pooled_and_split_as_finely(monkeypatch):
+    rng = np.random.default_rng(1)
+    levels = rng.permutation(6)[:, None] * np.ones((1, 2)) * 0.5
+    x = np.repeat(levels, 100, axis=0) + rng.normal(0.0, 0.3, (600, 2))
+    full = change_points(x, penalty=8.0)
+    monkeypatch.setattr(propose, "MAX_FRAMES", 100)  # pooled by 6
+    pooled = propose._pooled_change_points(x, penalty=8.0, min_size=5)
+    assert len(full) == len(pooled) == 5
+    assert all(abs(p - c) <= 6 for p, c in zip(pooled, range(100, 600, 100), strict=True))
 
 
 # ----------------------------------------------------------------------------- command
