@@ -14,6 +14,7 @@ ones in the docs); otherwise they go to the test's temporary folder.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -24,9 +25,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.web_helpers import REFERENCE, pour_milk_phases
+from tests.web_helpers import RECORDING, REFERENCE, pour_milk_phases
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -141,6 +143,38 @@ def test_headset_replay_shows_up_on_the_dashboard_by_phase_name(gateway_url, bro
     headset.screenshot(path=str(shots / "web_headset.png"))
     headset.click("#stop")
     assert not errors, errors
+
+
+def test_webxr_hands_stream_through_the_gateway(gateway_url, browser):
+    """The XR path of the headset page, on a stand-in for WebXR (tests/fake_webxr.js) that
+    plays the pour_milk recording as WebXR hand joints: the page streams webxr_hands25,
+    the server converts it to the model's h2o_hands and answers with pour_milk's phases."""
+    from masa_rt.skeleton import LAYOUTS, convert
+
+    with np.load(RECORDING) as f:
+        webxr = convert(f["joints"], "h2o_hands", "webxr_hands25")  # metacarpals: NaN
+    frames = [[None if np.isnan(p).any() else p.tolist() for p in frame] for frame in webxr]
+    names = [n[2:] for n in LAYOUTS["webxr_hands25"].joint_names[:25]]
+    errors: list[str] = []
+    page = browser.new_page()
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.add_init_script(f"window.__xrFrames = {json.dumps(frames)};"
+                         f"window.__xrJointNames = {json.dumps(names)};")
+    page.add_init_script(path=str(Path(__file__).with_name("fake_webxr.js")))
+    page.goto(f"{gateway_url}/headset#token={TOKEN}")
+    page.wait_for_function("!document.querySelector('#xr').disabled", timeout=10_000)
+    page.click("#xr")
+    page.wait_for_function("document.querySelector('#status').textContent"
+                           ".startsWith('streaming WebXR hands')", timeout=10_000)
+    seen = set()
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline and len(seen) < 4:
+        seen.add(page.text_content("#phase"))
+        time.sleep(0.2)
+    assert not errors, errors
+    assert len(seen - {"–"}) >= 3 and seen - {"–"} <= set(pour_milk_phases()), seen
+    assert page.text_content("#activity") == "pour_milk"
+    assert page.text_content("#counts").endswith(" answered · 0 rejected")
 
 
 def test_a_wrong_token_is_refused_in_the_page(gateway_url, browser):
