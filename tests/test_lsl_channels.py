@@ -69,3 +69,14 @@ def test_channels_that_do_not_map_are_one_line(labels, layout, message):
 def test_a_description_that_disagrees_with_the_count_is_refused():
     with pytest.raises(ChannelMapError, match="says 3 channels but describes 2"):
         map_channels(["a_x", "a_y"], 3)
+
+
+def test_the_bridge_and_the_recorder_import_without_torch_or_pylsl():
+    """Serving-side modules: torch never; pylsl only when a bridge starts (an extra)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, clients.lsl_bridge, clients.lsl_channels, engine.recorder, "
+            "masa_rt.labels; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'pylsl' not in sys.modules, 'pylsl imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
