@@ -96,7 +96,8 @@ def _add_web(subparsers) -> None:
     p.add_argument("--token-file", type=Path, metavar="FILE",
                    help="browsers must present a token listed here ('NAME TOKEN' lines)")
     p.add_argument("--secure", type=Path, metavar="KEYDIR",
-                   help="the server runs --secure: connect with the gateway's CURVE key")
+                   help="the server runs --secure: connect with the gateway's CURVE key "
+                        "(an operator key: masa-rt keys new web --operator)")
     p.add_argument("--key-name", default="web",
                    help="the gateway's key, KEYDIR/private/NAME.key_secret (default web)")
     p.add_argument("--recordings", type=Path, metavar="DIR",

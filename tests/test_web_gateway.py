@@ -8,7 +8,6 @@ uvicorn, the ``websockets`` client); every wait has a deadline.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import re
 import subprocess
@@ -194,18 +193,25 @@ def test_gateway_speaks_curve_to_a_secure_server(tmp_path):
 
     keydir = tmp_path / "keys"
     create_keypair(keydir, "server", server=True)
-    # Where the server lets only operator keys read every session's estimates, the
-    # gateway (which shows them all on the dashboard) needs one.
-    create_keypair(keydir, "web", **({"operator": True} if "operator" in
-                                      inspect.signature(create_keypair).parameters else {}))
+    create_keypair(keydir, "web", operator=True)  # the dashboard reads every session
     curve = load_gateway_keys(keydir, "web")
     with shipped_server(keydir=str(keydir)) as secure:
         cfg = GatewayConfig(server=secure.address, pub=secure.pub_address,
                             token_file=_config(secure, tmp_path).token_file)
         with running_gateway(cfg, curve) as url, \
-                _open(url, token=TOKENS["alice"]) as (ws, _):
+                _open(url, token=TOKENS["alice"]) as (ws, _), \
+                _open(url, "/ws/dashboard", token=TOKENS["bob"]) as (dash, _):
             ws.send(P.encode(P.hello("secure-web", "h2o_hands", 30.0, 0.0)))
             assert _next(ws, "welcome")["session"] == "secure-web"
+            for k in range(10):
+                ws.send(P.encode(P.frame("secure-web", k, 1.0 + k / 30.0, _frames()[k])))
+                _next(ws, "estimate")
+            # The dashboard reads every session's estimates off the secure PUB socket.
+            for _ in range(50):
+                snap = msgpack.unpackb(dash.recv(timeout=5))
+                if any(r["session"] == "secure-web" for r in snap["sessions"]):
+                    break
+            assert [r["seq"] for r in snap["sessions"] if r["session"] == "secure-web"]
         for listed in keydir.glob("*/web.key"):  # revoked: the page hears why
             listed.unlink()
         with running_gateway(cfg, curve) as url, \

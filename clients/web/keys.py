@@ -1,7 +1,8 @@
 """The gateway's own CURVE keys, for a server run with ``masa-rt serve --secure KEYDIR``.
 
-The gateway is one client of the server, with one keypair (``masa-rt keys new web``), laid
-out as for any client (docs/security.md)::
+The gateway is one client of the server, with one keypair, an operator's since its
+dashboard reads every session's estimates (``masa-rt keys new web --operator``), laid out
+as for any client (docs/security.md)::
 
     KEYDIR/server/NAME.key            the server's public key (exactly one)
     KEYDIR/private/WEBNAME.key_secret the gateway's keypair, 0600
