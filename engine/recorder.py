@@ -18,8 +18,10 @@ frames_over_cap=N``; ``activity`` is the reference the hello asked for, if any.
 Memory is bounded: a session keeps at most ``max_frames`` frames (default 10 min at 90 Hz,
 about 27 MB of two-hand joints). Frames past the cap are not recorded: counted
 (``record.frames_over_cap``, and in the file's ``source``) and logged once per session.
-Finished recordings wait for the writer in a queue of at most ``queue_size``; one that
-finds it full is dropped, counted (``record.dropped_queue_full``) and logged.
+Finished recordings wait for the writer in a queue of at most ``queue_size`` (default 64);
+while serving, one that finds it full (a disk far too slow) is dropped, counted
+(``record.dropped_queue_full``) and logged, since the loop must not block; when the server
+stops, the sessions still open wait for room and are all written.
 """
 
 from __future__ import annotations
@@ -98,11 +100,11 @@ class _Take:
 
 @dataclass
 class _Finished:
-    """A take ready for the writer: its file and contents."""
+    """A take handed to the writer (the server thread no longer touches it)."""
 
     path: Path
-    sequence: Sequence
-    session: str
+    take: _Take
+    why: str
 
 
 class SessionRecorder:
@@ -151,27 +153,33 @@ class SessionRecorder:
             log.warning("event=record_cap session=%s max_frames=%d detail=%r", session,
                         self.max_frames, "later frames of this session are not recorded")
 
-    def closed(self, session: str, why: str) -> None:
-        """The session ended (bye, expired, restarted, shutdown): queue its file."""
+    def closed(self, session: str, why: str, wait_s: float = 0.0) -> None:
+        """The session ended (bye, expired, restarted, shutdown): queue its file, waiting
+        up to ``wait_s`` for room (0 while serving: the loop must not block)."""
         take = self._takes.pop(session, None)
         if take is None:
             return
         if take.frames.count == 0:
             self._counts["record.empty_sessions"] += 1  # nothing to write
             return
-        finished = _Finished(self._path_of(take), self._sequence_of(take, why), session)
         try:
-            self._queue.put_nowait(finished)
+            self._queue.put(_Finished(self._path_of(take), take, why), timeout=wait_s or None,
+                            block=wait_s > 0)
         except queue.Full:
             self._counts["record.dropped_queue_full"] += 1
             log.error("event=record_dropped session=%s frames=%d detail=%r", session,
                       take.frames.count, "writer queue full (disk too slow?)")
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Write every open take (``closed=shutdown``) and wait for the writer."""
-        for session in list(self._takes):
-            self.closed(session, "shutdown")
-        self._queue.put(None)  # blocking: the stop marker must not be dropped
+        """Write every open take (``closed=shutdown``) and wait for the writer, at most
+        ``timeout`` s for each take's room in the queue and for the last write."""
+        for session in list(self._takes):  # the server is stopping: these may wait
+            self.closed(session, "shutdown", wait_s=timeout)
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:  # the writer is stuck (a hung disk): do not hang the exit too
+            log.error("event=record_stop_timeout pending=%d", self._queue.qsize())
+            return
         self._writer.join(timeout)
         if self._writer.is_alive():
             log.error("event=record_stop_timeout pending=%d", self._queue.qsize())
@@ -193,6 +201,7 @@ class SessionRecorder:
 
     @staticmethod
     def _sequence_of(take: _Take, why: str) -> Sequence:
+        """The take as a sequence (on the writer thread: concatenating ~27 MB takes ms)."""
         times, joints = take.frames.arrays()
         source = (f"masa-rt serve: session={take.session} key={take.key or '-'} "
                   f"closed={why} frames_over_cap={take.over_cap}")
@@ -201,22 +210,28 @@ class SessionRecorder:
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            self._write(item)
+            try:
+                self._write(item)
+            except Exception:  # noqa: BLE001 - a bug must not stop every later recording
+                self._count_written("record.write_failed")
+                log.exception("event=record_failed session=%s", item.take.session)
 
     def _write(self, item: _Finished) -> None:
-        """Write one take; a failure is counted and logged, never raised."""
+        """Write one take; a bad take or a full disk is counted and logged, never raised."""
+        session = item.take.session
         try:
+            sequence = self._sequence_of(item.take, item.why)
             item.path.parent.mkdir(mode=0o700, exist_ok=True)  # a tenant's folder: theirs
             path = _free_name(item.path)
-            save_sequence(path, item.sequence)
+            save_sequence(path, sequence)
         except (OSError, ValueError) as exc:  # disk full, a take of all-NaN frames, ...
             self._count_written("record.write_failed")
-            log.error("event=record_failed session=%s file=%s detail=%r", item.session,
-                      item.path, str(exc))
+            log.error("event=record_failed session=%s file=%s detail=%r", session, item.path,
+                      str(exc))
             return
         self._count_written("record.files_written")
-        log.info("event=recorded session=%s frames=%d file=%s", item.session,
-                 item.sequence.num_frames, path)
+        log.info("event=recorded session=%s frames=%d file=%s", session, sequence.num_frames,
+                 path)
 
     def _count_written(self, name: str) -> None:
         with self._written_lock:

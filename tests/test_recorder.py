@@ -7,6 +7,7 @@ recordings in its own folder.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -91,6 +92,34 @@ def test_a_restarted_session_id_never_replaces_its_earlier_take(tmp_path):
         rec.closed("same", "restarted")
     rec.stop()
     assert len(_files(tmp_path)) == 3
+
+
+def test_a_full_writer_queue_drops_and_counts_but_shutdown_waits(tmp_path, monkeypatch):
+    import engine.recorder as recorder_module
+
+    release, busy = threading.Event(), threading.Event()
+    real_save = recorder_module.save_sequence
+
+    def slow_save(path, seq):  # a disk that hangs until released
+        busy.set()
+        release.wait(DEADLINE)
+        real_save(path, seq)
+
+    monkeypatch.setattr(recorder_module, "save_sequence", slow_save)
+    rec = SessionRecorder(tmp_path, queue_size=1)
+    for sid in ("a", "b", "c", "d", "e"):
+        rec.opened(sid, "h2o_hands", 30.0, SHAPE)
+        rec.frame(sid, 1.0, _poses(1)[0])
+    rec.closed("a", "bye")
+    assert busy.wait(DEADLINE)  # the writer holds "a"
+    rec.closed("b", "bye")  # queued
+    rec.closed("c", "bye")  # no room while serving: dropped, counted, logged
+    assert rec.counters()["record.dropped_queue_full"] == 1
+    threading.Timer(0.2, release.set).start()
+    rec.stop()  # "d" and "e" are still open: stopping waits for room instead of dropping
+    names = sorted(p.name.split("_", 1)[1] for p in _files(tmp_path))
+    assert names == ["a.npz", "b.npz", "d.npz", "e.npz"]
+    assert rec.counters()["record.files_written"] == 4
 
 
 @pytest.fixture
