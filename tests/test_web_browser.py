@@ -21,14 +21,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests.web_helpers import RECORDING, REFERENCE, pour_milk_phases
+from web_helpers import RECORDING, REFERENCE, pour_milk_phases
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -57,6 +57,8 @@ def _process(args: list[str], pattern: str, timeout: float = 60.0) -> Iterator[r
             if m := re.search(pattern, line):
                 break
             assert time.monotonic() < deadline, f"masa-rt {args[0]}: no {pattern!r}"
+        # Keep reading its log, so that a full pipe never blocks the process.
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
         yield m
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -64,7 +66,6 @@ def _process(args: list[str], pattern: str, timeout: float = 60.0) -> Iterator[r
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-        proc.stderr.close()
 
 
 @pytest.fixture

@@ -23,18 +23,18 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 ws_client = pytest.importorskip("websockets.sync.client")
+from web_helpers import (  # noqa: E402
+    RECORDING,
+    pour_milk_phases,
+    running_gateway,
+    shipped_server,
+)
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
 from clients.web.config import GatewayConfig  # noqa: E402
 from clients.web.phases import PhaseMap  # noqa: E402
 from masa_rt import protocol as P  # noqa: E402
 from masa_rt.skeleton import LAYOUTS  # noqa: E402
-from tests.web_helpers import (  # noqa: E402
-    RECORDING,
-    pour_milk_phases,
-    running_gateway,
-    shipped_server,
-)
 
 STATIC = Path(__file__).resolve().parents[1] / "clients" / "web" / "static"
 TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab"}
