@@ -8,10 +8,10 @@ from pathlib import Path
 from clients.inlet import DEFAULT_PUB_ADDRESS
 from clients.outlet import DEFAULT_ADDRESS
 from masa_rt.protocol import MAX_MESSAGE_BYTES
+from masa_rt.shipped import examples_dir
 
-# The shipped demo recordings, where this is a source checkout (an installed wheel has
-# none: pass --recordings).
-EXAMPLE_RECORDINGS = Path(__file__).resolve().parents[2] / "examples" / "demos"
+# The shipped demo recordings: the clone's examples/demos, or the copy a wheel installs.
+EXAMPLE_RECORDINGS = examples_dir() / "demos"
 
 
 @dataclass(frozen=True)
