@@ -68,9 +68,10 @@ def _process(args: list[str], pattern: str, timeout: float = 60.0) -> Iterator[r
             proc.kill()
 
 
-@pytest.fixture
-def gateway_url(tmp_path) -> Iterator[str]:
-    tokens = tmp_path / "tokens"
+@pytest.fixture(scope="module")
+def gateway_url(tmp_path_factory) -> Iterator[str]:
+    """One server and one gateway for the module's tests (each starts in seconds)."""
+    tokens = tmp_path_factory.mktemp("web") / "tokens"
     tokens.write_text(f"operator {TOKEN}\n")
     tokens.chmod(0o600)
     serve = ["serve", "--reference", str(REFERENCE), "--bind", "tcp://127.0.0.1:0",
@@ -82,7 +83,7 @@ def gateway_url(tmp_path) -> Iterator[str]:
             yield listening.group(1)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as p:
         args = ["--no-sandbox"] if os.geteuid() == 0 else []  # chromium's sandbox refuses root
@@ -143,6 +144,8 @@ def test_headset_replay_shows_up_on_the_dashboard_by_phase_name(gateway_url, bro
                          clip={"x": 0, "y": 0, "width": 1280, "height": bottom + 16})
     headset.screenshot(path=str(shots / "web_headset.png"))
     headset.click("#stop")
+    headset.close()
+    dashboard.close()
     assert not errors, errors
 
 
@@ -176,6 +179,7 @@ def test_webxr_hands_stream_through_the_gateway(gateway_url, browser):
     assert len(seen - {"–"}) >= 3 and seen - {"–"} <= set(pour_milk_phases()), seen
     assert page.text_content("#activity") == "pour_milk"
     assert page.text_content("#counts").endswith(" answered · 0 rejected")
+    page.close()
 
 
 def test_a_wrong_token_is_refused_in_the_page(gateway_url, browser):
@@ -184,3 +188,4 @@ def test_a_wrong_token_is_refused_in_the_page(gateway_url, browser):
     page.wait_for_function("document.querySelector('#status').textContent"
                            ".startsWith('refused')", timeout=10_000)
     assert page.text_content("#status") == "refused: unauthorised: unknown token"
+    page.close()
