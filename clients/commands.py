@@ -118,8 +118,13 @@ def _lsl(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, say bye, report
         signal.signal(sig, lambda *_: stop.set())
+    curve = None
+    if args.secure is not None:  # read as any client's keys are (docs/security.md)
+        from clients.web.keys import load_gateway_keys
+
+        curve = load_gateway_keys(args.secure, args.key_name)
     bridge = LslBridge(prop, value, args.address, layout=args.layout, fps=args.fps,
-                       reference=args.reference, session=args.session,
+                       reference=args.reference, session=args.session, curve=curve,
                        resolve_timeout=args.resolve_timeout)
     with bridge:
         report = bridge.run(duration=args.duration, stop=stop)
@@ -146,6 +151,10 @@ def _add_lsl(subparsers) -> None:
                    help="stop after S s (default: until Ctrl-C)")
     p.add_argument("--resolve-timeout", type=positive_float, default=5.0, metavar="S",
                    help="how long to look for the LSL stream (default 5 s)")
+    p.add_argument("--secure", type=Path, metavar="KEYDIR",
+                   help="the server runs --secure: connect with the client key --key-name")
+    p.add_argument("--key-name", default="lsl",
+                   help="this bridge's key, KEYDIR/private/NAME.key_secret (default lsl)")
     p.set_defaults(func=_lsl)
 
 

@@ -120,3 +120,42 @@ def test_a_stream_whose_channels_fit_no_layout_is_one_line():
     assert str(err.value).startswith(f"LSL stream {name!r}: channel 0 label 'Fp1' is not")
     assert "\n" not in str(err.value)
     del _outlet
+
+
+def test_lsl_command_against_a_secure_server(tmp_path, capsys):
+    """``masa-rt lsl --secure KEYDIR``: the bridge's own client key on a CURVE server."""
+    import ast
+    import re
+
+    from engine.security import create_keypair
+    from masa_rt.cli import main
+
+    keydir = tmp_path / "keys"
+    create_keypair(keydir, "server", server=True)
+    create_keypair(keydir, "lsl")
+    demo = load_sequence(DEMO)
+    lay = get_layout(demo.layout)
+    name = f"secure-poses-{uuid.uuid4().hex[:8]}"
+    poses = _pose_outlet(name, [f"{j}_{a}" for j in lay.joint_names for a in "xyz"])
+    frames = demo.joints.reshape(len(demo.joints), -1)[:90]
+
+    def publish_once_the_bridge_listens() -> None:
+        if poses.wait_for_consumers(DEADLINE):
+            _publish(poses, frames)
+
+    with serving("--reference", str(SHIPPED_REFERENCE), "--secure", str(keydir)) as address:
+        publisher = threading.Thread(target=publish_once_the_bridge_listens, daemon=True)
+        publisher.start()
+        code = main(["lsl", "--name", name, "--address", address, "--secure", str(keydir),
+                     "--reference", "pour_milk", "--duration", "4"])
+        publisher.join(DEADLINE)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    counts = re.search(r"sent (\d+),.*rejected (\{[^}]*\}|0), estimates out (\d+)", out)
+    assert counts, out
+    sent, answered = int(counts.group(1)), int(counts.group(3))
+    refused = counts.group(2)
+    rejected = 0 if refused == "0" else sum(ast.literal_eval(refused).values())
+    # Every frame is answered or refused. A few may be refused 'overloaded': samples that
+    # queued in the inlet while the bridge was still opening arrive at the server at once.
+    assert sent == len(frames) == answered + rejected and answered >= 0.8 * sent, out
