@@ -186,8 +186,9 @@ class Gateway:
 
 async def _until_closed(ws: WebSocket) -> None:
     """Read (and ignore) what a dashboard page sends, until it closes."""
-    while (await ws.receive())["type"] != "websocket.disconnect":
-        pass
+    with contextlib.suppress(Exception):  # closed under us: that is the end too
+        while (await ws.receive())["type"] != "websocket.disconnect":
+            pass
 
 
 def _error(status: int, line: str) -> Response:
