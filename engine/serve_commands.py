@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from engine import worker_commands
 from masa_rt.cli_types import nonnegative_int, positive_float, positive_int
 from masa_rt.layout_option import add_layout_file_option
 
@@ -210,15 +211,14 @@ def _prepare_in_child() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from engine.pipeline import Pipeline
     from engine.server import Server, ServerConfig, install_signal_handlers
     from engine.threads import limit_blas_threads
 
     _check_record_dir(args)  # before the model: a typo in --record should not wait for it
     model, references = prepare(args.model, args.reference)  # refusals before any log line
     limit_blas_threads()
-    pipeline = Pipeline.from_files(model, references, backend=args.backend,
-                                   **backend_options(args.backend, args.device, args.model))
+    # --workers N >= 2: a WorkerPool in front of N engine processes (engine/workers.py)
+    pipeline, close_engine = worker_commands.serve_engine(args, model, references)
     config = ServerConfig(bind=args.bind, pub_bind=args.pub, max_sessions=args.max_sessions,
                           max_sessions_per_client=args.max_sessions_per_client,
                           idle_timeout_s=args.idle_timeout, keydir=args.secure)
@@ -227,7 +227,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
-        pipeline.close()
+        close_engine()
     print(server.report())
     return 0
 
@@ -311,7 +311,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--record-max-frames", type=positive_int, default=54_000, metavar="N",
                    help="frames kept per recorded session (default 54000: 10 min at 90 Hz); "
                         "later ones are counted, not recorded")
+    worker_commands.add_serve_options(p)
     p.set_defaults(func=_serve)
+    worker_commands.register(subparsers)
 
     p = subparsers.add_parser("watch", help="live terminal dashboard of the estimates")
     p.add_argument("session", nargs="?", help="one session id (default: all)")

@@ -130,6 +130,11 @@ class PipelineLike(Protocol):
 
     def step(self) -> list[tuple[str, int, float, Any]]: ...
 
+    # Optional, for an engine in other processes (engine.workers.WorkerPool):
+    # ``answers_socket``, a zmq socket polled beside the ROUTER (an answer wakes the loop);
+    # ``lost_frames() -> [(session, seq, reason)]``, frames it will never answer (counted
+    # ``dropped.<reason>``); ``counters() -> dict``, merged into ``stats``.
+
 
 class TokenBucket:
     """Per-session rate limit: ``rate`` frames/s on average, ``burst`` frames at once.
@@ -258,6 +263,7 @@ class Server:
         # to; a pipeline whose step() takes no argument (a test fake) is called as is.
         accepts = "max_rounds" in inspect.signature(pipeline.step).parameters
         self._step_kwargs = {"max_rounds": self.config.step_rounds} if accepts else {}
+        self._poller: zmq.Poller | None = None  # ROUTER + the engine's answers_socket, if any
         self._handlers = {"hello": self._on_hello, "frame": self._on_frame, "bye": self._on_bye,
                           "ping": self._on_ping, "stats": self._on_stats}
 
@@ -379,10 +385,11 @@ class Server:
     def _loop_once(self) -> None:
         """Poll, drain, step once, sweep. A short poll bounds shutdown and sweep delay."""
         timeout = 0 if self._in_flight and self._engine_busy else self.config.poll_ms
-        if self._router.poll(timeout):
+        requests, answers = self._wait(timeout)
+        if requests:
             self._drain()
         self._estimates.drain_subscriptions()  # --secure: who may read which estimates
-        if self._in_flight:
+        if self._in_flight or answers:
             self._feed(self.clock())
             self._step()
         now = self.clock()
@@ -390,6 +397,19 @@ class Server:
             self._sweep(now)
             self._summary.maybe_log(self.counters.rejected, now)
             self._next_sweep = now + self.config.sweep_s
+
+    def _wait(self, timeout: int) -> tuple[bool, bool]:
+        """Wait up to ``timeout`` ms for client messages or, with an engine in other
+        processes, its answers (either wakes the loop: no answer waits out a poll)."""
+        answers = getattr(self.pipeline, "answers_socket", None)
+        if answers is None:
+            return bool(self._router.poll(timeout)), False
+        if self._poller is None:
+            self._poller = zmq.Poller()
+            self._poller.register(self._router, zmq.POLLIN)
+            self._poller.register(answers, zmq.POLLIN)
+        ready = dict(self._poller.poll(timeout))
+        return self._router in ready, answers in ready
 
     def _drain(self) -> None:
         """Handle queued messages without blocking, up to ``max_batch`` or ``drain_budget_s``.
@@ -749,6 +769,9 @@ class Server:
             counters.update(self._auth.counters())
         if self._estimates is not None:
             counters.update(self._estimates.counters())
+        engine_counters = getattr(self.pipeline, "counters", None)
+        if callable(engine_counters):  # engine.workers.WorkerPool: workers.*, streams.*
+            counters.update(engine_counters())
         return {"counters": counters, "latency": self.latency.to_wire()}
 
     # ------------------------------------------------------------------ engine
@@ -786,8 +809,19 @@ class Server:
         # Nothing back although frames are in flight: do not spin on poll(0); the sweep
         # drops frames the engine never answers (in_flight_timeout_s).
         self._engine_busy = bool(results)
+        self._drop_lost()  # before the answers: a newer answer would call them superseded
         for sid, seq, t_capture, est in results:
             self._emit(sid, seq, t_capture, est)
+
+    def _drop_lost(self) -> None:
+        """Frames an engine in other processes will never answer (a worker died), each
+        counted ``dropped.<reason>`` unless already dropped meanwhile."""
+        lost_frames = getattr(self.pipeline, "lost_frames", None)
+        for sid, seq, reason in lost_frames() if lost_frames is not None else ():
+            s = self.sessions.get(sid)
+            if s is not None and s.in_flight.pop(seq, None) is not None:
+                self._in_flight -= 1
+                self._count_drop(s, reason)
 
     def _emit(self, sid: str, seq: int, t_capture: float, est: Any) -> None:
         s = self.sessions.get(sid)

@@ -13,10 +13,12 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from worker_pool import process_workers
 
 from clients import PoseOutlet
 from clients.replay import replay
@@ -28,13 +30,24 @@ EXAMPLE = ROOT / "examples" / "demos" / "pour_milk.npz"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def server(tiny_model):
+@contextmanager
+def engine(kind: str, tiny_model):
+    """The server's pipeline: in its process, or two ``masa-rt worker`` processes behind a
+    WorkerPool (serve --workers 2)."""
     from engine.pipeline import Pipeline
 
-    pipeline = Pipeline.from_files(tiny_model[0], [tiny_model[1]], capacity=8)
-    with Server(pipeline, ServerConfig(bind="tcp://127.0.0.1:0",
-                                       pub_bind="tcp://127.0.0.1:0")) as srv:
+    if kind == "workers":
+        with process_workers(*tiny_model, n=2) as pool:
+            yield pool
+    else:
+        yield Pipeline.from_files(tiny_model[0], [tiny_model[1]], capacity=8)
+
+
+@pytest.fixture(params=["in_process", "workers"])
+def server(request, tiny_model):
+    with engine(request.param, tiny_model) as pipeline, Server(
+            pipeline, ServerConfig(bind="tcp://127.0.0.1:0",
+                                   pub_bind="tcp://127.0.0.1:0")) as srv:
         yield srv
 
 

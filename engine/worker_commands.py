@@ -1,0 +1,183 @@
+"""``masa-rt worker`` and the engine side of ``masa-rt serve --workers N``.
+
+``serve --workers N`` (default: the cores this process may use) with N >= 2 runs the
+engine in N local worker processes behind the server's one pair of public sockets
+(engine.workers.WorkerPool); N = 1 keeps the engine in the server process, as before.
+``--worker-bind tcp://HOST:PORT`` also admits workers from other hosts (``masa-rt worker
+--connect tcp://SERVER:PORT ...``, CURVE with --secure); ``--workers 0`` then runs none
+locally. Local workers connect over ``ipc://`` in a private temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from masa_rt.cli_types import nonnegative_int, positive_int
+
+__all__ = ["add_serve_options", "register", "serve_engine", "start_local_workers"]
+
+log = logging.getLogger("masa_rt.serve")
+
+READY_TIMEOUT_S = 120.0  # a worker loads the model and references (seconds; more on a GPU)
+
+
+def default_workers() -> int:
+    """The cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    """``--workers`` and ``--worker-bind`` on ``masa-rt serve``."""
+    p.add_argument("--workers", type=nonnegative_int, default=None, metavar="N",
+                   help="engine worker processes (default: the cores available, here "
+                        f"{default_workers()}); 1: the engine runs in the server process; "
+                        "0: only workers from other hosts (--worker-bind)")
+    p.add_argument("--worker-bind", metavar="ENDPOINT",
+                   help="also accept engine workers from other hosts here, e.g. "
+                        "tcp://0.0.0.0:5557 (CURVE with --secure; docs/serving.md)")
+
+
+def serve_engine(args: argparse.Namespace, model: Path, references: list[Path]
+                 ) -> tuple[Any, Callable[[], None]]:
+    """The server's pipeline for ``args`` and the function that stops it: a Pipeline in
+    this process, or a WorkerPool with its local workers started and registered."""
+    from engine.pipeline import Pipeline
+    from engine.serve_commands import backend_options
+
+    workers = default_workers() if args.workers is None else args.workers
+    if workers == 0 and args.worker_bind is None:
+        raise ValueError("--workers 0 runs no engine here: give --worker-bind ENDPOINT for "
+                         "workers on other hosts, or --workers N >= 1")
+    if workers == 1 and args.worker_bind is None:
+        pipeline = Pipeline.from_files(model, references, backend=args.backend,
+                                       **backend_options(args.backend, args.device, args.model))
+        return pipeline, pipeline.close
+    return _pool(args, model, references, workers)
+
+
+def _pool(args: argparse.Namespace, model: Path, references: list[Path], n: int
+          ) -> tuple[Any, Callable[[], None]]:
+    from engine.pipeline import Pipeline
+    from engine.workers import WorkerPool
+
+    folder = Path(tempfile.mkdtemp(prefix="masa-rt-workers-"))  # 0700: this user only
+    # The gate checks hellos (layouts, references) exactly as the workers' pipelines will;
+    # one slot: it opens and at once closes each session, and never steps.
+    gate = Pipeline.from_files(model, references, capacity=1)
+    pool = WorkerPool(gate, args.worker_bind or f"ipc://{folder}/engine", keydir=args.secure)
+    procs: list[subprocess.Popen] = []
+
+    def stop() -> None:
+        stop_local_workers(procs)
+        pool.close()
+        gate.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    try:
+        procs += start_local_workers(n, pool.address, args, model, references)
+        for proc in procs:
+            pool.watch_process(proc.pid, lambda proc=proc: proc.poll() is None)
+        got = pool.wait_for_workers(n, READY_TIMEOUT_S)
+        if got < n:
+            raise RuntimeError(f"only {got} of {n} engine workers started within "
+                               f"{READY_TIMEOUT_S:.0f} s (see their log lines above)")
+    except BaseException:
+        stop()
+        raise
+    log.info("event=workers local=%d endpoint=%s", n, pool.address)
+    return pool, stop
+
+
+def start_local_workers(n: int, endpoint: str, args: argparse.Namespace, model: Path,
+                        references: list[Path]) -> list[subprocess.Popen]:
+    """``masa-rt worker`` processes on this machine, each in its own session (a Ctrl-C
+    meant for serve does not reach them: serve stops them after its final accounting)."""
+    # torch runs a checkpoint (serve's --model), the other backends the prepared ONNX file
+    served = args.model if args.backend == "torch" and args.model else str(model)
+    cmd = [sys.executable, "-m", "masa_rt.cli", "worker", "--connect", endpoint,
+           "--model", served, "--backend", args.backend, "--exit-with-server",
+           *[a for r in references for a in ("--reference", str(r))]]
+    if args.device is not None:
+        cmd += ["--device", args.device]
+    return [subprocess.Popen(cmd, start_new_session=True) for _ in range(n)]
+
+
+def stop_local_workers(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from engine.pipeline import Pipeline
+    from engine.serve_commands import backend_options, prepare
+    from engine.threads import limit_blas_threads
+    from engine.worker import Worker, WorkerConfig
+    from engine.workers import engine_info
+
+    curve = None
+    if args.secure is not None:
+        from engine.security import load_client_keys
+
+        curve = load_client_keys(args.secure, args.key)
+    model, references = prepare(args.model, args.reference)
+    limit_blas_threads()
+    pipeline = Pipeline.from_files(model, references, backend=args.backend,
+                                   capacity=args.capacity,
+                                   **backend_options(args.backend, args.device, args.model))
+    worker = Worker(pipeline, WorkerConfig(connect=args.connect,
+                                           exit_with_server=args.exit_with_server),
+                    curve=curve, info=engine_info(pipeline))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker.request_stop())
+    try:
+        return worker.run()
+    finally:
+        pipeline.close()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``worker`` to the masa-rt parser."""
+    from engine.serve_commands import BACKENDS, DEVICES
+
+    p = subparsers.add_parser("worker", help="an engine worker for a `serve --worker-bind` "
+                                             "server (docs/serving.md)")
+    p.add_argument("--connect", required=True, metavar="ENDPOINT",
+                   help="the server's --worker-bind endpoint, e.g. tcp://server:5557")
+    p.add_argument("--reference", action="append", required=True, metavar="NPZ",
+                   help="the server's references (the same files, or built the same way)")
+    p.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model); "
+                                   "must be the server's")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--device", choices=DEVICES,
+                   help="where the torch backend runs (default cpu; cuda: with CUDA graphs)")
+    p.add_argument("--capacity", type=positive_int, default=256, metavar="N",
+                   help="sessions this worker holds at most (default 256)")
+    p.add_argument("--secure", metavar="KEYDIR",
+                   help="the server runs --secure: connect with CURVE as worker key --key")
+    p.add_argument("--key", default="worker", metavar="NAME",
+                   help="with --secure: KEYDIR/private/NAME.key_secret (its public key in "
+                        "the server's KEYDIR/workers/)")
+    p.add_argument("--exit-with-server", action="store_true",
+                   help="exit when the server is silent for 3 s (serve's local workers); "
+                        "by default a worker registers again and waits")
+    p.set_defaults(func=_worker)
