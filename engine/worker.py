@@ -52,9 +52,11 @@ class Worker:
                  info: dict | None = None) -> None:
         self.pipeline, self.config, self.curve = pipeline, config, curve
         self.info = info or {}  # model fingerprint, references, capacity: sent in "ready"
-        self.handles: set[int] = set()  # sessions open here (pipeline ids are str(handle))
+        # Sessions open here (pipeline ids are str(handle)) -> frames given to the pipeline
+        # and not answered yet: while any are, the loop steps (an engine answers every frame).
+        self.handles: dict[int, int] = {}
         self._stop = threading.Event()
-        self._busy = False  # frames came in or the last step answered: step again
+        self._answered = False  # the last step answered something: step again at once
         self._heard = self._next_ping = 0.0
         self._sock: zmq.Socket | None = None
         # Pipelines that can stop after one round (engine.pipeline.Pipeline) are asked to, so
@@ -122,11 +124,19 @@ class Worker:
         return False
 
     def _loop_once(self) -> None:
-        timeout = 0 if self._busy else int(self.config.heartbeat_s * 1000)
+        busy = any(self.handles.values())
+        # 1 ms, not 0, while an engine holds frames without answering: no busy spin.
+        timeout = 0 if self._answered else 1 if busy else int(self.config.heartbeat_s * 1000)
         if self._sock.poll(timeout):
             self._drain()
-        if self._busy:
-            self._step()
+        if self._answered or any(self.handles.values()):
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - an engine bug costs its sessions, not the worker
+                log.exception("event=engine_error sessions=%d (registering again: the "
+                              "server counts their frames worker_lost)", len(self.handles))
+                self._close_all()
+                self._register()
         now = time.monotonic()
         if now >= self._next_ping:
             self._send("ping", self._counters())
@@ -147,8 +157,13 @@ class Worker:
 
     def _step(self) -> None:
         results = self.pipeline.step(**self._step_kwargs)
-        self._busy = bool(results)
-        rows = [W.estimate_row(int(sid), seq, t, est) for sid, seq, t, est in results]
+        self._answered = bool(results)
+        rows = []
+        for sid, seq, t, est in results:
+            handle = int(sid)
+            if handle in self.handles:
+                self.handles[handle] = max(0, self.handles[handle] - 1)
+            rows.append(W.estimate_row(handle, seq, t, est))
         if rows:
             self._send("answers", rows, None)
 
@@ -173,12 +188,11 @@ class Worker:
             log.warning("event=open_refused handle=%s error=%r", handle, str(exc))
             self._send("refused", handle, f"{type(exc).__name__}: {exc}")
             return
-        self.handles.add(int(handle))
+        self.handles[int(handle)] = 0
 
     def _on_close(self, msg: list) -> None:
         handle = int(msg[1])
-        if handle in self.handles:
-            self.handles.discard(handle)
+        if self.handles.pop(handle, None) is not None:
             self.pipeline.close_session(str(handle))
 
     def _on_frames(self, msg: list) -> None:
@@ -186,7 +200,7 @@ class Worker:
             handle = int(row[0])
             if handle in self.handles:  # else closed meanwhile: the server counted it
                 self.pipeline.submit(str(handle), row[1], row[2], W.joints_of(row))
-                self._busy = True
+                self.handles[handle] += 1
 
     def _on_ping(self, msg: list) -> None:
         pass  # _drain noted the time

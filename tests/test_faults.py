@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import zmq
 from fake_pipeline import SHAPE, FakePipeline
+from worker_pool import thread_workers
 
 from clients import PoseOutlet
 from clients.errors import ConnectionLost
@@ -34,6 +35,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_server(pipeline=None, bind: str = "tcp://127.0.0.1:0", **cfg) -> Server:
     config = ServerConfig(bind=bind, pub_bind="tcp://127.0.0.1:0", **cfg)
     return Server(pipeline or FakePipeline(), config).start_in_thread()
+
+
+@pytest.fixture(params=["in_process", "workers"])
+def fake_engine(request):
+    """The fake engine in the server's process, or two of them behind a WorkerPool (serve
+    --workers 2): resume and the routing rule must not depend on where the engine runs."""
+    if request.param == "workers":
+        with thread_workers(FakePipeline, n=2) as pool:
+            yield pool
+    else:
+        yield FakePipeline()
+
+
+def hold(pipeline, flag: bool) -> None:
+    """Stall (or release) the fake engine(s): frames stay in flight."""
+    workers = getattr(pipeline, "threads", None)
+    for fake in [w.pipeline for w in workers] if workers else [pipeline]:
+        fake.hold = flag
 
 
 def pose(value: float = 0.0) -> np.ndarray:
@@ -84,14 +103,14 @@ def accounted(srv: Server) -> None:
 # --------------------------------------------------------------------------- client dies
 
 
-def test_killed_client_resumes_its_session():
-    srv = make_server()
+def test_killed_client_resumes_its_session(fake_engine):
+    srv = make_server(fake_engine)
     ctx = zmq.Context()
     try:
         a = PoseOutlet(srv.address, session="headset", fps=90.0, context=ctx)
         a.open()
         assert stream(a, 10) == list(range(10))
-        srv.pipeline.hold = True  # frames in flight when the app dies
+        hold(srv.pipeline, True)  # frames in flight when the app dies
         for _ in range(5):
             a.push(pose())
         wait_for(lambda: srv.counters.frames_in == 15)
@@ -100,7 +119,7 @@ def test_killed_client_resumes_its_session():
         b = PoseOutlet(srv.address, session="headset", fps=90.0, context=ctx)
         welcome = b.open(resume=True)
         assert (welcome["resumed"], welcome["last_seq"]) == (True, 14)
-        srv.pipeline.hold = False  # the engine answers the frames the dead app sent
+        hold(srv.pipeline, False)  # the engine answers the frames the dead app sent
         seqs = {pull(b).seq for _ in range(5)}  # the in-flight ones reach the new link
         assert seqs == set(range(10, 15))
         assert stream(b, 5) == list(range(15, 20))  # numbering goes on after last_seq
@@ -113,20 +132,20 @@ def test_killed_client_resumes_its_session():
         ctx.destroy(linger=0)
 
 
-def test_killed_client_with_frames_in_flight_and_no_comeback_is_counted():
-    srv = make_server()
+def test_killed_client_with_frames_in_flight_and_no_comeback_is_counted(fake_engine):
+    srv = make_server(fake_engine)
     ctx = zmq.Context()
     try:
         a = PoseOutlet(srv.address, session="gone", fps=90.0, context=ctx)
         a.open()
         stream(a, 3)
-        srv.pipeline.hold = True
+        hold(srv.pipeline, True)
         for _ in range(7):
             a.push(pose())
         wait_for(lambda: srv.counters.frames_in == 10)
         kill(a)
         time.sleep(0.1)  # let the ROUTER notice the peer is gone
-        srv.pipeline.hold = False
+        hold(srv.pipeline, False)
         wait_for(lambda: srv._in_flight == 0)
         c = srv.stats()["counters"]
         assert c["estimates_out"] == 3 and c["dropped.unroutable"] == 7
@@ -136,8 +155,8 @@ def test_killed_client_with_frames_in_flight_and_no_comeback_is_counted():
         ctx.destroy(linger=0)
 
 
-def test_killed_client_restarts_cleanly_without_resume():
-    srv = make_server()
+def test_killed_client_restarts_cleanly_without_resume(fake_engine):
+    srv = make_server(fake_engine)
     ctx = zmq.Context()
     try:
         a = PoseOutlet(srv.address, session="headset", context=ctx)
@@ -155,8 +174,8 @@ def test_killed_client_restarts_cleanly_without_resume():
         ctx.destroy(linger=0)
 
 
-def test_resume_after_the_session_expired_recreates_it():
-    srv = make_server(idle_timeout_s=0.2, sweep_s=0.02)
+def test_resume_after_the_session_expired_recreates_it(fake_engine):
+    srv = make_server(fake_engine, idle_timeout_s=0.2, sweep_s=0.02)
     ctx = zmq.Context()
     try:
         a = PoseOutlet(srv.address, session="late", context=ctx)
@@ -174,9 +193,9 @@ def test_resume_after_the_session_expired_recreates_it():
         ctx.destroy(linger=0)
 
 
-def test_push_only_outlet_resumes_its_expired_session():
+def test_push_only_outlet_resumes_its_expired_session(fake_engine):
     """An app that only pushes (never pulls) still hears unknown_session and resumes."""
-    srv = make_server(idle_timeout_s=0.2, sweep_s=0.02)
+    srv = make_server(fake_engine, idle_timeout_s=0.2, sweep_s=0.02)
     ctx = zmq.Context()
     outlet = PoseOutlet(srv.address, session="pusher", context=ctx, lost_after=30.0)
     try:

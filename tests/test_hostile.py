@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import msgpack
@@ -28,6 +29,7 @@ import zmq
 from fake_pipeline import SHAPE, FakePipeline
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from worker_pool import process_workers, thread_workers
 
 from engine.server import Server, ServerConfig
 from masa_rt import protocol as P
@@ -153,11 +155,13 @@ class GoodSession(threading.Thread):
 
 
 class World:
-    """One server for the module, a hostile peer, the good session and the ledger."""
+    """One server for the module, a hostile peer, the good session and the ledger.
+    ``pipe``: the fake engine in the server's process, or a WorkerPool of fake engines
+    (serve --workers: the same rules must hold behind it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pipe) -> None:
         self.ctx = zmq.Context()
-        self.pipe = FakePipeline()
+        self.pipe = pipe
         # The good session must never be shed as overloaded here, however slow a shared CI
         # machine is: this world checks accounting; overload has its own test below. The
         # hostile peer opens hundreds of sessions: the hello rate limit has its own test.
@@ -205,11 +209,17 @@ class World:
         self.ctx.term()
 
 
-@pytest.fixture(scope="module")
-def world():
-    w = World()
-    yield w
-    w.close()
+@pytest.fixture(scope="module", params=["in_process", "workers"])
+def world(request):
+    if request.param == "workers":
+        with thread_workers(FakePipeline, n=2) as pool:
+            w = World(pool)
+            yield w
+            w.close()
+    else:
+        w = World(FakePipeline())
+        yield w
+        w.close()
 
 
 def alive(w: World) -> None:
@@ -496,17 +506,21 @@ def test_engine_backlog_per_session_is_capped():
 
 
 @pytest.mark.slow
-def test_real_pipeline_survives_hostile_values(tiny_model):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_real_pipeline_survives_hostile_values(tiny_model, workers):
     """Hostile *values* reach the real resampler and encoder: extreme stamps (1e300 s used
     to loop the resampler for ever), NaN/partly-NaN poses, random seq. A good session
-    interleaved with them gets every estimate, and every hostile frame is answered."""
+    interleaved with them gets every estimate, and every hostile frame is answered.
+    ``workers``: 2 runs the engine in two ``masa-rt worker`` processes (serve --workers 2)."""
     from engine.pipeline import Pipeline
 
     onnx, ref = tiny_model
-    pipeline = Pipeline.from_files(onnx, [ref], capacity=8)
     ctx = zmq.Context()
     config = ServerConfig(bind="tcp://127.0.0.1:0", pub_bind="tcp://127.0.0.1:0")
-    with Server(pipeline, config) as srv:
+    with ExitStack() as stack:
+        pipeline = (stack.enter_context(process_workers(onnx, ref, n=workers)) if workers
+                    else Pipeline.from_files(onnx, [ref], capacity=8))
+        srv = stack.enter_context(Server(pipeline, config))
         hostile, good = Peer(ctx, srv.address), Peer(ctx, srv.address)
         try:
             _run_real_pipeline_cases(srv, hostile, good)
