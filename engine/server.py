@@ -902,6 +902,8 @@ class Server:
     def _sweep(self, now: float) -> None:
         """Expire silent sessions; drop frames waited on too long (a stalled engine feeds
         nothing, so waiting frames are dropped here too, not only in _feed)."""
+        if getattr(self.pipeline, "answers_socket", None) is not None:
+            self._step()  # an engine in other processes: heartbeats, lost workers, when idle
         refilled = self.config.hello_burst / self.config.hello_rate
         for key in [k for k, b in self._hellos.items() if now - b.stamp > refilled]:
             del self._hellos[key]  # full again: forget it (connections come and go)

@@ -23,11 +23,12 @@ def thread_workers(make_pipeline: Callable[[], Any], n: int = 2, **pool_opts: An
     """A pool on a free loopback port whose ``n`` workers run ``make_pipeline()`` in threads
     of this process (the wire and the pool's rules, without processes)."""
     pool = WorkerPool(make_pipeline(), "tcp://127.0.0.1:0", **pool_opts)
+    beat = WorkerConfig(pool.address, heartbeat_s=pool_opts.get("heartbeat_s", 0.5))
     workers = []
     try:
         for _ in range(n):
             pipe = make_pipeline()
-            workers.append(Worker(pipe, WorkerConfig(pool.address), info=engine_info(pipe)))
+            workers.append(Worker(pipe, beat, info=engine_info(pipe)))
             workers[-1].start_in_thread()
         assert pool.wait_for_workers(n, 10.0) == n
         pool.threads = workers  # tests reach the workers (and their pipelines) here
