@@ -282,7 +282,8 @@ def _bench(args: argparse.Namespace) -> int:
                       **({"reference": args.reference} if args.reference or args.model
                          else {}),
                       e2e_clients=args.e2e_clients, rate_hz=args.rate, seconds=args.seconds,
-                      casa=not args.no_casa, out=args.out, plot=args.plot)
+                      casa=not args.no_casa, out=args.out, plot=args.plot,
+                      workers=args.workers)
     return run_bench(cfg)
 
 
@@ -358,4 +359,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=positive_float, default=90.0, metavar="HZ")
     p.add_argument("--seconds", type=positive_float, default=10.0, metavar="T")
     p.add_argument("--no-casa", action="store_true", help="skip the torch baseline")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="run the engine and end-to-end parts against N engine worker "
+                        "processes, as serve --workers N (default 1: in this process)")
     p.set_defaults(func=_bench)

@@ -24,7 +24,8 @@ from typing import Any
 
 from masa_rt.cli_types import nonnegative_int, positive_int
 
-__all__ = ["add_serve_options", "register", "serve_engine", "start_local_workers"]
+__all__ = ["add_serve_options", "local_pool", "register", "serve_engine",
+           "start_local_workers"]
 
 log = logging.getLogger("masa_rt.serve")
 
@@ -65,11 +66,17 @@ def serve_engine(args: argparse.Namespace, model: Path, references: list[Path]
         pipeline = Pipeline.from_files(model, references, backend=args.backend,
                                        **backend_options(args.backend, args.device, args.model))
         return pipeline, pipeline.close
-    return _pool(args, model, references, workers)
+    return local_pool(workers, model, references, backend=args.backend, device=args.device,
+                      checkpoint=args.model, bind=args.worker_bind, keydir=args.secure)
 
 
-def _pool(args: argparse.Namespace, model: Path, references: list[Path], n: int
-          ) -> tuple[Any, Callable[[], None]]:
+def local_pool(n: int, model: Path, references: list[Path], *, backend: str = "onnxruntime",
+               device: str | None = None, checkpoint: str | None = None,
+               bind: str | None = None, keydir: str | None = None,
+               capacity: int = 256) -> tuple[Any, Callable[[], None]]:
+    """A WorkerPool with ``n`` local ``masa-rt worker`` processes, all registered, and the
+    function that stops them (``serve``, ``bench --workers``). ``bind``: also admit
+    workers from other hosts there (default: a private ipc:// path)."""
     from engine.pipeline import Pipeline
     from engine.workers import WorkerPool
 
@@ -77,17 +84,15 @@ def _pool(args: argparse.Namespace, model: Path, references: list[Path], n: int
     # The gate checks hellos (layouts, references) exactly as the workers' pipelines will;
     # one slot: it opens and at once closes each session, and never steps.
     gate = Pipeline.from_files(model, references, capacity=1)
-    pool = WorkerPool(gate, args.worker_bind or f"ipc://{folder}/engine", keydir=args.secure)
+    pool = WorkerPool(gate, bind or f"ipc://{folder}/engine", keydir=keydir)
     procs: list[subprocess.Popen] = []
-
-    def stop() -> None:
-        stop_local_workers(procs)
-        pool.close()
-        gate.close()
-        shutil.rmtree(folder, ignore_errors=True)
-
+    # pool.close() stops what was started here: the workers first (they would wait for
+    # the server's silence otherwise), then the gate and the private folder.
+    pool.on_close += [lambda: stop_local_workers(procs), gate.close,
+                      lambda: shutil.rmtree(folder, ignore_errors=True)]
     try:
-        procs += start_local_workers(n, pool.address, args, model, references)
+        procs += start_local_workers(n, pool.address, model, references, backend=backend,
+                                     device=device, checkpoint=checkpoint, capacity=capacity)
         for proc in procs:
             pool.watch_process(proc.pid, lambda proc=proc: proc.poll() is None)
         got = pool.wait_for_workers(n, READY_TIMEOUT_S)
@@ -95,23 +100,25 @@ def _pool(args: argparse.Namespace, model: Path, references: list[Path], n: int
             raise RuntimeError(f"only {got} of {n} engine workers started within "
                                f"{READY_TIMEOUT_S:.0f} s (see their log lines above)")
     except BaseException:
-        stop()
+        pool.close()
         raise
     log.info("event=workers local=%d endpoint=%s", n, pool.address)
-    return pool, stop
+    return pool, pool.close
 
 
-def start_local_workers(n: int, endpoint: str, args: argparse.Namespace, model: Path,
-                        references: list[Path]) -> list[subprocess.Popen]:
+def start_local_workers(n: int, endpoint: str, model: Path, references: list[Path], *,
+                        backend: str = "onnxruntime", device: str | None = None,
+                        checkpoint: str | None = None, capacity: int = 256
+                        ) -> list[subprocess.Popen]:
     """``masa-rt worker`` processes on this machine, each in its own session (a Ctrl-C
     meant for serve does not reach them: serve stops them after its final accounting)."""
     # torch runs a checkpoint (serve's --model), the other backends the prepared ONNX file
-    served = args.model if args.backend == "torch" and args.model else str(model)
+    served = checkpoint if backend == "torch" and checkpoint else str(model)
     cmd = [sys.executable, "-m", "masa_rt.cli", "worker", "--connect", endpoint,
-           "--model", served, "--backend", args.backend, "--exit-with-server",
-           *[a for r in references for a in ("--reference", str(r))]]
-    if args.device is not None:
-        cmd += ["--device", args.device]
+           "--model", served, "--backend", backend, "--exit-with-server",
+           "--capacity", str(capacity), *[a for r in references for a in ("--reference", str(r))]]
+    if device is not None:
+        cmd += ["--device", device]
     return [subprocess.Popen(cmd, start_new_session=True) for _ in range(n)]
 
 

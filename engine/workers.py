@@ -107,6 +107,7 @@ class WorkerPool:
         self._retired: Counter[str] = Counter()  # stream counters of workers gone
         self.stats: Counter[str] = Counter()
         self._next_ping = self._next_check = 0.0
+        self.on_close: list[Callable[[], None]] = []  # e.g. stop the local workers (serve)
         self._ctx = zmq.Context()
         self._auth = None
         self.answers_socket = self._ctx.socket(zmq.ROUTER)
@@ -134,7 +135,12 @@ class WorkerPool:
         self.address = _bind(sock, bind)
 
     def close(self) -> None:
-        """Close the socket (workers started by serve are stopped by serve)."""
+        """Run the ``on_close`` hooks (serve's: stop its local workers), close the socket."""
+        if self.answers_socket.closed:
+            return
+        for hook in self.on_close:
+            hook()
+        self.on_close = []
         self.answers_socket.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
