@@ -32,8 +32,13 @@ log = logging.getLogger("masa_rt.serve")
 READY_TIMEOUT_S = 120.0  # a worker loads the model and references (seconds; more on a GPU)
 
 
-def default_workers() -> int:
-    """The cores this process may run on (its affinity, not the machine's count)."""
+def default_workers(backend: str = "onnxruntime", device: str | None = None) -> int:
+    """The cores this process may run on (its affinity, not the machine's count) for an
+    engine on the CPU; 1 for one on a GPU (TensorRT, torch on CUDA): there each worker
+    would hold its own CUDA context and engine, and the one device serialises their steps
+    anyway."""
+    if backend == "tensorrt" or (backend == "torch" and device == "cuda"):
+        return 1
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -44,8 +49,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     """``--workers`` and ``--worker-bind`` on ``masa-rt serve``."""
     p.add_argument("--workers", type=nonnegative_int, default=None, metavar="N",
                    help="engine worker processes (default: the cores available, here "
-                        f"{default_workers()}); 1: the engine runs in the server process; "
-                        "0: only workers from other hosts (--worker-bind)")
+                        f"{default_workers()}, on the CPU; 1 with a GPU backend); 1: the "
+                        "engine runs in the server process; 0: only workers from other "
+                        "hosts (--worker-bind)")
     p.add_argument("--worker-bind", metavar="ENDPOINT",
                    help="also accept engine workers from other hosts here, e.g. "
                         "tcp://0.0.0.0:5557 (CURVE with --secure; docs/serving.md)")
@@ -58,7 +64,8 @@ def serve_engine(args: argparse.Namespace, model: Path, references: list[Path]
     from engine.pipeline import Pipeline
     from engine.serve_commands import backend_options
 
-    workers = default_workers() if args.workers is None else args.workers
+    workers = (default_workers(args.backend, args.device) if args.workers is None
+               else args.workers)
     if workers == 0 and args.worker_bind is None:
         raise ValueError("--workers 0 runs no engine here: give --worker-bind ENDPOINT for "
                          "workers on other hosts, or --workers N >= 1")
@@ -95,10 +102,14 @@ def local_pool(n: int, model: Path, references: list[Path], *, backend: str = "o
                                      device=device, checkpoint=checkpoint, capacity=capacity)
         for proc in procs:
             pool.watch_process(proc.pid, lambda proc=proc: proc.poll() is None)
-        got = pool.wait_for_workers(n, READY_TIMEOUT_S)
+        got = pool.wait_for_workers(n, READY_TIMEOUT_S,
+                                    give_up=lambda: any(p.poll() is not None for p in procs))
         if got < n:
-            raise RuntimeError(f"only {got} of {n} engine workers started within "
-                               f"{READY_TIMEOUT_S:.0f} s (see their log lines above)")
+            exited = [p.returncode for p in procs if p.poll() is not None]
+            why = (f"a worker exited with code {exited[0]}" if exited else
+                   f"not within {READY_TIMEOUT_S:.0f} s")
+            raise OSError(f"only {got} of {n} engine workers started: {why} (its "
+                               "error is above)")
     except BaseException:
         pool.close()
         raise

@@ -151,11 +151,12 @@ class WorkerPool:
         once, not after ``lost_after_s`` of silence."""
         self._local[pid] = alive
 
-    def wait_for_workers(self, n: int, timeout: float) -> int:
-        """Block until ``n`` workers have registered (start-up), at most ``timeout`` s;
-        return how many did."""
+    def wait_for_workers(self, n: int, timeout: float,
+                         give_up: Callable[[], bool] = lambda: False) -> int:
+        """Block until ``n`` workers have registered (start-up), at most ``timeout`` s or
+        until ``give_up()`` (a local worker exited); return how many did."""
         deadline = self.clock() + timeout
-        while len(self.workers) < n and self.clock() < deadline:
+        while len(self.workers) < n and self.clock() < deadline and not give_up():
             if self.answers_socket.poll(100):
                 self._receive()
             self._check_liveness(self.clock())
