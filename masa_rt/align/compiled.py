@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from masa_rt.align import kernels
 from masa_rt.align.config import AlignerConfig
 from masa_rt.align.pause import window_speed
 from masa_rt.align.reference import Reference
@@ -91,6 +92,9 @@ class CompiledReferences:
         self.lam = 1.0 - 1.0 / cfg.relocalise_memory
         self.reloc_stay = cfg.stay_penalty / self.lam
         self._compile_decoders(refs, cfg)
+        # The dynamic programs compiled with numba (None: their numpy code runs). Loaded
+        # here, when an aligner or the serving pipeline is built, not on a first frame.
+        self.kernels = kernels.load()
 
     def _compile_decoders(self, refs: list[Reference], cfg: AlignerConfig) -> None:
         """Phase decoders of one shape form one ``DecoderStack``, stepped in one pass.

@@ -16,6 +16,8 @@ import numpy as np
 if TYPE_CHECKING:
     from masa_rt.align.sessions import Sessions
 
+_NORMAL, _FRESH, _LOST = 0, 1, 2  # kernels.relocalise_rows's row modes
+
 
 def relocalise(sessions: Sessions, sel: slice | np.ndarray, rows: np.ndarray,
                cost: np.ndarray, ok: np.ndarray, seen: np.ndarray
@@ -30,10 +32,40 @@ def relocalise(sessions: Sessions, sel: slice | np.ndarray, rows: np.ndarray,
     src = sessions.reloc[sel] if full else np.take(sessions.reloc, rows, axis=0,
                                                    out=sessions.reloc_src[:b])
     dst = sessions.reloc_spare[:b]
+    if M.kernels is not None:  # the same numbers in one compiled pass
+        mode = np.where(ok, np.where(seen, _NORMAL, _FRESH), _LOST).astype(np.int8)
+        M.kernels.relocalise_rows(src.reshape(-1), dst.reshape(-1), cost.reshape(-1), mode,
+                                M.cols, cfg.max_step, np.float32(M.reloc_stay),
+                                np.float32(M.lam), np.float32(1.0 - M.lam))
+    else:
+        _relocalise_numpy(sessions, src, dst, cost, ok, seen)
+    if full:
+        sessions.reloc, sessions.reloc_spare = sessions.reloc_spare, sessions.reloc
+        new = sessions.reloc[sel]
+    else:
+        sessions.reloc[rows] = new = dst
+
+    best = np.empty((b, M.n_refs), dtype=np.int64)  # (B, K) columns
+    if M.kernels is not None:
+        M.kernels.best_columns(new, M.offsets, M.lengths, best)
+    else:
+        for k, cols in enumerate(M.ref_cols):
+            best[:, k] = new[:, cols].argmin(axis=1) + cols.start
+    mean_best = np.take_along_axis(new, best, axis=1).astype(np.float64) * (1.0 - M.lam)
+    a = 1.0 / cfg.activity_memory
+    old = sessions.activity_cost[rows]  # (B, K)
+    ema = np.where(np.isinf(old), mean_best, (1.0 - a) * old + a * mean_best)
+    return new, best, np.where(ok[:, None], ema, old)
+
+
+def _relocalise_numpy(sessions: Sessions, src: np.ndarray, dst: np.ndarray,
+                      cost: np.ndarray, ok: np.ndarray, seen: np.ndarray) -> None:
+    """``kernels.relocalise_rows`` in numpy passes (without numba): ``dst`` from ``src``."""
+    M, b = sessions.model, len(src)
     # Work on the rows laid end to end, (B * P,): a row's leading pad separates it
     # from the previous row's tail as it separates references, and 1-d shifted
     # operands are several times faster than 2-d ones.
-    s, d, m = src.reshape(-1), dst.reshape(-1), cfg.max_step
+    s, d, m = src.reshape(-1), dst.reshape(-1), M.cfg.max_step
     np.add(s, M.reloc_stay, out=d)  # R(j) + stay
     if m == 1:
         np.minimum(d[1:], s[:-1], out=d[1:])
@@ -54,19 +86,3 @@ def relocalise(sessions: Sessions, sel: slice | np.ndarray, rows: np.ndarray,
     lost = np.flatnonzero(~ok)
     if lost.size:
         dst[lost] = src[lost]
-    if full:
-        sessions.reloc, sessions.reloc_spare = sessions.reloc_spare, sessions.reloc
-        new = sessions.reloc[sel]
-    else:
-        sessions.reloc[rows] = new = dst
-
-    best = np.empty((b, M.n_refs), dtype=np.int64)  # (B, K) columns
-    for k, cols in enumerate(M.ref_cols):
-        best[:, k] = new[:, cols].argmin(axis=1) + cols.start
-    mean_best = np.take_along_axis(new, best, axis=1).astype(np.float64) * (1.0 - M.lam)
-    a = 1.0 / cfg.activity_memory
-    old = sessions.activity_cost[rows]  # (B, K)
-    ema = np.where(np.isinf(old), mean_best, (1.0 - a) * old + a * mean_best)
-    return new, best, np.where(ok[:, None], ema, old)
-
-# -- estimates ------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class Tracker:
         self.streak = sessions.streak[rows]
         self._sessions = sessions
         self._cells = np.arange(self.width)  # (W,)
+        self.kernels = M.kernels  # compiled track step, or None: the numpy one below
 
     def store(self, sel: slice | np.ndarray) -> None:
         s = self._sessions
@@ -93,6 +94,11 @@ class Tracker:
         if not ix.size:
             return
         cfg, w = self.cfg, self.width
+        if self.kernels is not None:  # the same numbers in one compiled loop
+            self.kernels.track_rows(ix, self.band, self.lo, self.pos, self.shown,
+                                    self.offset, self.length, self.cost, self.penalty,
+                                    cfg.back, cfg.band, cfg.max_step, cfg.smoothing)
+            return
         lo, past = self._window(ix, self.pos[ix])
         # Predecessors of new cell c are old cells (lo + c - k) - lo_old, k = max_step ..
         # -back: place the old band (inf around it) shifted by lo - lo_old, then each k is
