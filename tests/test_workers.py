@@ -298,3 +298,51 @@ def test_workers_on_another_host_over_tcp(tiny_model, tmp_path):
             except subprocess.TimeoutExpired:
                 p.kill()
     assert all(w.returncode == 0 for w in workers)
+
+
+@pytest.mark.slow
+def test_workers_over_tcp_with_curve_only_worker_keys(tiny_model, tmp_path):
+    """--secure: the worker link is CURVE, and only keys in KEYDIR/workers/ may be workers
+    (a client's key, allowed to stream, is refused there: a worker sees every tenant's
+    poses)."""
+    from engine.security import create_keypair, load_client_keys
+
+    onnx, ref = tiny_model
+    keydir = tmp_path / "keys"
+    create_keypair(keydir, "server", server=True)
+    create_keypair(keydir, "alice")
+    create_keypair(keydir, "w1")
+    (keydir / "workers").mkdir()
+    (keydir / "clients" / "w1.key").rename(keydir / "workers" / "w1.key")
+    cmd = [sys.executable, "-m", "masa_rt.cli", "serve", "--model", str(onnx), "--reference",
+           str(ref), "--bind", "tcp://127.0.0.1:0", "--pub", "tcp://127.0.0.1:0",
+           "--secure", str(keydir), "--workers", "0", "--worker-bind", "tcp://127.0.0.1:0"]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=ENV)
+    workers = []
+    try:
+        endpoint = _read_until(server, r"event=workers local=0 endpoint=(\S+)").group(1)
+        address = _read_until(server, r"event=serving bind=(\S+)").group(1)
+        workers = [subprocess.Popen(worker_cmd(endpoint, onnx, ref, "--secure", str(keydir),
+                                               "--key", key), env=ENV)
+                   for key in ("w1", "alice")]
+        _read_until(server, r"event=worker_ready .* workers=1")
+        joints = np.load(EXAMPLE)["joints"]
+        with PoseOutlet(address, session="s", fps=30.0,
+                        curve=load_client_keys(keydir, "alice")) as out:
+            for k in range(10):
+                out.push(joints[k])
+                assert out.pull(timeout=DEADLINE).seq == k
+            time.sleep(1.0)  # the intruder has had its handshakes refused by now
+            c = out.stats(whole_server=True)["counters"]
+        assert c["workers.connected"] == 1 and c["workers.registered"] == 1
+        assert c["estimates_out"] == 10
+    finally:
+        for p in [server, *workers]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in [server, *workers]:
+            try:
+                p.communicate(timeout=10) if p is server else p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
