@@ -253,7 +253,20 @@ def reference_from_demos(demos: Sequence[dict[str, Any]], phase_names: Sequence[
             pairwise_dtw_cost=info["pairwise_cost"])
     return Reference(name=name, activity=activity, embeddings=embeddings,
                      phases=base["phases"], phase_names=list(phase_names), times=base["times"],
-                     fps=fps, model_fingerprint=model_fingerprint, meta=meta)
+                     fps=fps, model_fingerprint=model_fingerprint, meta=meta,
+                     **phase_filter_members(demos, len(phase_names)))
+
+
+def phase_filter_members(demos: Sequence[dict[str, Any]], phases: int) -> dict[str, Any]:
+    """What the aligner's phase filter keeps of several demos (masa_rt.align.phase_filter):
+    every demo frame as an exemplar, and each phase's mean length. One demo: nothing, its
+    frames are the reference's own."""
+    if len(demos) < 2:
+        return {}
+    lengths = [np.bincount(d["phases"], minlength=phases) for d in demos]
+    return {"exemplar_embeddings": np.concatenate([d["embeddings"] for d in demos]),
+            "exemplar_phases": np.concatenate([d["phases"] for d in demos]),
+            "phase_frames": np.mean(lengths, axis=0)}
 
 
 def with_raw_baseline(ref: Reference, demos: Sequence[dict[str, Any]],

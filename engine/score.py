@@ -288,8 +288,11 @@ def _baseline_references(refs: dict[str, Reference]) -> dict[str, dict[str, Refe
     carries ``raw_embeddings``)."""
     out = {"no_decoder": {a: replace(r, decoder=None) for a, r in refs.items()}}
     if all(r.raw_embeddings is not None for r in refs.values()):
+        # The phase filter's exemplars are learned embeddings: the raw baseline's filter
+        # reads its own (averaged) timeline instead.
         out["raw"] = {a: replace(r, embeddings=r.raw_embeddings, decoder=None,
-                                 model_fingerprint="") for a, r in refs.items()}
+                                 model_fingerprint="", exemplar_embeddings=None,
+                                 exemplar_phases=None) for a, r in refs.items()}
     return out
 
 

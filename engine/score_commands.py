@@ -17,6 +17,14 @@ from masa_rt.layout_option import add_layout_file_option
 SPLITS = ("val", "train", "all")
 
 
+def _parse(value: str, kind: object) -> object:
+    if kind in ("bool", bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(value)
+        return value.lower() in ("true", "1")
+    return int(value) if kind in ("int", int) else float(value)
+
+
 def aligner_changes(pairs: list[str]) -> dict[str, object]:
     """``KEY=VALUE`` pairs -> AlignerConfig field changes, each value read as its field's
     type (one clear error for an unknown field or a bad value)."""
@@ -32,7 +40,7 @@ def aligner_changes(pairs: list[str]) -> dict[str, object]:
             raise ValueError(f"--aligner {pair}: expected KEY=VALUE with KEY one of "
                              f"{', '.join(types)}")
         try:
-            out[key] = int(value) if types[key] in ("int", int) else float(value)
+            out[key] = _parse(value, types[key])
         except ValueError:
             raise ValueError(f"--aligner {pair}: {value!r} is not a {types[key]}") from None
     AlignerConfig(**out)  # validates ranges

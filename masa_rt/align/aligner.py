@@ -11,6 +11,7 @@ from masa_rt.align.compiled import CompiledReferences, checked_references
 from masa_rt.align.config import AlignerConfig
 from masa_rt.align.estimate import Estimate, read_estimates
 from masa_rt.align.inputs import decoder_inputs, unit_rows_or_zero
+from masa_rt.align.phase_filter import PhaseFilter, filtered, phase_model_for
 from masa_rt.align.reference import Reference
 from masa_rt.align.sessions import Sessions
 from masa_rt.align.step import step as step_sessions
@@ -34,6 +35,9 @@ class Aligner:
         self._model = model
         self._sessions = Sessions(model, capacity=1)
         self._row = np.array([self._sessions.add()])
+        phases = phase_model_for(model.refs, model.cfg, bool(model.decoders))
+        self._filter = None if phases is None else PhaseFilter(
+            phases, 1, model.cfg.phase_filter_start_prior)
         self._last = read_estimates(self._sessions, self._row)[0]
 
     @property
@@ -68,6 +72,8 @@ class Aligner:
 
     def reset(self) -> None:
         self._sessions.reset(self._row)
+        if self._filter is not None:
+            self._filter.reset(self._row)
         self._last = read_estimates(self._sessions, self._row)[0]
 
     def step(self, embedding: np.ndarray | None, t: float, valid: bool = True,
@@ -83,7 +89,10 @@ class Aligner:
             q, ok = unit_rows_or_zero(np.reshape(embedding, (1, -1)), np.array([valid]),
                                        self.dim, "Aligner.step")
         x = decoder_inputs(self._model, inputs, 1, "Aligner.step")
-        self._last = step_sessions(self._sessions, self._row, q, ok, np.array([float(t)]), x)[0]
+        estimates = step_sessions(self._sessions, self._row, q, ok, np.array([float(t)]), x)
+        if self._filter is not None:
+            estimates = filtered(self._sessions, self._filter, self._row, q, ok)
+        self._last = estimates[0]
         return self._last
 
     def run(self, embeddings: np.ndarray, times: np.ndarray | None = None,

@@ -12,6 +12,7 @@ from masa_rt.align.compiled import CompiledReferences, checked_references
 from masa_rt.align.config import AlignerConfig
 from masa_rt.align.estimate import Estimate, EstimateBatch, read_estimates
 from masa_rt.align.inputs import decoder_inputs, unit_rows_or_zero
+from masa_rt.align.phase_filter import PhaseFilter, filtered, phase_model_for
 from masa_rt.align.reference import Reference
 from masa_rt.align.sessions import Sessions
 from masa_rt.align.step import step as step_sessions
@@ -34,6 +35,9 @@ class AlignerBank:
         refs = checked_references(references)
         self._model = CompiledReferences(refs, config or AlignerConfig.for_references(refs))
         self._sessions = Sessions(self._model, capacity)
+        phases = phase_model_for(refs, self._model.cfg, bool(self._model.decoders))
+        self._filter = None if phases is None else PhaseFilter(
+            phases, capacity, self._model.cfg.phase_filter_start_prior)
         self._slot: dict[Hashable, int] = {}
         self._ids: list[Hashable] = []  # session of each slot
 
@@ -72,6 +76,9 @@ class AlignerBank:
         if session not in self._slot:
             self._slot[session] = self._sessions.add()
             self._ids.append(session)
+            if self._filter is not None:
+                self._filter.grow(self._slot[session] + 1)
+                self._filter.reset(np.array([self._slot[session]]))
 
     def remove(self, session: Hashable) -> None:
         slot = self._slot.pop(session, None)
@@ -79,6 +86,8 @@ class AlignerBank:
             return
         moved = self._sessions.remove(slot)
         last_session = self._ids.pop()
+        if moved != slot and self._filter is not None:
+            self._filter.move(moved, slot)
         if moved != slot:
             self._ids[slot] = last_session
             self._slot[last_session] = slot
@@ -87,6 +96,8 @@ class AlignerBank:
         """Restart a session (creating it if needed), as :meth:`Aligner.reset`."""
         self.add(session)
         self._sessions.reset(np.array([self._slot[session]]))
+        if self._filter is not None:
+            self._filter.reset(np.array([self._slot[session]]))
 
     def last(self, session: Hashable) -> Estimate:
         """A session's latest estimate (``waiting`` for an unknown one)."""
@@ -119,4 +130,7 @@ class AlignerBank:
         rows = np.fromiter((self._slot[s] for s in ids), dtype=np.int64, count=len(ids))
         if len(set(rows.tolist())) != len(rows):
             raise ValueError("step_many: a session appears more than once in one step")
-        return step_sessions(self._sessions, rows, q, ok, t, x)
+        estimates = step_sessions(self._sessions, rows, q, ok, t, x)
+        if self._filter is not None:
+            estimates = filtered(self._sessions, self._filter, rows, q, ok)
+        return estimates

@@ -67,6 +67,20 @@ class AlignerConfig:
     # and lookahead references, seeds 0 and 1, no scenario lower by more than 0.07;
     # 0.4 and 0.7 alike, 1.0 lower (docs/changelog.md, "Sixteenth round"). 0: off.
     decoder_stickiness: float = 0.5
+    # The phase filter (masa_rt/align/phase_filter.py), for references without a phase
+    # decoder: an online HMM over the reference's phases whose likeliest phase places the
+    # reported position. Emissions max cos / tau over the demos' frames of each phase; a
+    # phase of mean length d is left with probability advance / d per frame; back, skip
+    # and jump: small chances to go back one phase, skip one, or land anywhere; a
+    # session starts in the first phase, the others start_prior nats behind. Chosen on
+    # the Penn Action train split (docs/changelog.md).
+    phase_filter: bool = True
+    phase_filter_tau: float = 0.02
+    phase_filter_advance: float = 3.0
+    phase_filter_back: float = 1e-3
+    phase_filter_skip: float = 1e-3
+    phase_filter_jump: float = 1e-4
+    phase_filter_start_prior: float = 3.0
 
     def __post_init__(self) -> None:
         ints = {"band": 1, "back": 0, "max_step": 1, "pause_lag": 1, "pause_frames": 1,
@@ -87,6 +101,14 @@ class AlignerConfig:
         if not 0.0 <= self.decoder_phase_confidence <= 1.0:
             raise ValueError(f"AlignerConfig.decoder_phase_confidence: expected [0, 1], "
                              f"found {self.decoder_phase_confidence}")
+        for name in ("phase_filter_tau", "phase_filter_advance"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"AlignerConfig.{name}: expected a number > 0, "
+                                 f"found {getattr(self, name)}")
+        for name in ("phase_filter_back", "phase_filter_skip", "phase_filter_jump"):
+            if not 0.0 <= getattr(self, name) < 0.5:
+                raise ValueError(f"AlignerConfig.{name}: expected [0, 0.5), "
+                                 f"found {getattr(self, name)}")
         for name in ("relocalise_memory", "activity_memory"):
             if getattr(self, name) < 1.0:
                 raise ValueError(f"AlignerConfig.{name}: expected >= 1 frame, "

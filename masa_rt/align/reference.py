@@ -81,6 +81,14 @@ class Reference:
     # length), averaged on the same timeline: the reference of the raw-keypoint baseline
     # that ``masa-rt score`` runs beside the engine. Older files have none.
     raw_embeddings: np.ndarray | None = None
+    # Optional (N, d) and (N,): every frame of every demo the reference was built from,
+    # with its phase: the phase filter's exemplars (masa_rt.align.phase_filter). Absent
+    # (one demo, older files): the reference's own frames serve.
+    exemplar_embeddings: np.ndarray | None = None
+    exemplar_phases: np.ndarray | None = None
+    # Optional (P,): each phase's mean length in the demos, model frames (absent: its
+    # length on the reference's timeline).
+    phase_frames: np.ndarray | None = None
     # Derived on construction, per frame: first/last frame of the run of equal phase the
     # frame belongs to (a run, not a phase id, so a phase that recurs is still linear).
     run_start: np.ndarray = field(init=False, repr=False)
@@ -114,6 +122,7 @@ class Reference:
                 raise ReferenceFormatError(
                     f"raw_embeddings: expected finite ({t}, D) values, found {raw.shape}")
             self.raw_embeddings = unit_rows(raw)
+        self._check_exemplars()
         if isinstance(self.decoder, PhaseDecoder):
             self.decoder = DecoderEnsemble([self.decoder])
         if self.decoder is not None and self.decoder.num_phases != len(self.phase_names):
@@ -121,6 +130,42 @@ class Reference:
                 f"decoder: expected {len(self.phase_names)} phases (phase_names), found "
                 f"{self.decoder.num_phases}")
         self._derive_runs()
+
+    def _check_exemplars(self) -> None:
+        if (self.exemplar_embeddings is None) != (self.exemplar_phases is None):
+            raise ReferenceFormatError("exemplar_embeddings and exemplar_phases: expected "
+                                       "both or neither")
+        if self.exemplar_embeddings is not None:
+            emb = np.asarray(self.exemplar_embeddings, dtype=np.float32)
+            ph = np.asarray(self.exemplar_phases)
+            if (emb.ndim != 2 or emb.shape[1] != self.dim or ph.shape != (len(emb),)
+                    or not np.isfinite(emb).all()):
+                raise ReferenceFormatError(
+                    f"exemplar_embeddings: expected finite (N, {self.dim}) with N phases, "
+                    f"found {emb.shape} and {ph.shape}")
+            if len(ph) and (ph.min() < 0 or ph.max() >= len(self.phase_names)):
+                raise ReferenceFormatError("exemplar_phases: expected phase ids of phase_names")
+            self.exemplar_embeddings, self.exemplar_phases = unit_rows(emb), ph.astype(np.int32)
+        if self.phase_frames is not None:
+            frames = np.asarray(self.phase_frames, dtype=np.float64)
+            if frames.shape != (len(self.phase_names),) or not np.isfinite(frames).all():
+                raise ReferenceFormatError(
+                    f"phase_frames: expected ({len(self.phase_names)},) finite lengths, "
+                    f"found {frames.shape}")
+            self.phase_frames = frames
+
+    def exemplars(self) -> tuple[np.ndarray, np.ndarray]:
+        """(N, d) unit embeddings and (N,) phases of every demo frame (the phase filter's
+        exemplars); the reference's own frames where the demos were not kept."""
+        if self.exemplar_embeddings is None:
+            return self.embeddings, self.phases
+        return self.exemplar_embeddings, self.exemplar_phases
+
+    def phase_lengths(self) -> np.ndarray:
+        """(P,) each phase's mean length in the demos, model frames."""
+        if self.phase_frames is not None:
+            return self.phase_frames
+        return np.bincount(self.phases, minlength=len(self.phase_names)).astype(np.float64)
 
     @staticmethod
     def _checked_frames(name: str, value: Any, dtype: type, t: int) -> np.ndarray:
@@ -192,6 +237,10 @@ class Reference:
             **(self.decoder.to_npz_members() if self.decoder is not None else {}),
             **({"raw_embeddings": self.raw_embeddings} if self.raw_embeddings is not None
                else {}),
+            **({"exemplar_embeddings": self.exemplar_embeddings,
+                "exemplar_phases": self.exemplar_phases}
+               if self.exemplar_embeddings is not None else {}),
+            **({"phase_frames": self.phase_frames} if self.phase_frames is not None else {}),
         }
         with atomic_write(path, "wb") as f:
             np.savez(f, **arrays)
@@ -223,6 +272,9 @@ class Reference:
                 model_fingerprint=str(data["model_fingerprint"]), meta=meta,
                 decoder=DecoderEnsemble.from_npz_members(data),
                 raw_embeddings=data.get("raw_embeddings"),
+                exemplar_embeddings=data.get("exemplar_embeddings"),
+                exemplar_phases=data.get("exemplar_phases"),
+                phase_frames=data.get("phase_frames"),
             )
         except (ValueError, TypeError) as e:  # includes ReferenceFormatError, JSON errors
             raise ReferenceFormatError(f"{path}: {e}") from None
@@ -230,7 +282,7 @@ class Reference:
 
 _REQUIRED = ("format_version", "name", "activity", "embeddings", "phases", "phase_names",
              "times", "fps", "model_fingerprint", "meta")
-_OPTIONAL = ("raw_embeddings",)
+_OPTIONAL = ("raw_embeddings", "exemplar_embeddings", "exemplar_phases", "phase_frames")
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

@@ -1,0 +1,175 @@
+"""A phase filter: which phase the user is in, as an online hidden Markov model over the
+reference's phases, needing no training (references without a phase decoder).
+
+The tracker follows one reference *frame* and takes bounded steps along one timeline, so
+a user whose timing differs from the demo's reaches a phase boundary late. The filter
+reasons about *phases* instead, for each session and reference:
+
+* emission: ``log e_p = max_{n in phase p} cos(q, exemplar_n) / tau``, the frame's best
+  match among the demos' frames of phase p (all K demos a reference was built from, not
+  only the averaged timeline);
+* transitions: stay, or advance to the next phase with probability ``advance / d_p``
+  (``d_p``: the phase's mean length in the demos, model frames), with small chances to
+  skip one phase, to go back one, and to jump anywhere (a user who redoes a step, or
+  joins mid-way);
+* the forward recursion ``alpha_t = (alpha_{t-1} A) * e_t``, in logs, normalised.
+
+Its most probable phase moves the *reported* position into that phase (the nearest frame
+of it on the reference's timeline) where the tracker is elsewhere; the tracker itself is
+untouched. Measured with ``masa-rt score`` (docs/results.md); parameters chosen on the
+Penn Action train split (``phase_filter_*`` in :class:`~masa_rt.align.config.AlignerConfig`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from masa_rt.align.config import AlignerConfig
+from masa_rt.align.estimate import EstimateBatch, read_estimates
+from masa_rt.align.reference import Reference
+from masa_rt.align.sessions import Sessions
+from masa_rt.align.state import TRACKING
+
+NEG = -1e30  # log 0 that stays finite under addition
+
+
+class PhaseModel:
+    """The filter's fixed part for a set of references: exemplars sorted by (reference,
+    phase), so one matmul and one ``maximum.reduceat`` give every phase's emission, and
+    each reference's log transition matrix, padded to the most phases of any."""
+
+    def __init__(self, refs: list[Reference], tau: float, advance: float, back: float,
+                 skip: float, jump: float) -> None:
+        self.tau = tau
+        self.phases = max(len(r.phase_names) for r in refs)
+        blocks, starts, owner = [], [], []
+        for i, ref in enumerate(refs):
+            emb, ph = ref.exemplars()
+            for p in range(len(ref.phase_names)):
+                rows = emb[ph == p]
+                if len(rows) == 0:  # a phase no demo shows: never the likeliest
+                    rows = np.zeros((1, emb.shape[1]), np.float32)
+                starts.append(sum(len(b) for b in blocks))
+                blocks.append(rows)
+                owner.append((i, p))
+        self.exemplars = np.concatenate(blocks).astype(np.float32)  # (N, d) unit rows
+        self.starts = np.array(starts, dtype=np.int64)
+        self.ref_of = np.array([i for i, _ in owner])
+        self.phase_of = np.array([p for _, p in owner])
+        self.log_a = np.stack([_transitions(r, self.phases, advance, back, skip, jump)
+                               for r in refs])  # (R, P, P)
+        self.valid = np.stack([np.arange(self.phases) < len(r.phase_names) for r in refs])
+
+    def emission(self, q: np.ndarray) -> np.ndarray:
+        """(B, R, P) log emissions of unit embeddings ``q`` (B, d); NEG on padding."""
+        sims = q @ self.exemplars.T  # (B, N)
+        best = np.maximum.reduceat(sims, self.starts, axis=1)  # (B, groups)
+        out = np.full((len(q), len(self.log_a), self.phases), NEG, dtype=np.float64)
+        out[:, self.ref_of, self.phase_of] = best / self.tau
+        return out
+
+
+def _transitions(ref: Reference, width: int, advance: float, back: float, skip: float,
+                 jump: float) -> np.ndarray:
+    """Log transition matrix (width, width) of one reference's phases (rows: from)."""
+    n = len(ref.phase_names)
+    length = np.maximum(ref.phase_lengths(), 1.0)
+    a = np.zeros((width, width))
+    for p in range(n):
+        move = min(advance / length[p], 0.9) if p + 1 < n else 0.0
+        a[p, p] = 1.0 - move
+        if p + 1 < n:
+            a[p, p + 1] = move
+        if p + 2 < n:
+            a[p, p + 2] = skip
+        if p > 0:
+            a[p, p - 1] = back
+        a[p, :n] += jump / n
+        a[p, :n] /= a[p, :n].sum()
+    with np.errstate(divide="ignore"):
+        return np.where(a > 0, np.log(a), NEG)
+
+
+class PhaseFilter:
+    """Per-session forward state (slots of a ``Sessions`` store) and its update."""
+
+    def __init__(self, model: PhaseModel, capacity: int, start_prior: float) -> None:
+        self.model, self.start_prior = model, start_prior
+        self.alpha = np.zeros((0, len(model.log_a), model.phases))
+        self.grow(capacity)
+
+    def initial(self) -> np.ndarray:
+        """(R, P): the first phase likeliest, the others ``start_prior`` nats behind."""
+        a = np.full((len(self.model.log_a), self.model.phases), -self.start_prior)
+        a[:, 0] = 0.0
+        return np.where(self.model.valid, a, NEG)
+
+    def grow(self, capacity: int) -> None:
+        if capacity > len(self.alpha):
+            extra = np.broadcast_to(self.initial(), (capacity - len(self.alpha),
+                                                     *self.initial().shape))
+            self.alpha = np.concatenate([self.alpha, extra])
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.alpha[slots] = self.initial()
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot ``src`` now lives in ``dst`` (the store's swap-remove)."""
+        self.alpha[dst] = self.alpha[src]
+
+    def step(self, slots: np.ndarray, q: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        """Advance sessions ``slots`` (B,) by one frame ``q`` (B, d) where ``ok``; returns
+        (B, R) each reference's likeliest phase now."""
+        alpha = self.alpha[slots]  # (B, R, P)
+        if ok.any():
+            i = np.flatnonzero(ok)
+            prior = _logmatvec(alpha[i], self.model.log_a)
+            post = prior + self.model.emission(q[i])
+            alpha[i] = post - post.max(axis=2, keepdims=True)
+            self.alpha[slots] = alpha
+        return alpha.argmax(axis=2)
+
+
+def _logmatvec(alpha: np.ndarray, log_a: np.ndarray) -> np.ndarray:
+    """``log sum_i exp(alpha[b, r, i] + log_a[r, i, j])`` (B, R, P)."""
+    x = alpha[:, :, :, None] + log_a[None]  # (B, R, P, P)
+    top = x.max(axis=2, keepdims=True)
+    return (top + np.log(np.exp(x - top).sum(axis=2, keepdims=True)))[:, :, 0, :]
+
+
+def move_into_phase(report: np.ndarray, phase: np.ndarray, lo: np.ndarray,
+                    hi: np.ndarray) -> np.ndarray:
+    """The reported positions (B,) moved to the nearest frame of ``phase`` on the
+    timeline, whose frames run ``lo .. hi`` (-1: the timeline lacks that phase)."""
+    out = report.copy()
+    has = (lo >= 0) & (phase >= 0)
+    out[has] = np.clip(report[has], lo[has], hi[has])
+    return out
+
+
+def phase_model_for(refs: list[Reference], cfg: AlignerConfig,
+                    has_decoders: bool) -> PhaseModel | None:
+    """The filter's model where the config asks for it and no reference has a phase
+    decoder (a decoder already places the reported phase), else None."""
+    if not cfg.phase_filter or has_decoders:
+        return None
+    return PhaseModel(refs, cfg.phase_filter_tau, cfg.phase_filter_advance,
+                      cfg.phase_filter_back, cfg.phase_filter_skip, cfg.phase_filter_jump)
+
+
+def filtered(sessions: Sessions, filt: PhaseFilter, rows: np.ndarray, q: np.ndarray,
+             ok: np.ndarray) -> EstimateBatch:
+    """After the aligner's step of sessions ``rows``: advance their filters with the
+    frames ``q`` and move each reported position into its filter's likeliest phase of the
+    active reference; the estimates, re-read."""
+    M = sessions.model
+    phase = filt.step(rows, q, ok)[np.arange(len(rows)), sessions.active[rows]]
+    active = sessions.active[rows]
+    report = sessions.report[rows]
+    moved = move_into_phase(report, phase, M.phase_lo[active, phase],
+                            M.phase_hi[active, phase])
+    # Only while tracking a frame like the references (its off-script streak is 0): a
+    # paused, lost or off-script session holds its position, as the tracker does.
+    live = ok & (sessions.last_state[rows] == TRACKING) & (sessions.off[rows] == 0)
+    sessions.report[rows] = np.where(live, moved, report)
+    return read_estimates(sessions, rows)
