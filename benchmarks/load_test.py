@@ -104,10 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=10.0, help="s per latency window")
     ap.add_argument("--plot", type=Path, default=Path("load_test.png"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="serve --workers N (default: serve's own, the cores available)")
     args = ap.parse_args(argv)
 
     onnx, ref, model = prepare_model()
-    server = ServerProcess(onnx, ref)
+    server = ServerProcess(onnx, ref, *(["--workers", str(args.workers)]
+                                        if args.workers is not None else []))
     print(f"server pid {server.pid} at {server.address} ({model}); {args.clients} headsets "
           f"x {args.rate:g} Hz x {args.duration:g} s in {args.procs} processes", flush=True)
     ctx = mp.get_context("spawn")
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "model": model, "clients": args.clients, "rate_hz": args.rate,
         "duration_s": args.duration, "procs": len(procs), "server_alive": alive,
+        "workers": args.workers,
         "frames_sent": sent, "answered": answered, "rejected": dict(rejected),
         "dropped_by_server": server_dropped, "not_sent_by_clients": dict(client_dropped),
         "unaccounted": unaccounted,

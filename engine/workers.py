@@ -104,8 +104,13 @@ class WorkerPool:
         self._lost: list[tuple[str, int, str]] = []
         self._local: dict[int, Callable[[], bool]] = {}  # pid -> is it running
         self._refused: set[bytes] = set()
+        # Unknown connections told to register again, and when: one reset each (a second
+        # one, crossing its "ready", would make it drop the sessions placed on it since).
+        self._resets: dict[bytes, float] = {}
         self._retired: Counter[str] = Counter()  # stream counters of workers gone
-        self.stats: Counter[str] = Counter()
+        # workers.* counters in stats, every one there from the start
+        self.events: Counter[str] = Counter(dict.fromkeys(
+            ("registered", "lost", "sessions_moved", "refused", "bad_messages"), 0))
         self._next_ping = self._next_check = 0.0
         self.on_close: list[Callable[[], None]] = []  # e.g. stop the local workers (serve)
         self._ctx = zmq.Context()
@@ -218,12 +223,13 @@ class WorkerPool:
 
     def counters(self) -> dict[str, int]:
         """For the server's stats: the workers' stream counters summed, and the pool's."""
+        # list(): stats may be asked from another thread (tests) while a worker registers
         streams = Counter(self._retired)
-        for worker in self.workers.values():
+        for worker in list(self.workers.values()):
             streams.update(worker.counters)
         return {**{f"streams.{k}": int(v) for k, v in sorted(streams.items())},
                 "workers.connected": len(self.workers),
-                **{f"workers.{k}": int(v) for k, v in sorted(self.stats.items())}}
+                **{f"workers.{k}": int(v) for k, v in sorted(self.events.items())}}
 
     # -- placing sessions -----------------------------------------------------------------
 
@@ -273,6 +279,15 @@ class WorkerPool:
         except zmq.ZMQError as exc:  # gone (EHOSTUNREACH) or worse
             self._lose(worker, "unreachable" if exc.errno == zmq.EHOSTUNREACH else "send_failed")
 
+    def _reset(self, ident: bytes) -> None:
+        """Ask a connection that is no registered worker (lost earlier, or connected to a
+        server before this one) to register again, once per ``lost_after_s``."""
+        now = self.clock()
+        if ident in self._refused or now - self._resets.get(ident, -1e9) < self.lost_after_s:
+            return
+        self._resets[ident] = now
+        self._tell(ident, "reset")
+
     def _tell(self, ident: bytes, *parts: Any) -> None:
         """Best effort to a connection that is not a registered worker."""
         try:
@@ -288,13 +303,13 @@ class WorkerPool:
             except zmq.Again:
                 break
             except ValueError:  # not [ident, data]: not one of our workers
-                self.stats["bad_messages"] += 1
+                self.events["bad_messages"] += 1
                 continue
             try:
                 self._dispatch(ident, W.decode(data), results)
             except (W.WireError, AttributeError, IndexError, KeyError, TypeError,
                     ValueError) as exc:
-                self.stats["bad_messages"] += 1
+                self.events["bad_messages"] += 1
                 log.warning("event=bad_worker_message error=%s", exc)
         return results
 
@@ -305,8 +320,7 @@ class WorkerPool:
             return
         worker = self.workers.get(ident)
         if worker is None:
-            if ident not in self._refused:  # lost earlier, or from before a restart
-                self._tell(ident, "reset")
+            self._reset(ident)
             return
         worker.last_heard = self.clock()
         if kind == "answers":
@@ -330,6 +344,7 @@ class WorkerPool:
             results.append((route.sid, seq, float(row[2]), W.remote_estimate(row)))
 
     def _register(self, ident: bytes, ready: dict) -> None:
+        self._resets.pop(ident, None)
         if ident in self.workers:  # it restarted behind the same connection
             self._lose(self.workers[ident], "re-registered")
         name = f"{ready.get('host', '?')}:{ready.get('pid', '?')}"
@@ -337,7 +352,7 @@ class WorkerPool:
                  if k != "capacity" and ready.get(k) != v}
         if wrong:
             self._refused.add(ident)
-            self.stats["refused"] += 1
+            self.events["refused"] += 1
             log.error("event=worker_refused worker=%s differs=%s (it must run the server's "
                       "model and references)", name, wrong)
             return
@@ -345,14 +360,18 @@ class WorkerPool:
         self._refused.discard(ident)
         self.workers[ident] = _Worker(ident, name, capacity, self.clock(),
                                       alive=self._local.get(ready.get("pid")))
-        self.stats["registered"] += 1
+        self.events["registered"] += 1
         log.info("event=worker_ready worker=%s capacity=%d workers=%d", name, capacity,
                  len(self.workers))
 
     def _refused_open(self, worker: _Worker, handle: int, detail: str) -> None:
         route = self._by_handle.get(handle)
         worker.handles.discard(handle)
-        log.error("event=worker_refused_session worker=%s detail=%r", worker.name, detail)
+        # Take it as full (e.g. its backend's slots): not chosen again until one closes,
+        # so a refusing worker cannot take every new session's frames (and the log).
+        worker.capacity = len(worker.handles)
+        log.error("event=worker_refused_session worker=%s sessions=%d detail=%r", worker.name,
+                  len(worker.handles), detail)
         if route is not None and route.worker == worker.ident:
             self._unplace(route, "engine_error")
 
@@ -379,8 +398,8 @@ class WorkerPool:
         in_flight = sum(len(r.in_engine) for r in routes)
         for route in routes:
             self._unplace(route, "worker_lost")
-        self.stats["lost"] += 1
-        self.stats["sessions_moved"] += len(routes)
+        self.events["lost"] += 1
+        self.events["sessions_moved"] += len(routes)
         log.warning("event=worker_lost worker=%s why=%s sessions=%d frames_lost=%d "
                     "workers_left=%d detail=\"its sessions go to other workers with their "
                     "next frame and start over there: their alignment state is lost\"",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from worker_pool import process_workers
+from worker_pool import pool_at, standing_workers
 
 from clients import PoseOutlet
 from clients.replay import replay
@@ -30,14 +30,24 @@ EXAMPLE = ROOT / "examples" / "demos" / "pour_milk.npz"
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def workers_at(tiny_model, tmp_path_factory):
+    """Two ``masa-rt worker`` processes for the module, and the endpoint they connect to:
+    each test's server binds it and they register with it (as remote workers would)."""
+    endpoint = f"ipc://{tmp_path_factory.mktemp('engine')}/workers"
+    with standing_workers(*tiny_model, endpoint, n=2):
+        yield endpoint
+
+
 @contextmanager
-def engine(kind: str, tiny_model):
+def engine(kind: str, request):
     """The server's pipeline: in its process, or two ``masa-rt worker`` processes behind a
     WorkerPool (serve --workers 2)."""
     from engine.pipeline import Pipeline
 
+    tiny_model = request.getfixturevalue("tiny_model")
     if kind == "workers":
-        with process_workers(*tiny_model, n=2) as pool:
+        with pool_at(request.getfixturevalue("workers_at"), *tiny_model, n=2) as pool:
             yield pool
     else:
         yield Pipeline.from_files(tiny_model[0], [tiny_model[1]], capacity=8)
@@ -45,7 +55,7 @@ def engine(kind: str, tiny_model):
 
 @pytest.fixture(params=["in_process", "workers"])
 def server(request, tiny_model):
-    with engine(request.param, tiny_model) as pipeline, Server(
+    with engine(request.param, request) as pipeline, Server(
             pipeline, ServerConfig(bind="tcp://127.0.0.1:0",
                                    pub_bind="tcp://127.0.0.1:0")) as srv:
         yield srv
@@ -127,6 +137,7 @@ def _wait_for_bind(proc: subprocess.Popen, timeout: float = 60.0) -> str:
 
 def test_serving_modules_do_not_import_torch():
     code = ("import sys, engine.server, engine.pipeline, engine.watch, engine.serve_commands, "
+            "engine.workers, engine.worker, engine.worker_commands, "
             "clients.replay; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -64,3 +64,29 @@ def process_workers(onnx: Path, ref: Path, n: int = 2, **pool_opts: Any
     finally:
         stop_local_workers(procs)
         pool.close()
+
+
+@contextmanager
+def standing_workers(onnx: Path, ref: Path, endpoint: str, n: int = 2
+                     ) -> Iterator[list[subprocess.Popen]]:
+    """``n`` ``masa-rt worker`` processes that outlive servers (as on other hosts): each
+    server bound at ``endpoint`` gets them registered within a heartbeat or two, so a
+    module's tests do not each pay for starting them."""
+    procs = [subprocess.Popen(worker_cmd(endpoint, onnx, ref), env=ENV) for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        stop_local_workers(procs)
+
+
+@contextmanager
+def pool_at(endpoint: str, onnx: Path, ref: Path, n: int = 2) -> Iterator[WorkerPool]:
+    """A WorkerPool bound at ``endpoint`` once ``n`` standing workers registered with it."""
+    from engine.pipeline import Pipeline
+
+    pool = WorkerPool(Pipeline.from_files(onnx, [ref], capacity=1), endpoint)
+    try:
+        assert pool.wait_for_workers(n, 60.0) == n
+        yield pool
+    finally:
+        pool.close()
