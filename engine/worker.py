@@ -80,6 +80,8 @@ class Worker:
         """Serve until stopped; 0, or 3 when the server went away (``exit_with_server``)."""
         ctx = zmq.Context()
         self._sock = self._connect(ctx)
+        log.info("event=worker_started connect=%s pid=%d sessions_max=%s", self.config.connect,
+                 os.getpid(), self.info.get("capacity", "?"))
         try:
             self._register()
             while not self._stop.is_set():
@@ -97,6 +99,9 @@ class Worker:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.config.hwm)
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        # Nothing queued while the server is away: a "ready" or pings kept for minutes
+        # would reach the next server all at once, as registrations crossing each other.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         if self.curve is not None:
             sock.curve_serverkey = self.curve.server_public
             sock.curve_publickey = self.curve.public
@@ -105,18 +110,21 @@ class Worker:
         return sock
 
     def _register(self) -> None:
+        """Tell the server what this worker runs; if it is not connected yet, the server
+        asks again (``reset``) when the first ping reaches it."""
         ready = {"pid": os.getpid(), "host": socket.gethostname(), **self.info}
-        self._sock.send(W.encode("ready", ready))
+        self._send("ready", ready)
         self._heard = time.monotonic()
-        log.info("event=worker_ready connect=%s pid=%d", self.config.connect, os.getpid())
+        log.debug("event=register connect=%s", self.config.connect)
 
     def _server_gone(self) -> bool:
         """Whether to stop: the server is silent too long and this worker goes with it.
         Otherwise a silent server costs this worker its sessions and a new ``ready``."""
         if time.monotonic() - self._heard <= self.config.server_lost_s:
             return False
-        log.warning("event=server_lost silent_s=%.1f sessions=%d", self.config.server_lost_s,
-                    len(self.handles))
+        if self.handles or self.config.exit_with_server:  # else it is still waiting: quiet
+            log.warning("event=server_lost silent_s=%.1f sessions=%d",
+                        self.config.server_lost_s, len(self.handles))
         if self.config.exit_with_server:
             return True
         self._close_all()
@@ -170,8 +178,8 @@ class Worker:
     def _send(self, *parts: Any) -> None:
         try:
             self._sock.send(W.encode(*parts), zmq.NOBLOCK)
-        except zmq.Again:  # the server is not reading: it takes this worker for lost soon
-            log.warning("event=server_not_reading kind=%s", parts[0])
+        except zmq.Again:  # no server connected, or it stopped reading: it will ask again
+            log.debug("event=not_sent kind=%s (no server reading)", parts[0])
 
     def _counters(self) -> dict | None:
         counters = getattr(getattr(self.pipeline, "bank", None), "counters", None)
