@@ -100,10 +100,13 @@ def test_replay_three_clients(server):
 
 
 def test_serve_command_runs_and_stops_on_sigterm(tiny_model):
-    """`masa-rt serve` in its own process: binds, answers, prints counters on SIGTERM."""
+    """`masa-rt serve` in its own process: binds, answers, prints counters on SIGTERM.
+    ``--workers 1``: the engine in the serve process, whatever the machine's core count
+    (``--workers 2``: tests/test_workers.py)."""
     onnx, ref = tiny_model
     cmd = [sys.executable, "-m", "masa_rt.cli", "serve", "--model", str(onnx),
-           "--reference", str(ref), "--bind", "tcp://127.0.0.1:0", "--pub", "tcp://127.0.0.1:0"]
+           "--reference", str(ref), "--bind", "tcp://127.0.0.1:0", "--pub", "tcp://127.0.0.1:0",
+           "--workers", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
