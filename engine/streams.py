@@ -258,7 +258,7 @@ class StreamBank:
 
     @staticmethod
     def _model_frame(t: float, sample: np.ndarray, shape: tuple[int, ...]) -> ModelFrame:
-        n = int(np.prod(shape))
+        n = math.prod(shape)  # not np.prod: a Python call per frame per stream
         joints = sample[:n].reshape(shape)
         extra = sample[n:] if len(sample) > n else None
         return ModelFrame(t=t, joints=joints, extra=extra, lost=bool(np.isnan(joints).all()))

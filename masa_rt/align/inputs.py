@@ -36,4 +36,6 @@ def decoder_inputs(model: CompiledReferences, inputs: np.ndarray | None, b: int,
     if x.shape[1] != model.input_dim:
         raise ValueError(f"{who}: expected model inputs of size {model.input_dim}, found "
                          f"{x.shape[1]}")
-    return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    # np.nan_to_num's answer, without its dozen Python-level calls (a third of a step's
+    # input checks for one stream).
+    return np.where(np.isfinite(x), x, np.float32(0.0))
