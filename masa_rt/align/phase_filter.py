@@ -31,6 +31,10 @@ from masa_rt.align.sessions import Sessions
 from masa_rt.align.state import TRACKING
 
 NEG = -1e30  # log 0 that stays finite under addition
+# Exemplars kept per phase and reference: the (B, d) x (d, N) product is most of the
+# filter's cost (K=5 Penn references: 1,913 frames for 7 actions doubled the step);
+# neighbouring frames are near duplicates, so an even subsample loses little.
+MAX_EXEMPLARS = 64
 
 
 class PhaseModel:
@@ -49,6 +53,8 @@ class PhaseModel:
                 rows = emb[ph == p]
                 if len(rows) == 0:  # a phase no demo shows: never the likeliest
                     rows = np.zeros((1, emb.shape[1]), np.float32)
+                if len(rows) > MAX_EXEMPLARS:  # evenly spaced: the product is the cost
+                    rows = rows[np.linspace(0, len(rows) - 1, MAX_EXEMPLARS).astype(int)]
                 starts.append(sum(len(b) for b in blocks))
                 blocks.append(rows)
                 owner.append((i, p))
