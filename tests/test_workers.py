@@ -62,9 +62,20 @@ def accounted(srv: Server) -> dict:
 
 
 def hosting(pool, sid: str) -> Worker:
-    """The thread worker that holds session ``sid``."""
-    handle = pool._routes[sid].handle
-    return next(w for w in pool.threads if handle in w.handles)
+    """The thread worker that holds session ``sid`` (once its "open" has arrived there)."""
+    found: list[Worker] = []
+
+    def opened() -> bool:
+        handle = pool._routes[sid].handle
+        found[:] = [w for w in pool.threads if handle in w.handles]
+        return bool(found)
+
+    wait_for(opened)
+    return found[0]
+
+
+def loads(pool) -> list[int]:
+    return sorted(len(w.handles) for w in pool.threads)
 
 
 def test_sessions_go_to_the_least_loaded_worker_and_stay_there():
@@ -74,7 +85,7 @@ def test_sessions_go_to_the_least_loaded_worker_and_stay_there():
         try:
             for out in outlets:
                 out.open()
-            assert sorted(len(w.handles) for w in pool.threads) == [2, 2]
+            wait_for(lambda: loads(pool) == [2, 2])
             homes = {out.session: hosting(pool, out.session) for out in outlets}
             for _ in range(5):
                 for out in outlets:
@@ -83,7 +94,7 @@ def test_sessions_go_to_the_least_loaded_worker_and_stay_there():
                     assert out.pull(timeout=DEADLINE) is not None
             assert {out.session: hosting(pool, out.session) for out in outlets} == homes
             outlets[0].close()  # bye: its worker forgets it, the next hello goes there
-            wait_for(lambda: sorted(len(w.handles) for w in pool.threads) == [1, 2])
+            wait_for(lambda: loads(pool) == [1, 2])
             assert accounted(srv)["workers.connected"] == 2
         finally:
             for out in outlets[1:]:
