@@ -83,6 +83,7 @@ class Worker:
         log.info("event=worker_started connect=%s pid=%d sessions_max=%s", self.config.connect,
                  os.getpid(), self.info.get("capacity", "?"))
         try:
+            self._sock.poll(1000, zmq.POLLOUT)  # connected (IMMEDIATE), so "ready" goes out
             self._register()
             while not self._stop.is_set():
                 if self._server_gone():
@@ -214,8 +215,11 @@ class Worker:
         pass  # _drain noted the time
 
     def _on_reset(self, msg: list) -> None:
-        log.warning("event=worker_reset sessions=%d (the server does not know this worker)",
-                    len(self.handles))
+        # A new server (or one that took this worker for lost): a warning only if that
+        # costs sessions; at start-up it is routine.
+        log.log(logging.WARNING if self.handles else logging.INFO,
+                "event=worker_reset sessions=%d (the server does not know this worker)",
+                len(self.handles))
         self._close_all()
         self._register()
 
