@@ -26,10 +26,12 @@ The modules, in the order a frame meets them: ``step.py`` (the per-frame path, t
 bottom) calls ``decoder_term``, ``pause``, ``relocaliser``, ``activity``, ``tracker``
 and ``state`` on the rows of ``sessions.Sessions`` (every session's state in stacked
 arrays) over ``compiled.CompiledReferences`` (the references laid out as columns);
-``estimate.py`` reads the answers. ``reference.py`` is the reference and its file format,
-``config.py`` the parameters, ``aligner.py`` and ``bank.py`` the public steppers,
-``offline.py`` the exact batch DTW (``offline_dtw``, ``subsequence_dtw``). States and
-tuning: ``docs/aligner.md``.
+``estimate.py`` reads the answers, which ``phase_filter.py`` (references without a phase
+decoder) then moves into its likeliest phase; ``kernels.py`` holds the tracker's and the
+relocaliser's loops compiled with numba, when it is installed (the same answers).
+``reference.py`` is the reference and its file format, ``config.py`` the parameters,
+``aligner.py`` and ``bank.py`` the public steppers, ``offline.py`` the exact batch DTW
+(``offline_dtw``, ``subsequence_dtw``). States and tuning: ``docs/aligner.md``.
 """
 
 from masa_rt.align.aligner import Aligner
