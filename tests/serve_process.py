@@ -23,7 +23,7 @@ def serving(*args: str) -> Iterator[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=ENV)
     try:
-        yield _wait_for_bind(proc)
+        yield wait_for_bind(proc)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -34,7 +34,7 @@ def serving(*args: str) -> Iterator[str]:
                 proc.communicate()
 
 
-def _wait_for_bind(proc: subprocess.Popen, timeout: float = 120.0) -> str:
+def wait_for_bind(proc: subprocess.Popen, timeout: float = 120.0) -> str:
     """The ROUTER endpoint from the server's 'event=serving' log line."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serve_process import wait_for_bind
 from worker_pool import pool_at, standing_workers
 
 from clients import PoseOutlet
@@ -111,7 +112,7 @@ def test_serve_command_runs_and_stops_on_sigterm(tiny_model):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     try:
-        address = _wait_for_bind(proc)
+        address = wait_for_bind(proc)
         with PoseOutlet(address, session="cli", fps=30.0) as out:
             out.push(demo_frames()[0])
             assert out.pull(timeout=5.0).seq == 0
@@ -123,19 +124,6 @@ def test_serve_command_runs_and_stops_on_sigterm(tiny_model):
     assert proc.returncode == 0, stderr
     assert re.search(r"frames_in\s+1\b", stdout) and "latency.p99_us" in stdout
     assert "event=signal signal=SIGTERM" in stderr
-
-
-def _wait_for_bind(proc: subprocess.Popen, timeout: float = 60.0) -> str:
-    """The ROUTER endpoint from the server's 'event=serving' log line."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            raise AssertionError(f"server exited: {proc.wait()}")
-        m = re.search(r"event=serving bind=(\S+)", line)
-        if m:
-            return m.group(1)
-    raise AssertionError("server did not start")
 
 
 def test_serving_modules_do_not_import_torch():
