@@ -87,11 +87,16 @@ def local_pool(n: int, model: Path, references: list[Path], *, backend: str = "o
     from engine.pipeline import Pipeline
     from engine.workers import WorkerPool
 
-    folder = Path(tempfile.mkdtemp(prefix="masa-rt-workers-"))  # 0700: this user only
     # The gate checks hellos (layouts, references) exactly as the workers' pipelines will;
     # one slot: it opens and at once closes each session, and never steps.
     gate = Pipeline.from_files(model, references, capacity=1)
-    pool = WorkerPool(gate, bind or f"ipc://{folder}/engine", keydir=keydir)
+    folder = Path(tempfile.mkdtemp(prefix="masa-rt-workers-"))  # 0700: this user only
+    try:
+        pool = WorkerPool(gate, bind or f"ipc://{folder}/engine", keydir=keydir)
+    except BaseException:  # e.g. --worker-bind in use, no KEYDIR/workers/
+        gate.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     procs: list[subprocess.Popen] = []
     # pool.close() stops what was started here: the workers first (they would wait for
     # the server's silence otherwise), then the gate and the private folder.
@@ -109,7 +114,7 @@ def local_pool(n: int, model: Path, references: list[Path], *, backend: str = "o
             why = (f"a worker exited with code {exited[0]}" if exited else
                    f"not within {READY_TIMEOUT_S:.0f} s")
             raise OSError(f"only {got} of {n} engine workers started: {why} (its "
-                               "error is above)")
+                          "error is above)")
     except BaseException:
         pool.close()
         raise
