@@ -347,10 +347,12 @@ class Hostile:
         return [self.rng.bytes(int(self.rng.integers(0, 40))) for _ in range(n)], "malformed"
 
     def bad_hello(self):
+        # Hellos are limited per client (10/s, bursts of 20): past that, rate_limited.
         if self.rng.integers(2):
-            return P.encode(P.hello("fuzz-bad", "penn13", 30.0, 0.0)), "wrong_layout"
+            return (P.encode(P.hello("fuzz-bad", "penn13", 30.0, 0.0)),
+                    "wrong_layout|rate_limited")
         return (P.encode(P.hello("fuzz-bad", "h2o_hands", 30.0, 0.0, reference="juggle")),
-                "unknown_reference")
+                "unknown_reference|rate_limited")
 
     def nan_pose(self):
         j = self.zero.copy()

@@ -1,6 +1,6 @@
 """``masa-rt worker`` and the engine side of ``masa-rt serve --workers N``.
 
-``serve --workers N`` (default: the cores this process may use) with N >= 2 runs the
+``serve --workers N`` (default: the cores this process may use, but one) with N >= 2 runs the
 engine in N local worker processes behind the server's one pair of public sockets
 (engine.workers.WorkerPool); N = 1 keeps the engine in the server process, as before.
 ``--worker-bind tcp://HOST:PORT`` also admits workers from other hosts (``masa-rt worker
@@ -33,22 +33,25 @@ READY_TIMEOUT_S = 120.0  # a worker loads the model and references (seconds; mor
 
 
 def default_workers(backend: str = "onnxruntime", device: str | None = None) -> int:
-    """The cores this process may run on (its affinity, not the machine's count) for an
-    engine on the CPU; 1 for one on a GPU (TensorRT, torch on CUDA): there each worker
-    would hold its own CUDA context and engine, and the one device serialises their steps
-    anyway."""
+    """For an engine on the CPU, one worker per core this process may run on (its
+    affinity, not the machine's count) but one: the server process needs a core of its
+    own (on the 2-core VM 2 workers were slower than the engine in the server process,
+    1 stream p50 1.30 -> 2.54 ms, docs/engine.md), so 1 - the engine in process - up to 2
+    cores. 1 for an engine on a GPU (TensorRT, torch on CUDA): there each worker would
+    hold its own CUDA context and engine, and the one device serialises their steps."""
     if backend == "tensorrt" or (backend == "torch" and device == "cuda"):
         return 1
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def add_serve_options(p: argparse.ArgumentParser) -> None:
     """``--workers`` and ``--worker-bind`` on ``masa-rt serve``."""
     p.add_argument("--workers", type=nonnegative_int, default=None, metavar="N",
-                   help="engine worker processes (default: the cores available, here "
+                   help="engine worker processes (default: the cores available but one, here "
                         f"{default_workers()}, on the CPU; 1 with a GPU backend); 1: the "
                         "engine runs in the server process; 0: only workers from other "
                         "hosts (--worker-bind)")
