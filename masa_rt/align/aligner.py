@@ -7,17 +7,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from masa_rt.align.compiled import CompiledReferences, checked_references
+from masa_rt.align.compiled import CompiledReferences, OverReferences, checked_references
 from masa_rt.align.config import AlignerConfig
 from masa_rt.align.estimate import Estimate, read_estimates
 from masa_rt.align.inputs import decoder_inputs, unit_rows_or_zero
-from masa_rt.align.phase_filter import PhaseFilter, filtered, phase_model_for
+from masa_rt.align.phase_filter import filtered, phase_filter_for
 from masa_rt.align.reference import Reference
 from masa_rt.align.sessions import Sessions
 from masa_rt.align.step import step as step_sessions
 
 
-class Aligner:
+class Aligner(OverReferences):
     """Online aligner of one stream against one or more references (docs/aligner.md).
 
     Several references: every reference's relocaliser runs each frame (it gives each
@@ -35,28 +35,12 @@ class Aligner:
         self._model = model
         self._sessions = Sessions(model, capacity=1)
         self._row = np.array([self._sessions.add()])
-        phases = phase_model_for(model.refs, model.cfg, bool(model.decoders))
-        self._filter = None if phases is None else PhaseFilter(
-            phases, 1, model.cfg.phase_filter_start_prior)
+        self._filter = phase_filter_for(model, 1)
         self._last = read_estimates(self._sessions, self._row)[0]
-
-    @property
-    def references(self) -> list[Reference]:
-        return self._model.refs
-
-    @property
-    def config(self) -> AlignerConfig:
-        return self._model.cfg
 
     @property
     def dim(self) -> int:
         return self._model.dim
-
-    @property
-    def lookahead(self) -> int:
-        """Steps each estimate lags the newest frame: the phase decoders' lookahead (0:
-        every estimate describes the frame just given)."""
-        return self._model.lookahead
 
     def fresh(self) -> Aligner:
         """A new aligner over the same references and config, sharing their read-only

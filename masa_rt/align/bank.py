@@ -8,17 +8,17 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from masa_rt.align.compiled import CompiledReferences, checked_references
+from masa_rt.align.compiled import CompiledReferences, OverReferences, checked_references
 from masa_rt.align.config import AlignerConfig
 from masa_rt.align.estimate import Estimate, EstimateBatch, read_estimates
 from masa_rt.align.inputs import decoder_inputs, unit_rows_or_zero
-from masa_rt.align.phase_filter import PhaseFilter, filtered, phase_model_for
+from masa_rt.align.phase_filter import filtered, phase_filter_for
 from masa_rt.align.reference import Reference
 from masa_rt.align.sessions import Sessions
 from masa_rt.align.step import step as step_sessions
 
 
-class AlignerBank:
+class AlignerBank(OverReferences):
     """Many sessions over the same references and config, stepped together.
 
     A session is created on first sight (or by :meth:`add`) and runs the same math as its
@@ -35,25 +35,9 @@ class AlignerBank:
         refs = checked_references(references)
         self._model = CompiledReferences(refs, config or AlignerConfig.for_references(refs))
         self._sessions = Sessions(self._model, capacity)
-        phases = phase_model_for(refs, self._model.cfg, bool(self._model.decoders))
-        self._filter = None if phases is None else PhaseFilter(
-            phases, capacity, self._model.cfg.phase_filter_start_prior)
+        self._filter = phase_filter_for(self._model, capacity)
         self._slot: dict[Hashable, int] = {}
         self._ids: list[Hashable] = []  # session of each slot
-
-    @property
-    def references(self) -> list[Reference]:
-        return self._model.refs
-
-    @property
-    def config(self) -> AlignerConfig:
-        return self._model.cfg
-
-    @property
-    def lookahead(self) -> int:
-        """Steps each estimate lags the newest frame: the phase decoders' lookahead (0:
-        every estimate describes the frame just given)."""
-        return self._model.lookahead
 
     @property
     def needs_inputs(self) -> bool:

@@ -154,3 +154,24 @@ class CompiledReferences:
         self.log_confidence = (math.log(cfg.decoder_phase_confidence)
                                if cfg.decoder_phase_confidence > 0 else -math.inf)
 
+
+
+class OverReferences:
+    """What an aligner over compiled references (``self._model``) tells of them; shared by
+    :class:`~masa_rt.align.aligner.Aligner` and :class:`~masa_rt.align.bank.AlignerBank`."""
+
+    _model: CompiledReferences
+
+    @property
+    def references(self) -> list[Reference]:
+        return self._model.refs
+
+    @property
+    def config(self) -> AlignerConfig:
+        return self._model.cfg
+
+    @property
+    def lookahead(self) -> int:
+        """Steps each estimate lags the newest frame: the phase decoders' lookahead (0:
+        every estimate describes the frame just given)."""
+        return self._model.lookahead

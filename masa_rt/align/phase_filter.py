@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from masa_rt.align.compiled import CompiledReferences
 from masa_rt.align.config import AlignerConfig
 from masa_rt.align.estimate import EstimateBatch, read_estimates
 from masa_rt.align.reference import Reference
@@ -151,6 +152,14 @@ def move_into_phase(report: np.ndarray, phase: np.ndarray, lo: np.ndarray,
     has = (lo >= 0) & (phase >= 0)
     out[has] = np.clip(report[has], lo[has], hi[has])
     return out
+
+
+def phase_filter_for(model: CompiledReferences, capacity: int) -> PhaseFilter | None:
+    """The phase filter of an aligner over ``model`` for
+    ``capacity`` sessions, or None where it does not run (see :func:`phase_model_for`)."""
+    phases = phase_model_for(model.refs, model.cfg, bool(model.decoders))
+    return None if phases is None else PhaseFilter(phases, capacity,
+                                                   model.cfg.phase_filter_start_prior)
 
 
 def phase_model_for(refs: list[Reference], cfg: AlignerConfig,
