@@ -1,7 +1,8 @@
 """The models that ship inside the package, one per layout they read.
 
 ``reference build``, ``serve``, ``score`` and ``demo`` use the shipped model that reads a
-demo's layout (two hands: the hand model; penn13 2D bodies: the body model) when no model
+demo's layout (two hands: the hand model; penn13 2D bodies: the body model trained on Penn
+Action; body25 3D bodies: a body model trained on synthetic bodies only) when no model
 is named, and serve a reference with the shipped model that built it. No torch here: the
 serving commands import this module.
 """
@@ -18,7 +19,8 @@ __all__ = ["ASSETS", "SHIPPED_MODELS", "NoShippedModelError", "examples_dir",
 ASSETS = Path(__file__).resolve().parent / "assets"
 # layout -> file stem in ASSETS (``.pt`` checkpoint, ``.onnx`` its checked export); the
 # first is the default where no layout is known.
-SHIPPED_MODELS = {"h2o_hands": "masa_hands_causal", "penn13": "masa_penn13_causal"}
+SHIPPED_MODELS = {"h2o_hands": "masa_hands_causal", "penn13": "masa_penn13_causal",
+                  "body25": "masa_body25_causal"}
 
 
 def examples_dir() -> Path:

@@ -55,3 +55,17 @@ def test_a_body_demo_is_built_and_served_with_the_body_model(tmp_path):
     assert onnx == shipped_onnx_path("penn13")  # the export that built it, not the default
     assert read_model_info(onnx).fingerprint == ref.model_fingerprint
     assert refs == [tmp_path / "ref.npz"]
+
+
+def test_a_3d_body_demo_is_built_with_the_body25_model(tmp_path):
+    pytest.importorskip("torch")
+    from engine.reference import build_reference
+    from masa_rt.checkpoint import model_fingerprint
+    from masa_rt.synth import generate
+
+    seq = generate("squat", np.random.default_rng(3))  # body25, 3D
+    save_sequence(tmp_path / "squat.npz", seq)
+    ref = build_reference([tmp_path / "squat.npz"], None, tmp_path / "ref.npz",
+                          decoder={"steps": 0})
+    assert ref.model_fingerprint == model_fingerprint(shipped_model_path("body25"))
+    assert ref.phase_names == list(seq.phase_names)
