@@ -63,3 +63,17 @@ def tiny_model(request, tmp_path_factory) -> tuple[Path, Path]:
     if not ref.is_file():
         build_reference([DEMO], ckpt, ref, decoder={"steps": 5})  # serving runs the decoder too
     return onnx, ref
+
+
+@pytest.fixture(scope="module")
+def forget_layout_declarations():
+    """Declared layouts are process-wide: a module that declares some forgets them at its
+    end, so later test modules see the built-in table they expect."""
+    from masa_rt import layout_file, skeleton
+
+    saved = (dict(skeleton.LAYOUTS), dict(skeleton._DIRECT), dict(layout_file._DECLARED))
+    yield
+    for live, old in zip((skeleton.LAYOUTS, skeleton._DIRECT, layout_file._DECLARED), saved,
+                         strict=True):
+        live.clear()
+        live.update(old)

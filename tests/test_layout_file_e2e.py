@@ -31,17 +31,8 @@ TINY = ["model.d_model=16", "model.n_heads=2", "model.ffn_dim=32", "model.proj_d
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _forget_declarations():
-    """Declarations are process-wide: the layouts this module declares are forgotten at
-    its end, so later test modules see the built-in table they expect."""
-    from masa_rt import layout_file, skeleton
-
-    saved = (dict(skeleton.LAYOUTS), dict(skeleton._DIRECT), dict(layout_file._DECLARED))
-    yield
-    for live, old in zip((skeleton.LAYOUTS, skeleton._DIRECT, layout_file._DECLARED), saved,
-                         strict=True):
-        live.clear()
-        live.update(old)
+def _forget_declarations(forget_layout_declarations):
+    """The layouts this module declares are forgotten at its end (conftest.py)."""
 
 
 def layout_file(tmp_path: Path, name: str) -> Path:
