@@ -78,9 +78,11 @@ class EstimateInlet:
         """What to ask the server for. A secure server publishes under ``KEY/session`` and
         lets a key read only its own (docs/protocol.md, "Sockets"); an operator key may
         read every session, so it subscribes to all and this inlet filters."""
-        if curve is None or operator:
-            return topic(self.session) if self.session is not None and curve is None else b""
-        return topic(self.session or "", curve.public)
+        if curve is not None and not operator:
+            return topic(self.session or "", curve.public)
+        if curve is None and self.session is not None:
+            return topic(self.session)
+        return b""
 
     def pull(self, timeout: float = 0.0) -> Estimate | None:
         """The next estimate, waiting up to ``timeout`` seconds; None if none arrived."""

@@ -75,7 +75,7 @@ class Aligner(OverReferences):
         x = decoder_inputs(self._model, inputs, 1, "Aligner.step")
         estimates = step_sessions(self._sessions, self._row, q, ok, np.array([float(t)]), x)
         if self._filter is not None:
-            estimates = filtered(self._sessions, self._filter, self._row, q, ok)
+            estimates = filtered(self._sessions, self._filter, self._row, q, ok, estimates)
         self._last = estimates[0]
         return self._last
 

@@ -116,5 +116,5 @@ class AlignerBank(OverReferences):
             raise ValueError("step_many: a session appears more than once in one step")
         estimates = step_sessions(self._sessions, rows, q, ok, t, x)
         if self._filter is not None:
-            estimates = filtered(self._sessions, self._filter, rows, q, ok)
+            estimates = filtered(self._sessions, self._filter, rows, q, ok, estimates)
         return estimates

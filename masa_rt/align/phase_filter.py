@@ -173,18 +173,21 @@ def phase_model_for(refs: list[Reference], cfg: AlignerConfig,
 
 
 def filtered(sessions: Sessions, filt: PhaseFilter, rows: np.ndarray, q: np.ndarray,
-             ok: np.ndarray) -> EstimateBatch:
-    """After the aligner's step of sessions ``rows``: advance their filters with the
-    frames ``q`` and move each reported position into its filter's likeliest phase of the
-    active reference; the estimates, re-read."""
+             ok: np.ndarray, estimates: EstimateBatch) -> EstimateBatch:
+    """After the aligner's step of sessions ``rows`` (its ``estimates``): advance their
+    filters with the frames ``q`` and move each reported position into its filter's
+    likeliest phase of the active reference. The estimates are read again only where a
+    position moved (at phase boundaries the tracker has not reached; most frames none)."""
     M = sessions.model
-    phase = filt.step(rows, q, ok)[np.arange(len(rows)), sessions.active[rows]]
     active = sessions.active[rows]
+    phase = filt.step(rows, q, ok)[np.arange(len(rows)), active]
     report = sessions.report[rows]
     moved = move_into_phase(report, phase, M.phase_lo[active, phase],
                             M.phase_hi[active, phase])
     # Only while tracking a frame like the references (its off-script streak is 0): a
     # paused, lost or off-script session holds its position, as the tracker does.
     live = ok & (sessions.last_state[rows] == TRACKING) & (sessions.off[rows] == 0)
+    if not (live & (moved != report)).any():
+        return estimates
     sessions.report[rows] = np.where(live, moved, report)
     return read_estimates(sessions, rows)
