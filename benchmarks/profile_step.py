@@ -7,6 +7,7 @@ the functions with the most own time and the share of the step in the encoder ca
 decoders' term), the resampling (``StreamBank.push``) and the featurisation.
 
     OMP_NUM_THREADS=1 python benchmarks/profile_step.py --streams 1 256 --iters 300
+    OMP_NUM_THREADS=1 python benchmarks/profile_step.py --reference R.npz  # a user-built one
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, nargs="+", default=[1, 256])
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--reference", default=BenchConfig.reference,
+                   help="reference .npz (default: the shipped pour_milk, three decoders)")
     args = p.parse_args(argv)
-    cfg = BenchConfig(streams=tuple(args.streams))
+    cfg = BenchConfig(streams=tuple(args.streams), reference=args.reference)
     factory, _ = default_factory(cfg)
     frames, layout, fps = load_frames(cfg.recording)
     pipeline = factory("onnxruntime", max(args.streams))

@@ -26,6 +26,7 @@ from masa_rt.align import (
     Reference,
     ReferenceFormatError,
     offline_dtw,
+    online_dtw_index,
     path_to_index,
     subsequence_dtw,
 )
@@ -465,6 +466,41 @@ def test_offline_dtw_recovers_warp(ref: Reference) -> None:
     assert tuple(path[0]) == (0, 0) and tuple(path[-1]) == (len(q) - 1, len(ref) - 1)
     assert np.all(np.diff(path, axis=0) >= 0) and np.all(np.diff(path, axis=0).sum(1) >= 1)
     assert np.abs(path_to_index(path, len(q)) - truth).mean() < 1.5
+
+
+def _naive_open_end(q: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Open-end DTW by the textbook triple loop: for each query prefix, the reference
+    frame whose (0, 0) -> (t, j) path, divided by (t + 1) + (j + 1), is cheapest."""
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    rn = r / np.linalg.norm(r, axis=1, keepdims=True)
+    c = 1.0 - qn @ rn.T
+    d = np.full((len(q) + 1, len(r) + 1), np.inf)
+    d[0, 0] = 0.0
+    for i in range(1, len(q) + 1):
+        for j in range(1, len(r) + 1):
+            best = min(d[i - 1, j - 1], d[i - 1, j], d[i, j - 1])
+            d[i, j] = c[i - 1, j - 1] + best
+    t, j = np.meshgrid(np.arange(len(q)), np.arange(len(r)), indexing="ij")
+    return np.argmin(d[1:, 1:] / (t + j + 2), axis=1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 12), st.integers(2, 12), st.integers(0, 2**31 - 1))
+def test_online_dtw_is_open_end_dtw_and_causal(nq: int, nr: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    q, r = rng.normal(size=(nq, 4)), rng.normal(size=(nr, 4))
+    idx = online_dtw_index(q, r)
+    np.testing.assert_array_equal(idx, _naive_open_end(q, r))
+    k = int(rng.integers(1, nq + 1))  # an answer never changes with frames after it
+    np.testing.assert_array_equal(online_dtw_index(q[:k], r), idx[:k])
+
+
+def test_online_dtw_follows_a_warp(ref: Reference) -> None:
+    np.testing.assert_array_equal(online_dtw_index(ref.embeddings, ref.embeddings),
+                                  np.arange(len(ref)))
+    truth = warp(ref, np.random.default_rng(15))
+    idx = online_dtw_index(render(ref, truth, 15), ref.embeddings)
+    assert np.abs(idx - truth).mean() < 3.0
 
 
 def test_subsequence_dtw_finds_segment(ref: Reference) -> None:

@@ -124,7 +124,8 @@ def test_score_streams_every_labelled_val_recording_through_the_pipeline(world):
     val = [f for f in manifest["files"] if f["split"] == "val"]
     assert report["recordings"] == len(val)
     r = report["results"]
-    assert list(r) == ["engine", "no_decoder", "raw", "offline_dtw_learned", "offline_dtw_raw"]
+    assert list(r) == ["engine", "no_decoder", "raw", "online_dtw_learned", "online_dtw_raw",
+                       "offline_dtw_learned", "offline_dtw_raw"]
     total = sum(len(np.load(data / f["file"])["phases"]) for f in val)
     assert all(m["frames"] == total for m in r.values())  # every frame scored, every method
     # These references have no phase decoder: the baseline without one replays the
@@ -157,6 +158,9 @@ def test_a_recording_scored_against_its_own_reference_is_right_offline(world, tm
     report = run_score(refs[:1], [copy])
     assert report["results"]["offline_dtw_learned"]["phase_acc_pct"] > 99.0
     assert report["results"]["offline_dtw_raw"]["phase_acc_pct"] > 99.0
+    # online DTW of a copy finds the diagonal too (zero cost there, from the first frame)
+    assert report["results"]["online_dtw_learned"]["phase_acc_pct"] > 99.0
+    assert report["results"]["online_dtw_raw"]["phase_acc_pct"] > 99.0
     assert report["results"]["engine"]["phase_acc_pct"] > 90.0
     assert report["activity_id"] is None  # one reference: nothing to identify
 

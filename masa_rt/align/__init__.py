@@ -31,14 +31,15 @@ decoder) then moves into its likeliest phase; ``kernels.py`` holds the tracker's
 relocaliser's loops compiled with numba, when it is installed (the same answers).
 ``reference.py`` is the reference and its file format, ``config.py`` the parameters,
 ``aligner.py`` and ``bank.py`` the public steppers, ``offline.py`` the exact batch DTW
-(``offline_dtw``, ``subsequence_dtw``). States and tuning: ``docs/aligner.md``.
+(``offline_dtw``, ``online_dtw_index``, ``subsequence_dtw``). States and tuning:
+``docs/aligner.md``.
 """
 
 from masa_rt.align.aligner import Aligner
 from masa_rt.align.bank import AlignerBank
 from masa_rt.align.config import DECODER_FREE, AlignerConfig
 from masa_rt.align.estimate import Estimate, EstimateBatch
-from masa_rt.align.offline import offline_dtw, path_to_index, subsequence_dtw
+from masa_rt.align.offline import offline_dtw, online_dtw_index, path_to_index, subsequence_dtw
 from masa_rt.align.reference import (
     REFERENCE_FORMAT_VERSION,
     Reference,
@@ -60,6 +61,7 @@ __all__ = [
     "is_reference_file",
     "ReferenceFormatError",
     "offline_dtw",
+    "online_dtw_index",
     "path_to_index",
     "subsequence_dtw",
 ]
