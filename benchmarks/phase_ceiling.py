@@ -67,6 +67,7 @@ from engine.harness import (  # noqa: E402
     embed_raw,
     make_references,
     make_streams,
+    method_config,
     run_offline,
     run_per_activity,
     score,
@@ -168,7 +169,7 @@ def truth_delayed(streams, refs, delays=(0, 1, 2, 3, 5)) -> dict:
 def _evaluate(streams, refs, embedders, activities, fps) -> dict:
     out = {}
     for m in embedders:
-        preds = run_per_activity(refs[m], streams, m)
+        preds = run_per_activity(refs[m], streams, m, method_config(m, list(refs[m].values())))
         off = [run_offline(refs[m], s, m) for s in streams]
         for label, pr in ((f"{m}_online", preds), (f"{m}_offline_dtw", off)):
             r = score(streams, pr, activities, fps)

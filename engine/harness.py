@@ -87,6 +87,7 @@ __all__ = [
     "make_references",
     "make_streams",
     "markdown_report",
+    "method_config",
     "run_engine_check",
     "run_harness",
     "run_per_activity",
@@ -433,6 +434,17 @@ class Predictions:
     state: np.ndarray | None = None
 
 
+def method_config(method: str, refs: Sequence[Reference],
+                  config: AlignerConfig | None = None) -> AlignerConfig:
+    """The aligner settings a streaming method runs with: ``config`` (default: the
+    references' own), and for ``raw`` without the phase filter. The filter reads
+    per-frame phase evidence that raw poses lack (a squat's way down and way up are the
+    same poses): raw keypoints through it scored lower (Penn key events, K=1: 55.9
+    against 64.9 %), so the raw baseline runs the aligner at its best for them."""
+    config = config or AlignerConfig.for_references(list(refs))
+    return replace(config, phase_filter=False) if method == "raw" else config
+
+
 def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
              config: AlignerConfig | None = None) -> list[Predictions]:
     """Step every stream frame by frame through one bank over ``refs``.
@@ -442,13 +454,6 @@ def run_bank(refs: Sequence[Reference], streams: Sequence[Stream], method: str,
     with no decoder reading further): a live stream's last L frames wait for frames
     that never come, so this is the most a stream can have.
     """
-    if method == "raw":
-        # The phase filter reads per-frame phase evidence that raw poses lack (a squat's
-        # way down and way up are the same poses): raw keypoints through it scored lower
-        # (Penn key events, K=1: 55.9 against 64.9 %), so the raw baseline runs the
-        # aligner at its best for raw keypoints, without it.
-        config = replace(config or AlignerConfig.for_references(list(refs)),
-                         phase_filter=False)
     bank = AlignerBank(list(refs), config, capacity=max(len(streams), 1))
     lag = bank.lookahead
     lengths = np.array([len(s) for s in streams])
@@ -604,7 +609,8 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
     methods = [m for m in STREAMING_METHODS if m in embedders]
     preds: dict[str, list[Predictions]] = {}
     for m in methods:
-        preds[m] = run_with_activity(refs[m], streams, m, config)
+        preds[m] = run_with_activity(refs[m], streams, m,
+                                     method_config(m, list(refs[m].values()), config))
     t_stream = time.perf_counter() - start - t_embed
     offline_method = "learned" if "learned" in embedders else "raw"
     preds["offline_dtw"] = [run_offline(refs[offline_method], s, offline_method, activities)

@@ -58,6 +58,7 @@ from engine.harness import (
     Predictions,
     Stream,
     json_safe,
+    method_config,
     run_bank,
     run_offline,
     run_online_dtw,
@@ -326,6 +327,7 @@ def _run_baselines(results: list[_Result], refs: dict[str, Reference],
             if not rows:
                 continue
             config = replace(AlignerConfig.for_references([ref]), **(aligner or {}))
+            config = method_config(embedding, [ref], config)  # raw: no phase filter
             preds = run_bank([ref], [streams[k] for k in rows], embedding, config)
             for k, p in zip(rows, preds, strict=True):
                 _store(usable[k][1], method, streams[k], p)
