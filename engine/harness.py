@@ -575,8 +575,12 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
                 keep_streams: bool = False, reference_demos: int = 1,
                 refine: int = 0, decoder: Mapping[str, Any] | None = None,
                 decoder_demos: int = 1, canonical: bool = False,
-                references: Mapping[str, Reference] | None = None) -> dict[str, Any]:
+                references: Mapping[str, Reference] | None = None,
+                aligner: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The whole harness: references, streams, aligners, scores; returns the JSON dict.
+
+    ``aligner``: AlignerConfig fields to change from ``config`` (default: each method's
+    references' own settings), as ``masa-rt score --aligner`` changes them.
 
     ``model=None`` skips the learned embedding (raw keypoints only; methods that need it
     are left out). ``keep_streams`` adds the streams and predictions (not JSON) under
@@ -609,8 +613,10 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
     methods = [m for m in STREAMING_METHODS if m in embedders]
     preds: dict[str, list[Predictions]] = {}
     for m in methods:
+        base = config or AlignerConfig.for_references(list(refs[m].values()))
+        base = replace(base, **(aligner or {}))
         preds[m] = run_with_activity(refs[m], streams, m,
-                                     method_config(m, list(refs[m].values()), config))
+                                     method_config(m, list(refs[m].values()), base))
     t_stream = time.perf_counter() - start - t_embed
     offline_method = "learned" if "learned" in embedders else "raw"
     preds["offline_dtw"] = [run_offline(refs[offline_method], s, offline_method, activities)
@@ -648,6 +654,7 @@ def run_harness(model: Any, spec: InputSpec, *, activities: Sequence[str] = HAND
             "with_phase_decoders": asdict(AlignerConfig()),
             "without (raw keypoints, --decoder-steps 0)": asdict(
                 AlignerConfig.for_references([]))}),
+        "aligner_changes": dict(aligner or {}),
         "reference_demos": reference_demos,
         "canonical": canonical,
         "decoder_demos": decoder_demos if decoder is not None else 0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import replace
 
 from masa_rt.cli_types import int_range, nonnegative_int, positive_int
 
@@ -24,6 +25,8 @@ def _harness(args: argparse.Namespace) -> int:
         run_harness,
         write_outputs,
     )
+    from engine.score_commands import aligner_changes
+    from masa_rt.align import AlignerConfig
     from masa_rt.checkpoint import load_model, model_fingerprint
     from masa_rt.synth import HAND_ACTIVITIES
 
@@ -49,6 +52,7 @@ def _harness(args: argparse.Namespace) -> int:
     if args.canonical and args.reference_demos != 1:
         raise ValueError("--canonical: the canonical reference is one demo; no "
                          "--reference-demos with it")
+    aligner = aligner_changes(args.aligner)
     activities = args.activities or HAND_ACTIVITIES
     given = load_references(args.references, activities) if args.references else None
     ckpt = resolve_checkpoint(args.checkpoint)
@@ -60,14 +64,16 @@ def _harness(args: argparse.Namespace) -> int:
                          fingerprint=fingerprint, keep_streams=args.engine > 0,
                          reference_demos=args.reference_demos, refine=args.refine,
                          decoder=None if given else decoder, decoder_demos=args.decoder_demos,
-                         canonical=args.canonical, references=given)
+                         canonical=args.canonical, references=given, aligner=aligner)
     if args.engine > 0:
         streams, preds = report["_streams"], report["_preds"]["learned"]
         picked = [i for i, s in enumerate(streams) if s.scenario in ("clean", "nan_joints")]
         picked = picked[:args.engine] or list(range(min(args.engine, len(streams))))
+        learned = report["_refs"]["learned"]
+        config = (replace(AlignerConfig.for_references(list(learned.values())), **aligner)
+                  if aligner else None)  # the engine runs what the harness ran
         report["engine_check"] = run_engine_check(
-            ckpt, [streams[i] for i in picked], report["_refs"]["learned"],
-            [preds[i] for i in picked])
+            ckpt, [streams[i] for i in picked], learned, [preds[i] for i in picked], config)
     report["model"] = {"path": str(meta["path"]), "fingerprint": fingerprint,
                        "epoch": meta.get("epoch"), "step": meta.get("step")}
     command = "masa-rt harness"
@@ -127,6 +133,9 @@ def register(subparsers) -> None:
                         "K > 1: also from the labels of training demos 0..K-2 (as "
                         "`masa-rt reference build CLEAN D0 ... --policy first`; with "
                         "--canonical)")
+    p.add_argument("--aligner", action="append", default=[], metavar="KEY=VALUE",
+                   help="change an AlignerConfig field for every method (repeat), as "
+                        "masa-rt score --aligner, e.g. --aligner phase_filter=false")
     p.add_argument("--references", default=None, metavar="DIR",
                    help="score DIR/<activity>.npz (e.g. examples: the shipped references, "
                         "phase decoders included) instead of building the references and "

@@ -115,6 +115,20 @@ def test_known_answer_identical_stream_with_raw_keypoints():
     assert set(rep["results"]["identical"]) == {"raw", "offline_dtw"}  # no model, no learned
 
 
+def test_aligner_changes_reach_every_method():
+    """``aligner`` changes the settings the methods run with (here a tracker that may
+    not move on: the identical stream is then scored badly)."""
+    identical = Scenario("identical", "the clean demo itself", clean=True)
+    kwargs = dict(activities=[ACTIVITY], per_activity=1, scenarios=[identical], canonical=True)
+    base = run_harness(None, SPEC, **kwargs)["results"]["identical"]["raw"]
+    stuck = run_harness(None, SPEC, aligner={"max_step": 1, "stay_penalty": 0.0,
+                                             "relocalise_cost_margin": 1.0, "band": 1,
+                                             "back": 0}, **kwargs)
+    assert stuck["aligner_changes"] == {"max_step": 1, "stay_penalty": 0.0,
+                                        "relocalise_cost_margin": 1.0, "band": 1, "back": 0}
+    assert stuck["results"]["identical"]["raw"]["phase_acc_pct"] != base["phase_acc_pct"]
+
+
 def test_outputs_are_strict_json_and_a_table(report, tmp_path):
     json_path, md_path = write_outputs(report, tmp_path, "masa-rt harness", "tiny")
     data = json.loads(json_path.read_text())  # allow_nan=False on write: strict JSON
