@@ -5,7 +5,9 @@ engine in N local worker processes behind the server's one pair of public socket
 (engine.workers.WorkerPool); N = 1 keeps the engine in the server process, as before.
 ``--worker-bind tcp://HOST:PORT`` also admits workers from other hosts (``masa-rt worker
 --connect tcp://SERVER:PORT ...``, CURVE with --secure); ``--workers 0`` then runs none
-locally. Local workers connect over ``ipc://`` in a private temporary folder.
+locally. Local workers connect over ``ipc://`` in a private temporary folder; serve restarts
+one that exits (or hangs), with back-off (engine.workers.RestartPolicy), and stops them all
+when it stops.
 """
 
 from __future__ import annotations
@@ -83,10 +85,12 @@ def serve_engine(args: argparse.Namespace, model: Path, references: list[Path]
 def local_pool(n: int, model: Path, references: list[Path], *, backend: str = "onnxruntime",
                device: str | None = None, checkpoint: str | None = None,
                bind: str | None = None, keydir: str | None = None,
-               capacity: int = 256) -> tuple[Any, Callable[[], None]]:
-    """A WorkerPool with ``n`` local ``masa-rt worker`` processes, all registered, and the
-    function that stops them (``serve``, ``bench --workers``). ``bind``: also admit
-    workers from other hosts there (default: a private ipc:// path)."""
+               capacity: int = 256, **pool_opts: Any) -> tuple[Any, Callable[[], None]]:
+    """A WorkerPool with ``n`` local ``masa-rt worker`` processes, all registered and kept
+    running (restarted when one exits, :meth:`WorkerPool.supervise`), and the function that
+    stops them (``serve``, ``bench --workers``). ``bind``: also admit workers from other
+    hosts there (default: a private ipc:// path). ``pool_opts``: WorkerPool's (``restart``
+    a RestartPolicy, ``lost_after_s``, ...)."""
     from engine.pipeline import Pipeline
     from engine.workers import WorkerPool
 
@@ -95,21 +99,27 @@ def local_pool(n: int, model: Path, references: list[Path], *, backend: str = "o
     gate = Pipeline.from_files(model, references, capacity=1)
     folder = Path(tempfile.mkdtemp(prefix="masa-rt-workers-"))  # 0700: this user only
     try:
-        pool = WorkerPool(gate, bind or f"ipc://{folder}/engine", keydir=keydir)
+        pool = WorkerPool(gate, bind or f"ipc://{folder}/engine", keydir=keydir, **pool_opts)
     except BaseException:  # e.g. --worker-bind in use, no KEYDIR/workers/
         gate.close()
         shutil.rmtree(folder, ignore_errors=True)
         raise
     procs: list[subprocess.Popen] = []
-    # pool.close() stops what was started here: the workers first (they would wait for
-    # the server's silence otherwise), then the gate and the private folder.
+    # pool.close() stops its supervised workers (restarting none), then runs these: the
+    # workers not yet handed to it (start-up failed), the gate, the private folder.
     pool.on_close += [lambda: stop_local_workers(procs), gate.close,
                       lambda: shutil.rmtree(folder, ignore_errors=True)]
+
+    def spawn() -> subprocess.Popen:
+        return start_local_workers(1, pool.address, model, references, backend=backend,
+                                   device=device, checkpoint=checkpoint, capacity=capacity)[0]
+
     try:
-        procs += start_local_workers(n, pool.address, model, references, backend=backend,
-                                     device=device, checkpoint=checkpoint, capacity=capacity)
+        procs += [spawn() for _ in range(n)]
         for proc in procs:
             pool.watch_process(proc.pid, lambda proc=proc: proc.poll() is None)
+        # A worker failing at start-up fails serve at once (no restarts yet: it would fail
+        # again), with the worker's error above.
         got = pool.wait_for_workers(n, READY_TIMEOUT_S,
                                     give_up=lambda: any(p.poll() is not None for p in procs))
         if got < n:
@@ -118,6 +128,7 @@ def local_pool(n: int, model: Path, references: list[Path], *, backend: str = "o
                    f"not within {READY_TIMEOUT_S:.0f} s")
             raise OSError(f"only {got} of {n} engine workers started: {why} (its "
                           "error is above)")
+        pool.supervise(procs, spawn)
     except BaseException:
         pool.close()
         raise
@@ -142,15 +153,10 @@ def start_local_workers(n: int, endpoint: str, model: Path, references: list[Pat
 
 
 def stop_local_workers(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """SIGTERM, then SIGKILL after ``timeout`` s (engine.workers.stop_processes)."""
+    from engine.workers import stop_processes
+
+    stop_processes(procs, timeout)
 
 
 def _worker(args: argparse.Namespace) -> int:

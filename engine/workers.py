@@ -22,11 +22,21 @@ DEALERs to it: over a private ``ipc://`` path for the workers serve starts itsel
   from the beginning of the reference, as a restart would (logged ``event=worker_lost``).
   With no worker left a frame is dropped ``no_worker`` and a hello is refused
   ``overloaded``.
+* The worker processes serve started itself (:meth:`WorkerPool.supervise`) are restarted
+  when they exit, after a back-off (:class:`RestartPolicy`: 0.5 s doubling up to 30 s,
+  the count starting over once one has run for a minute; given up after 10 tries in a row,
+  logged ``event=worker_given_up``); one lost as silent while its process still runs (hung)
+  is killed first. Its sessions move meanwhile as above, and go to the restarted worker
+  with their next frame once it is ready (``event=worker_restarted``, ``workers.restarted``).
+  Workers on other hosts are not ours to restart: they register again by themselves.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -40,7 +50,7 @@ import zmq
 from engine import worker_wire as W
 from masa_rt.protocol import ProtocolError
 
-__all__ = ["WorkerPool", "engine_info"]
+__all__ = ["RestartPolicy", "WorkerPool", "engine_info", "stop_processes"]
 
 log = logging.getLogger("masa_rt.workers")
 
@@ -61,6 +71,37 @@ def engine_info(pipeline: Any) -> dict:
     return info
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When the pool restarts a local worker process that exited: ``first_delay_s`` after
+    the exit, doubling with each exit in a row up to ``max_delay_s``; a process that ran
+    ``stable_s`` starts the count over; after ``max_tries`` restarts in a row that did not
+    last, the worker is given up on (the pool runs with one fewer, logged plainly)."""
+
+    first_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    stable_s: float = 60.0
+    max_tries: int = 10
+
+    def delay(self, tries: int) -> float:
+        """Seconds before restart number ``tries`` (1, 2, ...) of a run of failures."""
+        return min(self.max_delay_s, self.first_delay_s * 2.0 ** max(0, tries - 1))
+
+
+@dataclass
+class _Slot:
+    """One local worker process the pool keeps running (:meth:`WorkerPool.supervise`)."""
+
+    number: int  # for the logs: local worker 0, 1, ...
+    proc: Any  # a subprocess.Popen, or None while a restart is due
+    started: float
+    tries: int = 0  # exits in a row of processes that did not run stable_s
+    restart_at: float = 0.0
+    reason: str = ""  # why the last one went, for event=worker_restarted
+    killed: str = ""  # the pool killed it (hung), and why
+    given_up: bool = False
+
+
 @dataclass
 class _Worker:
     ident: bytes  # its routing id on the pool's ROUTER
@@ -68,6 +109,7 @@ class _Worker:
     capacity: int
     last_heard: float
     alive: Callable[[], bool] | None = None  # a local child's process check
+    pid: int | None = None  # a local child's process id
     handles: set[int] = field(default_factory=set)
     counters: dict[str, int] = field(default_factory=dict)  # its last stream counters
 
@@ -92,8 +134,10 @@ class WorkerPool:
 
     def __init__(self, gate: Any, bind: str, *, keydir: str | Path | None = None,
                  heartbeat_s: float = 0.5, lost_after_s: float = 3.0,
+                 restart: RestartPolicy | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.gate, self.heartbeat_s, self.lost_after_s = gate, heartbeat_s, lost_after_s
+        self.restart = restart or RestartPolicy()
         self.clock = clock
         self.expected = engine_info(gate)
         self.workers: dict[bytes, _Worker] = {}
@@ -110,7 +154,14 @@ class WorkerPool:
         self._retired: Counter[str] = Counter()  # stream counters of workers gone
         # workers.* counters in stats, every one there from the start
         self.events: Counter[str] = Counter(dict.fromkeys(
-            ("registered", "lost", "sessions_moved", "refused", "bad_messages"), 0))
+            ("registered", "lost", "sessions_moved", "refused", "bad_messages", "restarted",
+             "given_up"), 0))
+        # Local worker processes kept running (supervise); the lock keeps close() (another
+        # thread) and a restart in step() apart: nothing starts once close has begun.
+        self._slots: list[_Slot] = []
+        self._spawn: Callable[[], Any] | None = None
+        self._slots_lock = threading.Lock()
+        self._closing = False
         self._next_ping = self._next_check = 0.0
         self.on_close: list[Callable[[], None]] = []  # e.g. stop the local workers (serve)
         self._ctx = zmq.Context()
@@ -140,9 +191,11 @@ class WorkerPool:
         self.address = _bind(sock, bind)
 
     def close(self) -> None:
-        """Run the ``on_close`` hooks (serve's: stop its local workers), close the socket."""
+        """Stop the supervised local workers (none is restarted from now on), run the
+        ``on_close`` hooks (serve's: stop what else it started), close the socket."""
         if self.answers_socket.closed:
             return
+        self.stop_local()
         for hook in self.on_close:
             hook()
         self.on_close = []
@@ -155,6 +208,30 @@ class WorkerPool:
         """A local worker's process: when ``alive()`` turns False the worker is lost at
         once, not after ``lost_after_s`` of silence."""
         self._local[pid] = alive
+
+    def supervise(self, procs: list, spawn: Callable[[], Any]) -> None:
+        """Keep local worker processes running: each of ``procs`` (started, registered or
+        not) that exits is replaced by ``spawn()`` (one more started the same way) after the
+        pool's :class:`RestartPolicy` back-off, checked in :meth:`step`; until
+        :meth:`close`. serve's own workers, never remote ones (they re-register)."""
+        now = self.clock()
+        self._spawn = spawn
+        with self._slots_lock:
+            for proc in procs:
+                self.watch_process(proc.pid, lambda proc=proc: proc.poll() is None)
+                self._slots.append(_Slot(len(self._slots), proc, now))
+
+    def local_processes(self) -> list:
+        """The supervised worker processes there are now (a restart due has none)."""
+        with self._slots_lock:
+            return [slot.proc for slot in self._slots if slot.proc is not None]
+
+    def stop_local(self, timeout: float = 5.0) -> None:
+        """Stop the supervised workers, restarting none from now on (:meth:`close`)."""
+        with self._slots_lock:
+            self._closing = True
+            procs = [slot.proc for slot in self._slots if slot.proc is not None]
+        stop_processes(procs, timeout)
 
     def wait_for_workers(self, n: int, timeout: float,
                          give_up: Callable[[], bool] = lambda: False) -> int:
@@ -358,8 +435,11 @@ class WorkerPool:
             return
         capacity = int(ready.get("capacity", self.expected.get("capacity", 256)))
         self._refused.discard(ident)
+        # A local child's pid, from this host (a remote worker's pid may be anything).
+        pid = ready.get("pid") if ready.get("host") == socket.gethostname() else None
         self.workers[ident] = _Worker(ident, name, capacity, self.clock(),
-                                      alive=self._local.get(ready.get("pid")))
+                                      alive=self._local.get(pid),
+                                      pid=pid if pid in self._local else None)
         self.events["registered"] += 1
         log.info("event=worker_ready worker=%s capacity=%d workers=%d", name, capacity,
                  len(self.workers))
@@ -386,6 +466,65 @@ class WorkerPool:
                 self._lose(worker, "exited")
             elif now - worker.last_heard > self.lost_after_s:
                 self._lose(worker, "silent")
+        if self._slots:
+            self._keep_local(now)
+
+    def _keep_local(self, now: float) -> None:
+        """Restart the supervised workers that exited, after their back-off."""
+        with self._slots_lock:
+            if self._closing:
+                return
+            for slot in self._slots:
+                if slot.given_up:
+                    continue
+                if slot.proc is not None and slot.proc.poll() is not None:
+                    self._exited(slot, now)
+                if slot.proc is None and not slot.given_up and now >= slot.restart_at:
+                    self._start(slot, now)
+
+    def _exited(self, slot: _Slot, now: float) -> None:
+        proc = slot.proc
+        slot.proc = None
+        # "why=exited code=-9" (killed from outside, e.g. the OOM killer), "why=silent
+        # code=-9" (hung: killed by the pool), "why=exited code=1" (its error is above)
+        slot.reason = f"{slot.killed or 'exited'} code={proc.returncode}"
+        slot.killed = ""
+        self._failed(slot, now, proc.pid)
+
+    def _failed(self, slot: _Slot, now: float, pid: int | None) -> None:
+        """A supervised process went (or did not start): back off, or give up on it."""
+        policy = self.restart
+        ran = now - slot.started
+        if ran >= policy.stable_s:
+            slot.tries = 0  # it ran long enough: this exit starts a new count
+        slot.tries += 1
+        if slot.tries > policy.max_tries:
+            slot.given_up = True
+            self.events["given_up"] += 1
+            log.error("event=worker_given_up local=%d pid=%s why=%s tries=%d workers_left=%d "
+                      "detail=\"it went %d times in a row within %.0f s of starting: serve "
+                      "restarts it no more (fix the cause in its error above, then restart "
+                      "serve)\"", slot.number, pid, slot.reason, policy.max_tries,
+                      len(self.workers), slot.tries, policy.stable_s)
+            return
+        delay = policy.delay(slot.tries)
+        slot.restart_at = now + delay
+        log.warning("event=worker_exited local=%d pid=%s why=%s ran_s=%.1f restart_in_s=%.2f "
+                    "try=%d", slot.number, pid, slot.reason, ran, delay, slot.tries)
+
+    def _start(self, slot: _Slot, now: float) -> None:
+        try:
+            proc = self._spawn()
+        except OSError as exc:  # e.g. out of memory or processes: a failed try, backed off
+            slot.started, slot.reason = now, f"not_started error={str(exc)!r}"
+            self._failed(slot, now, None)
+            return
+        slot.proc, slot.started = proc, now
+        self.watch_process(proc.pid, lambda: proc.poll() is None)
+        self.events["restarted"] += 1
+        log.warning("event=worker_restarted local=%d pid=%d why=%s try=%d detail=\"its "
+                    "sessions go to it with their next frame once it is ready\"", slot.number,
+                    proc.pid, slot.reason, slot.tries)
 
     def _lose(self, worker: _Worker, why: str) -> None:
         """Forget ``worker``: its frames are lost, its sessions move with their next frame
@@ -404,6 +543,34 @@ class WorkerPool:
                     "workers_left=%d detail=\"its sessions go to other workers with their "
                     "next frame and start over there: their alignment state is lost\"",
                     worker.name, why, len(routes), in_flight, len(self.workers))
+        if why == "silent" and worker.pid is not None:
+            self._kill_hung(worker.pid)
+
+    def _kill_hung(self, pid: int) -> None:
+        """A supervised worker lost as silent while its process runs is hung (or stopped):
+        kill it, so that it is restarted (a worker left alone would never come back)."""
+        with self._slots_lock:
+            if self._closing:
+                return
+            for slot in self._slots:
+                if slot.proc is not None and slot.proc.pid == pid and slot.proc.poll() is None:
+                    slot.killed = "silent"  # its reason once the kill is seen
+                    slot.proc.kill()
+                    log.warning("event=worker_killed local=%d pid=%d why=silent silent_s=%.1f",
+                                slot.number, pid, self.lost_after_s)
+
+
+def stop_processes(procs: list, timeout: float = 5.0) -> None:
+    """SIGTERM each running process, wait up to ``timeout`` s, SIGKILL what is left."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # it ignored SIGTERM
+            proc.kill()
+            proc.wait()
 
 
 def _worker_authenticator(ctx: zmq.Context, keydir: Path) -> Any:
