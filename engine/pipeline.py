@@ -13,12 +13,23 @@ that complete no model frame), so clients see one reply per frame and latency is
 per frame. A model frame whose joints are all missing (tracking lost) is not encoded; the
 aligner gets ``valid=False`` and holds its position.
 
+Batched admission (the default; ``MASA_RT_BATCHED_ADMISSION=0`` or ``batched=False`` turns
+it off): a round resamples every admitted session's capture frame in one
+``StreamBank.push_many`` call and encodes and aligns the round's model frames as arrays,
+so a round of B sessions costs a fixed number of numpy calls plus a few list
+comprehensions, not B trips through ``StreamBank.push``. Rare cases (a first frame, a
+stale stamp, a gap, a cap, a capture frame making several model frames, the ``tap``)
+take the per-session code for those sessions or that round. Answers, their order and the
+counters are bit for bit those of the per-session code (tests/test_batched_admission.py).
+
 No torch here: this module is on the serving path.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from engine.backends import Backend, CapacityError, get_backend, read_model_info
-from engine.streams import ModelFrame, StreamBank
+from engine.streams import ModelFrame, PushedBatch, StreamBank
 from masa_rt.align import AlignerBank, AlignerConfig, Estimate, Reference
 from masa_rt.layout_file import hello_layout
 from masa_rt.preprocess import InputSpec
@@ -50,6 +61,14 @@ log = logging.getLogger(__name__)
 # for the frames that complete no model frame (its own ``t`` is the model frame's).
 Result = tuple[str, int, float, Estimate]
 
+BATCHED_ADMISSION_ENV = "MASA_RT_BATCHED_ADMISSION"  # "0": the per-session path (A/B)
+
+
+def batched_admission_default() -> bool:
+    """Batched admission unless ``MASA_RT_BATCHED_ADMISSION`` is 0 / false / no / off."""
+    return os.environ.get(BATCHED_ADMISSION_ENV, "1").strip().lower() not in (
+        "0", "false", "no", "off")
+
 
 class ReferenceMismatchError(ValueError):
     """A reference embedded by a different model than the one being served."""
@@ -60,7 +79,9 @@ class _Session:
     bank: AlignerBank  # the aligner bank of its reference choice (one batched step for all)
     last: Estimate  # its latest estimate, answered for capture frames off the model grid
     queue: deque[tuple[int, float, np.ndarray]] = field(default_factory=deque)
-    frames: deque[ModelFrame] = field(default_factory=deque)  # model frames of the current one
+    # Model frames of the current capture frame: ModelFrames, or (batched admission) ints,
+    # rows of the pipeline's ``_made`` frames, each consumed by the round after its admission.
+    frames: deque[ModelFrame | int] = field(default_factory=deque)
     current: tuple[int, float] | None = None  # (seq, t) of the capture frame being processed
     convert: np.ndarray | None = None  # the client's layout -> the model's (joint map)
 
@@ -70,7 +91,7 @@ class Pipeline:
 
     def __init__(self, backend: Backend, spec: InputSpec, references: Sequence[Reference],
                  aligner_config: AlignerConfig | None = None, *, model_name: str = "",
-                 window: int = 0):
+                 window: int = 0, batched: bool | None = None):
         if not references:
             raise ValueError("Pipeline: expected at least one reference")
         self.backend, self.spec = backend, spec
@@ -103,11 +124,20 @@ class Pipeline:
                                  f"of size {r.decoder.input_dim}, the model's are "
                                  f"{spec.input_dim}: rebuild it with masa-rt reference build")
         self._sessions: dict[str, _Session] = {}
+        # Batched admission (module docstring); None: MASA_RT_BATCHED_ADMISSION decides.
+        self.batched = batched_admission_default() if batched is None else bool(batched)
+        self.batch_min = 8  # fewer sessions in a wave or round: the per-session code is faster
+        self._made: list[PushedBatch] = []  # model frames admitted in batches, not yet encoded
+        self._made_rows = 0  # their count: the next batch's rows are numbered from here
         # Optional observer of every model frame: (session, frame, input row, embedding;
         # the last two None for a lost frame). ``masa-rt score`` records the served
         # encoder's embeddings with it to run its baselines on the very same frames.
         self.tap: Callable[[str, ModelFrame, np.ndarray | None, np.ndarray | None],
                            None] | None = None
+
+    @property
+    def _batchable(self) -> bool:
+        return self.batched and self.spec.uses_joints and not self.spec.feature_dim
 
     # -- construction from files ----------------------------------------------------------
 
@@ -254,6 +284,8 @@ class Pipeline:
     def _admit_next_frames(self) -> list[Result]:
         """Sessions with no model frame in hand resample their next capture frames; one that
         completes no model frame (off the model-rate grid) is answered at once."""
+        if self._batchable and len(self._sessions) >= self.batch_min:
+            return self._admit_batched()
         answered = []
         for sid, s in self._sessions.items():
             while not s.frames and s.queue:
@@ -265,9 +297,65 @@ class Pipeline:
                     answered.append((sid, seq, t, s.last))
         return answered
 
+    def _admit_batched(self) -> list[Result]:
+        """:meth:`_admit_next_frames` in waves: each wave resamples one capture frame of every
+        session still without a model frame in ONE ``StreamBank.push_many`` call. Answers
+        in the per-session order (by session, then by frame)."""
+        wave = [(pos, sid, s) for pos, (sid, s) in enumerate(self._sessions.items())
+                if not s.frames and s.queue]
+        answered: list[tuple[int, Result]] = []
+        waves = 0
+        while wave:
+            waves += 1
+            seqs, times, joints = zip(*[s.queue.popleft() for _, _, s in wave], strict=True)
+            sids = [sid for _, sid, _ in wave]
+            pushed = (self.bank.push_many(sids, joints, times, seqs)
+                      if len(wave) >= self.batch_min else None)
+            if pushed is None:  # a few sessions, or frames of different shapes: one by one
+                made, scalar = [-1] * len(wave), {
+                    r: self.bank.push(sid, joints[r], times[r], seq=seqs[r])
+                    for r, sid in enumerate(sids)}
+            else:
+                made, scalar = pushed.made, pushed.scalar
+                if len(pushed.times):
+                    base = self._made_rows
+                    self._made.append(pushed)
+                    self._made_rows += len(pushed.times)
+                    if base:
+                        made = [m + base if m >= 0 else -1 for m in made]
+            nxt = []
+            for r, ((pos, sid, s), m, seq, t) in enumerate(
+                    zip(wave, made, seqs, times, strict=True)):
+                if m >= 0:
+                    s.frames.append(m)
+                    s.current = (seq, t)
+                    continue
+                frames = scalar.get(r)
+                if frames:
+                    s.frames.extend(frames)
+                    s.current = (seq, t)
+                    continue
+                answered.append((pos, (sid, seq, t, s.last)))
+                if s.queue:
+                    nxt.append((pos, sid, s))
+            wave = nxt
+        if waves > 1:
+            answered.sort(key=lambda a: a[0])  # stable: a session's frames stay in order
+        return [a for _, a in answered]
+
     def _encode_and_align(self, sids: list[str]) -> None:
         """Each listed session's next model frame: ONE backend call, then its aligner."""
-        frames = {sid: self._sessions[sid].frames.popleft() for sid in sids}
+        sessions = [self._sessions[sid] for sid in sids]
+        items = [s.frames.popleft() for s in sessions]
+        made, self._made, self._made_rows = self._made, [], 0  # all of its rows are in items
+        if self.tap is None and (made or (len(items) >= self.batch_min and self._batchable)):
+            arrays = _round_arrays(items, made)
+            if arrays is not None:
+                self._encode_rows(sids, sessions, *arrays)
+                return
+        if made:
+            items = [_made_frame(made, p) if type(p) is int else p for p in items]
+        frames = dict(zip(sids, items, strict=True))
         live = [sid for sid in sids if not frames[sid].lost]
         x = self.bank.features([frames[sid] for sid in live])
         embeddings = self.bank.step(list(zip(live, x, strict=True)))
@@ -281,6 +369,46 @@ class Pipeline:
             groups.setdefault(id(self._sessions[sid].bank), []).append(sid)
         for group in groups.values():
             self._align(group, frames, rows, inputs)
+
+    def _encode_rows(self, sids: list[str], sessions: list[_Session], times: np.ndarray,
+                     samples: np.ndarray, lost: np.ndarray, shape: tuple[int, ...]) -> None:
+        """:meth:`_encode_and_align` for a round's model frames given as arrays (times,
+        flat joints, lost; one row per session): the same backend and aligner calls, with
+        the same inputs, built with a fixed number of numpy calls."""
+        n = len(sids)
+        live = ~lost
+        n_live = int(np.count_nonzero(live))
+        if n_live == n:
+            live_sids = sids
+        else:
+            samples = samples[live]
+            live_sids = [sid for sid, v in zip(sids, live.tolist(), strict=True) if v]
+        x = self.bank.features_of(samples.reshape(n_live, *shape))
+        embeddings = self.bank.step_rows(live_sids, x)
+        b0 = sessions[0].bank
+        if all(s.bank is b0 for s in sessions):
+            groups: list[tuple[AlignerBank, list[int] | None]] = [(b0, None)]
+        else:  # bank id -> its rows in this round, in order of first appearance
+            by_bank: dict[int, tuple[AlignerBank, list[int]]] = {}
+            for r, s in enumerate(sessions):
+                by_bank.setdefault(id(s.bank), (s.bank, []))[1].append(r)
+            groups = list(by_bank.values())
+        src = np.cumsum(live) - 1  # row of each frame's embedding / input among the live
+        for bank, g in groups:
+            if g is None:
+                g_sids, g_sessions, g_times, g_valid = sids, sessions, times, live
+            else:
+                gi = np.array(g, dtype=np.int64)
+                g_sids = [sids[r] for r in g]
+                g_sessions = [sessions[r] for r in g]
+                g_times, g_valid = times[gi], live[gi]
+            g_src = src if g is None else src[gi]
+            emb = _held_rows(embeddings, g_valid, g_src, self._no_embedding)  # (B, d)
+            x_in = (_held_rows(x, g_valid, g_src, self._no_input)  # (B, D)
+                    if bank.needs_inputs else None)
+            for s, est in zip(g_sessions, bank.step_many(g_sids, emb, g_times, g_valid, x_in),
+                              strict=True):
+                s.last = est
 
     def _align(self, group: list[str], frames: dict, rows: dict[str, np.ndarray],
                inputs: dict[str, np.ndarray]) -> None:
@@ -303,3 +431,75 @@ class Pipeline:
                 s.current = None
                 done.append((sid, seq, t, s.last))
         return done
+
+
+def _concat(made: list[PushedBatch]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                              tuple[int, ...]] | None:
+    """(times, samples, lost, joints shape) of all batches' rows; None if shapes differ."""
+    if len(made) == 1:
+        b = made[0]
+        return b.times, b.samples, b.lost, b.shape
+    if len({b.shape for b in made}) != 1:
+        return None
+    return (np.concatenate([b.times for b in made]), np.concatenate([b.samples for b in made]),
+            np.concatenate([b.lost for b in made]), made[0].shape)
+
+
+def _round_arrays(items: list, made: list[PushedBatch]) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]] | None:
+    """(times, flat joints, lost, joints shape) of a round's model frames, one row per
+    item: rows of the batched admission (ints) and ModelFrames from ``StreamBank.push``,
+    copied bit for bit; None where a ModelFrame does not fit (per-frame features, another
+    shape or dtype): the round then goes the per-session way."""
+    n = len(items)
+    cat = _concat(made) if made else None
+    if made and cat is None:
+        return None
+    rows = [r for r, p in enumerate(items) if type(p) is int]
+    if len(rows) == n:  # every frame from the batched admission (the common case)
+        assert cat is not None
+        ct, cs, cl, shape = cat
+        ix = np.fromiter(items, np.int64, n)
+        if n == len(ct) and np.array_equal(ix, np.arange(n)):
+            return ct, cs, cl, shape
+        return ct[ix], cs[ix], cl[ix], shape
+    others = [r for r, p in enumerate(items) if type(p) is not int]
+    frames = [items[r] for r in others]
+    shape = cat[3] if cat is not None else frames[0].joints.shape
+    if any(f.extra is not None or f.joints.shape != shape or f.joints.dtype != np.float32
+           for f in frames):
+        return None
+    times = np.empty(n, np.float64)
+    samples = np.empty((n, math.prod(shape)), np.float32)
+    lost = np.empty(n, bool)
+    if rows:
+        assert cat is not None
+        ix = np.array([items[r] for r in rows], dtype=np.int64)
+        times[rows], samples[rows], lost[rows] = cat[0][ix], cat[1][ix], cat[2][ix]
+    times[others] = [f.t for f in frames]
+    samples[others] = np.array([f.joints for f in frames]).reshape(len(frames), -1)
+    lost[others] = [f.lost for f in frames]
+    return times, samples, lost, shape
+
+
+def _made_frame(made: list[PushedBatch], row: int) -> ModelFrame:
+    """Row ``row`` of the batches (numbered across them) as a ModelFrame."""
+    for b in made:
+        if row < len(b.times):
+            return b.frame(row)
+        row -= len(b.times)
+    raise IndexError(row)
+
+
+def _held_rows(values: np.ndarray, valid: np.ndarray, src: np.ndarray,
+               held: np.ndarray) -> np.ndarray:
+    """``np.stack`` of ``values[src[i]]`` where ``valid[i]``, else ``held``: the rows
+    :meth:`Pipeline._align` stacks (same values, same dtype), in a few numpy calls."""
+    m, k = len(valid), int(np.count_nonzero(valid))
+    if k == 0:
+        return np.zeros((m, held.shape[0]), held.dtype)
+    if k == m:
+        return values[src]  # a copy: the backend may reuse its output buffer
+    out = np.zeros((m, values.shape[1]), np.result_type(values.dtype, held.dtype))
+    out[valid] = values[src[valid]]
+    return out

@@ -30,8 +30,8 @@ import numpy as np
 from engine.backends.base import Backend, BackendError
 from masa_rt.preprocess import InputSpec, frame_features
 
-__all__ = ["ModelFrame", "Resampler", "StreamBank", "StreamConfig", "StreamError",
-           "StreamState", "nearest_index"]
+__all__ = ["ModelFrame", "PushedBatch", "Resampler", "StreamBank", "StreamConfig",
+           "StreamError", "StreamState", "nearest_index"]
 
 _TIME_EPS = 1e-6  # seconds; a capture stamp this close to a grid time *is* that grid time
 
@@ -165,6 +165,30 @@ class Resampler:
 
 
 @dataclass
+class PushedBatch:
+    """What :meth:`StreamBank.push_many` made of one capture frame per listed session.
+
+    ``made[i]``: row of ``times``/``samples``/``lost`` holding the one model frame that
+    row i's capture frame completed on the vectorised path, -1 when it completed none or
+    went the scalar way; ``scalar[i]``: the model frames of a row that went through
+    :meth:`StreamBank.push` (a first frame, a stale stamp, a gap, a cap, several frames).
+    """
+
+    made: list[int]
+    times: np.ndarray  # (M,) float64 model-frame times
+    samples: np.ndarray  # (M, J*C) float32 resampled joints, NaN = missing
+    lost: np.ndarray  # (M,) bool, every joint missing
+    shape: tuple[int, ...]  # one frame's joints shape (J, C)
+    scalar: dict[int, list[ModelFrame]]
+
+    def frame(self, row: int) -> ModelFrame:
+        """Row ``row`` as the :class:`ModelFrame` :meth:`StreamBank.push` would have made."""
+        return ModelFrame(t=float(self.times[row]),
+                          joints=self.samples[row].reshape(self.shape), extra=None,
+                          lost=bool(self.lost[row]))
+
+
+@dataclass
 class StreamState:
     """What the bank keeps per session (the encoder window lives in the backend slot)."""
 
@@ -256,6 +280,93 @@ class StreamBank:
         st.frames_out += len(out)
         return out
 
+    def push_many(self, sessions: Sequence[Hashable], joints: Sequence[np.ndarray],
+                  times: Sequence[float], seqs: Sequence[int]) -> PushedBatch | None:
+        """:meth:`push` for one capture frame ``joints[i] (J, C)`` at ``times[i]`` (Python
+        floats) of each of ``sessions`` (distinct), in a fixed number of numpy calls for the
+        common case: a stream past its first frame whose frame completes zero or one model
+        frame with no gap, cap or stale stamp. Those rows are computed together with the
+        very operations of :meth:`Resampler.push` and :func:`interpolate` (float64 grid
+        times, float32 blend), so the frames and counters are bit for bit the same; the
+        other rows go through :meth:`push` one by one. None (nothing changed) when the
+        frames do not stack into one array (shapes differ): push them one by one then.
+        No per-frame ``features``: for models that read joints only."""
+        n = len(sessions)
+        try:  # each frame cast as np.asarray(j, float32) casts it; a ragged list refuses
+            x = np.array(joints, dtype=np.float32)
+        except (ValueError, TypeError):
+            return None
+        if x.ndim < 2 or len(x) != n:
+            return None
+        shape = x.shape[1:]
+        flat = x.reshape(n, -1)
+        states = [self._streams[s] for s in sessions]
+        rss = [st.resampler for st in states]
+        prev = [rs._prev for rs in rss]
+        has = [p is not None for p in prev]  # first frames take the scalar way
+        rows = range(n) if all(has) else [i for i in range(n) if has[i]]
+        idx = np.arange(n) if len(rows) == n else np.array(rows, dtype=np.int64)
+        tr = np.array([times[i] for i in rows], dtype=np.float64)
+        t_prev = np.array([prev[i][0] for i in rows], dtype=np.float64)
+        t0 = np.array([rss[i]._t0 for i in rows], dtype=np.float64)
+        k = np.array([rss[i]._k for i in rows], dtype=np.int64)
+        max_gap_s, period = self.config.max_gap_s, 1.0 / self.spec.fps  # as Resampler's
+        t_eps = tr + _TIME_EPS
+        ok = (tr > t_prev) & ~(tr - t_prev > max_gap_s)  # not stale, no gap
+        tk = t0 + k * period  # Resampler._next_time
+        makes = tk <= t_eps
+        # Two or more model frames: the scalar way. This also sends every capped frame
+        # there (Resampler._makes_more_than, max_frames >= 1: a later grid time at or
+        # before t means this one is too; float rounding keeps the order).
+        ok &= ~(makes & (t0 + (k + 1) * period <= t_eps))
+        if not ok.all():
+            idx, tr, t_prev, tk, makes = idx[ok], tr[ok], t_prev[ok], tk[ok], makes[ok]
+        # The vectorised rows: one model frame where ``makes``, by Resampler.push's rule:
+        # the capture sample itself at or past the grid time, else ``interpolate`` with the
+        # previous sample (read only for those rows: at the model's rate, none).
+        m_idx = idx[makes]
+        samples = flat[m_idx]
+        tkm, trm, tpm = tk[makes], tr[makes], t_prev[makes]
+        w = (tkm - tpm) / (trm - tpm)
+        blend_rows = np.flatnonzero(~((tkm >= trm - _TIME_EPS) | (w >= 1.0)))
+        if len(blend_rows):
+            try:
+                a = np.array([prev[i][1] for i in m_idx[blend_rows].tolist()])
+            except ValueError:
+                return None
+            if a.shape[1:] != flat.shape[1:] or a.dtype != np.float32:
+                return None
+            b, wb = samples[blend_rows], w[blend_rows]
+            # interpolate: a Python float times a float32 array is float32 arithmetic
+            blend = a + wb.astype(np.float32)[:, None] * (b - a)
+            nan_a, nan_b = np.isnan(a), np.isnan(b)
+            blend = np.where(nan_b & ~nan_a, a, blend)
+            blend = np.where(nan_a & ~nan_b, b, blend)
+            samples[blend_rows] = np.where((wb <= 0.0)[:, None], a, blend)
+        lost = np.isnan(samples).all(axis=1)
+        made = [-1] * n
+        rows_x = list(flat)  # views: each row is its stream's previous sample from now on
+        j = 0
+        for i, mk in zip(idx.tolist(), makes.tolist(), strict=True):
+            st, rs = states[i], rss[i]
+            st.frames_in += 1
+            ti = times[i]
+            st.last_t = float(ti)
+            st.last_seq = int(seqs[i])
+            rs._prev = (ti, rows_x[i])
+            if mk:
+                rs._k += 1
+                st.frames_out += 1
+                made[i] = j
+                j += 1
+        scalar = {}
+        if len(idx) < n:
+            vectorised = set(idx.tolist())
+            for i in range(n):
+                if i not in vectorised:
+                    scalar[i] = self.push(sessions[i], joints[i], times[i], seq=seqs[i])
+        return PushedBatch(made, tkm, samples, lost, shape, scalar)
+
     @staticmethod
     def _model_frame(t: float, sample: np.ndarray, shape: tuple[int, ...]) -> ModelFrame:
         n = math.prod(shape)  # not np.prod: a Python call per frame per stream
@@ -272,6 +383,22 @@ class StreamBank:
         joints = np.stack([f.joints for f in frames]) if self.spec.uses_joints else None
         extra = np.stack([f.extra for f in frames]) if self.spec.feature_dim else None
         return frame_features(joints, self.spec, extra).reshape(len(frames), -1)
+
+    def features_of(self, joints: np.ndarray) -> np.ndarray:
+        """:meth:`features` of model frames given as one array ``(B, J, C)`` of joints (a
+        spec that reads joints and no per-frame features)."""
+        if not len(joints):
+            return np.empty((0, self.spec.input_dim), dtype=np.float32)
+        return frame_features(joints, self.spec, None).reshape(len(joints), -1)
+
+    def step_rows(self, sessions: Sequence[Hashable], x: np.ndarray) -> np.ndarray:
+        """:meth:`step` for sessions and their model inputs given as one array ``x``."""
+        if not len(sessions):
+            return np.empty((0, self.backend.embed_dim), dtype=np.float32)
+        slots = np.fromiter((self._streams[s].slot for s in sessions), np.int64, len(sessions))
+        if len(np.unique(slots)) != len(slots):
+            raise BackendError("a session appears twice in one step; step its frames in order")
+        return self.backend.step(slots, np.array(x, dtype=np.float32))  # a copy, as step's
 
     def step(self, batch: Sequence[tuple[Hashable, np.ndarray]]) -> np.ndarray:
         """Encode one frame for each listed session in ONE backend call -> (B, d)."""
