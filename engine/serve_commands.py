@@ -215,6 +215,7 @@ def _serve(args: argparse.Namespace) -> int:
     from engine.threads import limit_blas_threads
 
     _check_record_dir(args)  # before the model: a typo in --record should not wait for it
+    metrics_at = _metrics_address(args)
     model, references = prepare(args.model, args.reference)  # refusals before any log line
     limit_blas_threads()
     # --workers N >= 2: a WorkerPool in front of N engine processes (engine/workers.py)
@@ -222,14 +223,35 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(bind=args.bind, pub_bind=args.pub, max_sessions=args.max_sessions,
                           max_sessions_per_client=args.max_sessions_per_client,
                           idle_timeout_s=args.idle_timeout, keydir=args.secure)
-    server = Server(pipeline, config, recorder=_recorder(args))
+    metrics = _metrics(metrics_at)
+    server = Server(pipeline, config, recorder=_recorder(args), metrics=metrics)
     install_signal_handlers(server)
     try:
         server.run()
     finally:
         close_engine()
+        if metrics is not None:
+            metrics.close()
     print(server.report())
     return 0
+
+
+def _metrics_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    from engine.metrics import parse_address
+
+    return None if args.metrics is None else parse_address(args.metrics)
+
+
+def _metrics(address: tuple[str, int] | None):
+    """``--metrics HOST:PORT``: the Prometheus endpoint (engine.metrics), or None."""
+    if address is None:
+        return None
+    from engine.metrics import MetricsEndpoint
+
+    host, port = address
+    endpoint = MetricsEndpoint(host, port)
+    log.info("event=metrics url=http://%s:%d/metrics", host, endpoint.port)
+    return endpoint
 
 
 def _recorder(args: argparse.Namespace):
@@ -312,6 +334,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--record-max-frames", type=positive_int, default=54_000, metavar="N",
                    help="frames kept per recorded session (default 54000: 10 min at 90 Hz); "
                         "later ones are counted, not recorded")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve the stats counters and latency for Prometheus at "
+                        "http://HOST:PORT/metrics (plain HTTP, no authentication: give a "
+                        "loopback address; default: not served)")
     worker_commands.add_serve_options(p)
     p.set_defaults(func=_serve)
     worker_commands.register(subparsers)

@@ -35,6 +35,7 @@ from engine.security import apply_server_curve, plain_mode_warning, start_authen
 from masa_rt import protocol as P
 
 if TYPE_CHECKING:
+    from engine.metrics import MetricsEndpoint
     from engine.recorder import SessionRecorder
 
 __all__ = ["PipelineLike", "Server", "ServerConfig", "install_signal_handlers"]
@@ -230,9 +231,11 @@ class Server:
 
     def __init__(self, pipeline: PipelineLike, config: ServerConfig | None = None, *,
                  clock: Callable[[], float] = time.perf_counter,
-                 recorder: SessionRecorder | None = None) -> None:
+                 recorder: SessionRecorder | None = None,
+                 metrics: MetricsEndpoint | None = None) -> None:
         self.pipeline = pipeline
         self.recorder = recorder  # --record DIR: accepted frames to files (engine.recorder)
+        self.metrics = metrics  # --metrics HOST:PORT: stats for Prometheus (engine.metrics)
         self.config = config or ServerConfig()
         self.clock = clock  # perf_counter: the clients' local_clock, so loopback needs no offset
         self.counters = Counters()
@@ -293,6 +296,8 @@ class Server:
             if self.recorder is not None:  # write the sessions still open
                 self.recorder.stop()
             self._final = self.stats()
+            if self.metrics is not None:
+                self.metrics.publish(self._final)
             self._close_sockets()
             log.info("event=stopped frames_in=%d estimates_out=%d rejected=%d dropped=%d",
                      self.counters.frames_in, self.counters.estimates_out,
@@ -396,6 +401,8 @@ class Server:
         if now >= self._next_sweep:
             self._sweep(now)
             self._summary.maybe_log(self.counters.rejected, now)
+            if self.metrics is not None:  # a scrape reads this snapshot, never the loop
+                self.metrics.publish(self.stats())
             self._next_sweep = now + self.config.sweep_s
 
     def _wait(self, timeout: int) -> tuple[bool, bool]:
