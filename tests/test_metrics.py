@@ -1,125 +1,169 @@
-"""``serve --metrics``: the server's stats for Prometheus (engine/metrics.py), scraped over
-real HTTP from a real server answering a real client."""
+"""Known-answer tests of masa_rt.metrics: each case has a result derivable by hand."""
 
 from __future__ import annotations
 
-import time
-import urllib.request
-from pathlib import Path
+import math
 
 import numpy as np
 import pytest
-import zmq
 
-from clients import PoseOutlet
-from engine.metrics import LATENCY_BUCKETS_S, MetricsEndpoint, histogram_buckets, parse_address
-from engine.server import Server, ServerConfig
-
-prometheus_parser = pytest.importorskip("prometheus_client.parser")
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "demos" / "pour_milk.npz"
+from masa_rt import metrics
 
 
-def scrape(port: int) -> dict[str, dict]:
-    """name -> {sample name + labels: value} of http://127.0.0.1:PORT/metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        assert r.status == 200
-        text = r.read().decode()
-    out: dict[str, dict] = {}
-    for family in prometheus_parser.text_string_to_metric_families(text):
-        for s in family.samples:
-            key = s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items()))
-            out.setdefault(family.name, {})[key] = s.value
-    return out
+def _phase_video(lengths: list[int]) -> np.ndarray:
+    """Labels 0, 0, ..., 1, 1, ... with the given number of frames per phase."""
+    return np.concatenate([np.full(n, p) for p, n in enumerate(lengths)])
 
 
-def test_parse_address():
-    assert parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
-    assert parse_address(":9464") == ("127.0.0.1", 9464)
-    assert parse_address("[::1]:0") == ("::1", 0)
-    for bad in ("9464", "host:", "host:port", "h:70000"):
-        with pytest.raises(ValueError, match="expected HOST:PORT"):
-            parse_address(bad)
+def _one_hot(labels: np.ndarray, num: int) -> np.ndarray:
+    return np.eye(num)[labels]
 
 
-def test_buckets_are_cumulative_at_the_histograms_own_edges():
-    # the server's buckets: 20 per decade from 1 us, upper edges 10 ** (k / 20)
-    latency = {"count": 6, "buckets": [[10 ** (39 / 20), 2], [10 ** (40 / 20), 1],
-                                       [10 ** (41 / 20), 3]]}
-    got = dict(histogram_buckets(latency))
-    assert got["0.0001"] == 3.0  # <= 100 us: the first two buckets, edge included
-    assert got["0.000316228"] == 6.0 and got["+Inf"] == 6.0
-    assert got["1e-05"] == 0.0
-    assert len(got) == len(LATENCY_BUCKETS_S) + 1
+@pytest.fixture
+def phase_videos() -> list[np.ndarray]:
+    return [_phase_video(lens) for lens in ([5, 7, 4], [6, 6, 6], [3, 9, 5], [8, 4, 6])]
 
 
-def test_a_scrape_shows_what_the_server_counted(tiny_model):
-    from engine.pipeline import Pipeline
-
-    with np.load(EXAMPLE) as f:
-        joints = f["joints"]
-    endpoint = MetricsEndpoint("127.0.0.1", 0)
-    try:
-        pipeline = Pipeline.from_files(tiny_model[0], [tiny_model[1]], capacity=4)
-        with Server(pipeline, ServerConfig(bind="tcp://127.0.0.1:0",
-                                           pub_bind="tcp://127.0.0.1:0"),
-                    metrics=endpoint) as server:
-            with PoseOutlet(server.address, session="m1", fps=30.0) as out:
-                for k in range(30):
-                    out.push(joints[k])
-                    assert out.pull(timeout=2.0) is not None
-                hostile = zmq.Context.instance().socket(zmq.DEALER)
-                hostile.connect(server.address)
-                hostile.send(b"\x00 not msgpack")  # refused, counted
-                time.sleep(0.6)  # two sweeps: the snapshot is published
-                m = scrape(endpoint.port)
-                stats = server.stats()["counters"]
-                hostile.close(linger=0)
-        assert m["masa_rt_frames_in"]["masa_rt_frames_in_total"] == stats["frames_in"] == 30
-        assert m["masa_rt_estimates_out"]["masa_rt_estimates_out_total"] == 30
-        assert m["masa_rt_sessions_active"]["masa_rt_sessions_active"] == 1  # a gauge
-        refused = {k: v for k, v in stats.items() if k.startswith("rejected.") and v}
-        assert refused and all(
-            m[f"masa_rt_{k.replace('.', '_')}"][f"masa_rt_{k.replace('.', '_')}_total"] == v
-            for k, v in refused.items())
-        hist = m["masa_rt_latency_seconds"]
-        assert hist["masa_rt_latency_seconds_count"] == 30
-        counts = [v for k, v in hist.items() if k.startswith("masa_rt_latency_seconds_bucket")]
-        assert counts == sorted(counts) and max(counts) == 30  # cumulative, up to +Inf
-        assert 0 < hist["masa_rt_latency_seconds_sum"] < 30 * 2.0
-        # after the server stopped: its final counters, still served
-        assert scrape(endpoint.port)["masa_rt_sessions_active"]["masa_rt_sessions_active"] == 0
-    finally:
-        endpoint.close()
+def test_perfect_embeddings_classify_every_frame(phase_videos):
+    embs = [_one_hot(y, 3) for y in phase_videos]
+    acc = metrics.phase_classification(embs[:3], phase_videos[:3], embs[3:], phase_videos[3:])
+    assert set(acc) == {0.1, 0.5, 1.0}
+    assert all(v == pytest.approx(100.0) for v in acc.values())
 
 
-def test_a_port_in_use_is_one_line(tmp_path):
-    first = MetricsEndpoint("127.0.0.1", 0)
-    try:
-        with pytest.raises(OSError, match=f"--metrics 127.0.0.1:{first.port}: cannot listen"):
-            MetricsEndpoint("127.0.0.1", first.port)
-    finally:
-        first.close()
+def test_classification_uses_the_first_train_videos_in_order():
+    # Video 0 has only phase 0: the 10% subset (1 video) cannot train -> NaN, not a crash.
+    labels = [np.zeros(6, int), _phase_video([3, 3]), _phase_video([2, 4])]
+    embs = [_one_hot(y, 2) for y in labels]
+    acc = metrics.phase_classification(embs, labels, embs[1:], labels[1:], fractions=(0.1, 1.0))
+    assert np.isnan(acc[0.1])
+    assert acc[1.0] == pytest.approx(100.0)
 
 
-def test_masa_rt_serve_metrics_flag():
-    """``masa-rt serve --metrics``: the shipped model and reference in their own process,
-    scraped while a headset streams."""
-    import socket
+def test_background_frames_are_dropped_and_labels_shifted():
+    labels = [np.array([0, 0, 1, 1, 2, 2, 0]), np.array([1, 2, 2, 0, 1, 1, 2])]
+    embs = [_one_hot(np.where(y > 0, y - 1, 0), 2) + (y == 0)[:, None] * 9 for y in labels]
+    acc = metrics.phase_classification(embs, labels, embs, labels, fractions=(1.0,),
+                                       background=0)
+    assert acc[1.0] == pytest.approx(100.0)
 
-    from serve_process import serving
 
-    with socket.socket() as s:  # a free port (released just before serve takes it)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with np.load(EXAMPLE) as f:
-        joints = f["joints"]
-    reference = Path(__file__).resolve().parents[1] / "examples" / "pour_milk.npz"
-    with serving("--reference", str(reference), "--metrics", f"127.0.0.1:{port}") as address:
-        with PoseOutlet(address, session="m2", fps=30.0) as out:
-            for k in range(5):
-                out.push(joints[k])
-                assert out.pull(timeout=10.0) is not None
-            time.sleep(0.6)
-            m = scrape(port)
-    assert m["masa_rt_frames_in"]["masa_rt_frames_in_total"] == 5
-    assert m["masa_rt_sessions_active"]["masa_rt_sessions_active"] == 1
+def test_progress_targets_by_hand():
+    t = metrics.progress_targets(np.array([0, 0, 1, 1, 1]), num_phases=3)
+    # boundary 0: last frame of phase 0 is 1 -> (t - 1) / 5; phase 1 is the last boundary
+    # column but present: last frame 4 -> (t - 4) / 5.
+    np.testing.assert_allclose(t[:, 0], (np.arange(5) - 1) / 5)
+    np.testing.assert_allclose(t[:, 1], (np.arange(5) - 4) / 5)
+    missing_last = metrics.progress_targets(np.array([0, 0, 0, 2]), num_phases=3)
+    np.testing.assert_allclose(missing_last[:, 1], (np.arange(4) - 4) / 4)
+    missing_middle = metrics.progress_targets(np.array([0, 0, 2, 3]), num_phases=4)
+    np.testing.assert_allclose(missing_middle[:, 1], missing_middle[:, 0])
+
+
+def test_linear_progress_embeddings_give_r2_one(phase_videos):
+    embs = [metrics.progress_targets(y, 3) for y in phase_videos]
+    r2 = metrics.phase_progress_r2(embs[:3], phase_videos[:3], embs[3:], phase_videos[3:],
+                                   num_phases=3)
+    assert r2 == pytest.approx(1.0, abs=1e-9)
+
+
+def test_identical_videos_give_tau_one_and_reversed_minus_one():
+    # Odd length: with stride 2 the reversed clip's [::2] frames are the same frames.
+    video = np.random.default_rng(0).normal(size=(31, 4))
+    assert metrics.kendalls_tau([video, video], ["a", "a"]) == pytest.approx(1.0)
+    assert metrics.reversed_clip_tau([video, video], [video[::-1], video[::-1]],
+                                     ["a", "a"]) == pytest.approx(-1.0)
+
+
+def test_tau_pairs_only_within_an_activity():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(20, 3)), rng.normal(size=(20, 3))
+    taus = metrics.pair_taus([a, a, b], [a, a, b], ["x", "x", "y"], stride=1)
+    assert list(taus) == ["x"] and len(taus["x"]) == 2  # (0, 1) and (1, 0)
+    assert np.isnan(metrics.kendalls_tau([a, b], ["x", "y"]))
+
+
+def test_clock_scores_tau_one_and_is_fooled_by_reversal_and_crops():
+    clocks = metrics.clock_embeddings([40, 40])
+    np.testing.assert_allclose(clocks[0][:3, 0], [0, 1 / 40, 2 / 40])
+    assert metrics.kendalls_tau(clocks, ["a", "a"]) == pytest.approx(1.0)
+    assert metrics.reversed_clip_tau(clocks, clocks, ["a", "a"]) == pytest.approx(1.0)
+    # A pose-like embedding (unique per frame) finds cropped frames exactly.
+    video = np.random.default_rng(2).normal(size=(40, 5))
+    start = metrics.crop_start(40)
+    assert start == 10
+    assert metrics.crop_error([video], [video[start:]]) == 0.0
+    # Clock of the cropped clip restarts at 0: frame k (value k/30) matches full frame
+    # round(k * 40 / 30) instead of 10 + k.
+    cropped = metrics.clock_embeddings([30])
+    expected = np.abs(np.round(np.arange(30) * 40 / 30) - (10 + np.arange(30))).mean() / 40
+    assert metrics.crop_error(clocks[:1], cropped) == pytest.approx(expected, abs=0.01)
+
+
+def test_frame_retrieval_ap_hand_made_case():
+    # 1-d embeddings, one activity, three videos, stride 1.
+    embs = [np.array([[0.0], [10.0]]), np.array([[0.1], [9.0]]), np.array([[0.25], [10.5]])]
+    labels = [np.array([0, 1]), np.array([0, 0]), np.array([1, 1])]
+    ap = metrics.frame_retrieval_ap(embs, labels, ["a"] * 3, ks=(1, 2), stride=1)
+    # K=1, nearest candidate label of each query:
+    #  v0: 0.0 -> 0.1 (0) hit; 10.0 -> 10.5 (1) hit             -> 1.0
+    #  v1: 0.1 -> 0.0 (0) hit; 9.0 -> 10.0 (1) miss             -> 0.5
+    #  v2: 0.25 -> 0.1 (0) miss; 10.5 -> 10.0 (1) hit            -> 0.5
+    assert ap[1] == pytest.approx(100 * (1.0 + 0.5 + 0.5) / 3)
+    # K=2:
+    #  v0: 0.0 -> {0.1 (0), 0.25 (1)} 1/2; 10.0 -> {10.5 (1), 9.0 (0)} 1/2     -> 0.5
+    #  v1: 0.1 -> {0.0 (0), 0.25 (1)} 1/2; 9.0 -> {10.0 (1), 10.5 (1)} 0/2     -> 0.25
+    #  v2: 0.25 -> {0.1 (0), 0.0 (0)} 0/2; 10.5 -> {10.0 (1), 9.0 (0)} 1/2     -> 0.25
+    assert ap[2] == pytest.approx(100 * (0.5 + 0.25 + 0.25) / 3)
+
+
+def test_action_recognition_and_activity_separation_on_separated_clusters():
+    rng = np.random.default_rng(3)
+    centres = {"a": 0.0, "b": 20.0, "c": -20.0}
+    acts = [a for a in centres for _ in range(4)]
+    embs = [centres[a] + rng.normal(size=(int(rng.integers(10, 30)), 3)) for a in acts]
+    sep = metrics.activity_separation(embs, acts)
+    assert sep == {"nmi": pytest.approx(1.0), "purity": pytest.approx(1.0)}
+    for pool in ("concat", "mean"):
+        assert metrics.action_recognition(embs, acts, embs, acts, pool=pool) == 100.0
+
+
+def test_sample_uniform_takes_both_ends():
+    emb = np.arange(31)[:, None]
+    np.testing.assert_array_equal(metrics.sample_uniform(emb, 4)[:, 0], [0, 10, 20, 30])
+    assert metrics.sample_uniform(np.arange(3)[:, None], 16).shape == (16, 1)
+
+
+def test_phase_change_delay_hand_made_case():
+    true = np.array([0, 0, 1, 1, 1, 2, 2, 2, 3, 3])
+    pred = np.array([0, 0, 0, 1, 1, 1, 1, 1, 3, 3])
+    # change to 1 at frame 2, reported at 3 -> 1; to 2 at 5, never reported -> NaN;
+    # to 3 at 8, reported at 8 -> 0.
+    np.testing.assert_array_equal(metrics.phase_change_delay(true, pred), [1.0, np.nan, 0.0])
+    # frames 2, 5, 6 and 7 are wrong
+    assert metrics.streaming_phase_accuracy(true, pred) == pytest.approx(60.0)
+
+
+def test_phase_accuracy_interval_resamples_streams_not_frames():
+    # Two streams right throughout, two wrong throughout: pooled 50 %. Resampling whole
+    # streams spreads the estimate over 0 .. 100; resampling frames would pin it near 50.
+    true = [np.zeros(100, int)] * 4
+    pred = [np.zeros(100, int), np.zeros(100, int), np.ones(100, int), np.ones(100, int)]
+    lo, hi = metrics.streaming_phase_accuracy_ci(true, pred)
+    assert lo <= 0.0 + 1e-9 and hi >= 100.0 - 1e-9
+    assert metrics.streaming_phase_accuracy_ci(true, pred) == (lo, hi)  # deterministic
+    # Many streams alike: a narrow interval around the pooled accuracy, unequal lengths
+    # weighted by their frames as the pooled accuracy is.
+    rng = np.random.default_rng(0)
+    true = [rng.integers(0, 4, n) for n in rng.integers(150, 300, 200)]
+    pred = [np.where(rng.random(len(t)) < 0.9, t, -1) for t in true]
+    acc = metrics.streaming_phase_accuracy(np.concatenate(true), np.concatenate(pred))
+    lo, hi = metrics.streaming_phase_accuracy_ci(true, pred)
+    assert lo < acc < hi and hi - lo < 1.0
+    assert all(map(math.isnan, metrics.streaming_phase_accuracy_ci(true[:1], pred[:1])))
+    with pytest.raises(ValueError, match="2 true and 1 predicted"):
+        metrics.streaming_phase_accuracy_ci(true[:2], pred[:1])
+
+
+def test_progress_mae_ignores_frames_without_a_report():
+    assert metrics.progress_mae([0.0, 0.5, 1.0], [0.1, np.nan, 0.7]) == pytest.approx(0.2)
