@@ -101,7 +101,16 @@ def machine_info() -> dict[str, Any]:
             else None, "python": platform.python_version(), "numpy": np.__version__,
             "onnxruntime": onnxruntime.__version__, "pyzmq": zmq.__version__,
             "libzmq": zmq.zmq_version(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "blas_threads": blas_threads()}
+            "blas_threads": blas_threads(), "load_average_start": load_average()}
+
+
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the OS has none): on a shared machine
+    the figures mean little without them (docs/results.md names them with each table)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def gpu_info() -> dict[str, Any]:
@@ -330,6 +339,7 @@ def run_bench(cfg: BenchConfig, factory: PipelineFactory | None = None,
         log.warning("event=casa_skipped why=%r", CASA_NEEDS_TORCH)
     elif cfg.casa:
         results["floors"]["casa"] = casa_baseline(masa_config, cfg.casa_frames)
+    results["machine"]["load_average_end"] = load_average()
     results["verdict"] = verdict(results)
     _write(results, cfg)
     print(format_results(results))
@@ -372,8 +382,11 @@ def verdict(r: dict[str, Any]) -> dict[str, Any]:
 
 def format_results(r: dict[str, Any]) -> str:
     """The terminal table (also what docs/results.md shows)."""
-    lines = [f"machine: {r['machine']['processor']}, {r['machine']['cpu_count']} cpus, "
-             f"onnxruntime {r['machine']['onnxruntime']}",
+    m = r["machine"]
+    load = " -> ".join(f"{x[0]:.2f}" for x in (m.get("load_average_start"),
+                                               m.get("load_average_end")) if x)
+    lines = [f"machine: {m['processor']}, {m['cpu_count']} cpus, onnxruntime "
+             f"{m['onnxruntime']}" + (f", load average {load} (start -> end)" if load else ""),
              f"{'backend':<12} {'streams':>7} {'p50 us':>9} {'p99 us':>9} {'p99.9 us':>9} "
              f"{'frames/s':>10}"]
     for backend, rows in r["engine"].items():

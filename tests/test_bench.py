@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from fake_pipeline import FakePipeline
@@ -26,6 +27,8 @@ def test_tiny_bench_writes_json_and_plot(tmp_path, capsys):
     assert set(r) >= {"machine", "config", "engine", "e2e", "floors", "verdict"}
     assert {"platform", "processor", "cpu_count", "onnxruntime", "blas_threads"} <= set(
         r["machine"])
+    for when in ("load_average_start", "load_average_end"):  # Linux has them
+        assert len(r["machine"][when]) == 3 and min(r["machine"][when]) >= 0
     rows = r["engine"]["onnxruntime"]
     assert [e["streams"] for e in rows] == [1, 2]
     for e in rows:
@@ -41,6 +44,7 @@ def test_tiny_bench_writes_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "zmq round trip floor" in out
+    assert re.search(r"load average \d+\.\d\d -> \d+\.\d\d \(start -> end\)", out)
     last = out.strip().splitlines()[-1]  # the headline: one line, the run's own numbers
     served = r["verdict"]["streams_at_90hz_p99_5ms"]
     assert served in (0, 1, 2) and last.startswith(f"headline: {served} streams at 90 Hz")
