@@ -67,11 +67,19 @@ def interpolate(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
         return a.copy()
     if w >= 1.0:
         return b.copy()
-    out = a + w * (b - a)
-    only_a, only_b = np.isnan(b) & ~np.isnan(a), np.isnan(a) & ~np.isnan(b)
-    out[only_a] = a[only_a]
-    out[only_b] = b[only_b]
-    return out
+    return blend_rows(a[None], b[None], np.array([w]))[0]
+
+
+def blend_rows(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """:func:`interpolate` of row pairs ``a``, ``b`` (B, ...) float32 at weights ``w`` (B,)
+    in (0, 1), in float32 arithmetic (the weight rounded to float32 first, as numpy does
+    with a Python float times a float32 array): the one definition both the per-session
+    and the batched resampling use."""
+    w32 = w.astype(np.float32).reshape((-1,) + (1,) * (a.ndim - 1))
+    out = a + w32 * (b - a)
+    nan_a, nan_b = np.isnan(a), np.isnan(b)
+    out = np.where(nan_b & ~nan_a, a, out)
+    return np.where(nan_a & ~nan_b, b, out)
 
 
 @dataclass(frozen=True)
@@ -328,21 +336,16 @@ class StreamBank:
         samples = flat[m_idx]
         tkm, trm, tpm = tk[makes], tr[makes], t_prev[makes]
         w = (tkm - tpm) / (trm - tpm)
-        blend_rows = np.flatnonzero(~((tkm >= trm - _TIME_EPS) | (w >= 1.0)))
-        if len(blend_rows):
+        blends = np.flatnonzero(~((tkm >= trm - _TIME_EPS) | (w >= 1.0)))
+        if len(blends):
             try:
-                a = np.array([prev[i][1] for i in m_idx[blend_rows].tolist()])
+                a = np.array([prev[i][1] for i in m_idx[blends].tolist()])
             except ValueError:
                 return None
             if a.shape[1:] != flat.shape[1:] or a.dtype != np.float32:
                 return None
-            b, wb = samples[blend_rows], w[blend_rows]
-            # interpolate: a Python float times a float32 array is float32 arithmetic
-            blend = a + wb.astype(np.float32)[:, None] * (b - a)
-            nan_a, nan_b = np.isnan(a), np.isnan(b)
-            blend = np.where(nan_b & ~nan_a, a, blend)
-            blend = np.where(nan_a & ~nan_b, b, blend)
-            samples[blend_rows] = np.where((wb <= 0.0)[:, None], a, blend)
+            b, wb = samples[blends], w[blends]
+            samples[blends] = np.where((wb <= 0.0)[:, None], a, blend_rows(a, b, wb))
         lost = np.isnan(samples).all(axis=1)
         made = [-1] * n
         rows_x = list(flat)  # views: each row is its stream's previous sample from now on
