@@ -55,6 +55,15 @@ def _reference_build(args: argparse.Namespace) -> int:
                 f"{ref.decoder.lookahead / ref.fps * 1000:.0f} ms ago)")
     print(f"wrote {args.out}: {ref.activity}, {len(ref)} frames, "
           f"{len(ref.phase_names)} phases, model {ref.model_fingerprint}{how}{dec}")
+    check = ref.meta.get("leave_one_out")
+    if check:
+        worst = min(check["per_demo"], key=lambda d: d["phase_acc_pct"])
+        print(f"leave-one-out on your {len(check['per_demo'])} demos: {check['phase_acc_pct']:.1f}"
+              f" % of frames in the right phase, each streamed against a reference built "
+              f"from the others (lowest: {worst['file']}, {worst['phase_acc_pct']:.1f} %)")
+    else:
+        print("one demo: record and label one or two more to get an estimate of live phase "
+              "accuracy (leave-one-out) and a better reference")
     return 0
 
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import masa_rt
 from engine.export import resolve_checkpoint
+from engine.self_check import leave_one_out
 from engine.streams import Resampler, nearest_index
 from masa_rt.align import Reference, is_reference_file, offline_dtw
 from masa_rt.checkpoint import default_model_path, load_model, model_fingerprint
@@ -439,6 +440,10 @@ def build_reference(demo_paths: Sequence[str | os.PathLike[str]],
         meta={"checkpoint": str(meta["path"]), "input_spec": spec.to_dict(),
               "masa_rt_version": masa_rt.__version__})
     ref = with_raw_baseline(ref, demos, labels, policy, refine)
+    check = leave_one_out(demos, list(seqs[0].phase_names), labels=labels, activity=activity,
+                          fps=spec.fps, policy=policy, refine=refine)
+    if check is not None:  # K >= 2: how the reference does on the user's own takes
+        ref = replace(ref, meta={**ref.meta, "leave_one_out": check})
     if decoder is not None:
         ref = with_phase_decoder(ref, demos, spec, decoder)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)

@@ -156,9 +156,11 @@ def test_cli_reference_build(ckpt, tmp_path, capsys):
                  "-o", str(tmp_path / "r.npz"), "--decoder-steps", "3",
                  "--decoder-edit-prob", "0.5", "--decoder-hidden", "8",
                  "--no-decoder-retime", "--decoder-bone-jitter", "0.05"]) == 0
-    assert "pour_milk, 20 frames, 3 phases" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pour_milk, 20 frames, 3 phases" in out
+    assert "one demo: record and label one or two more" in out  # no estimate from one
     ref = Reference.load(tmp_path / "r.npz")
-    assert len(ref) == 20
+    assert len(ref) == 20 and "leave_one_out" not in ref.meta
     assert ref.decoder is not None and ref.decoder.num_phases == 3
     assert ref.meta["phase_decoder"]["steps"] == 3
     assert ref.meta["phase_decoder"]["edit_prob"] == 0.5
@@ -226,6 +228,10 @@ def test_cli_reference_build_several_demos(ckpt, tmp_path, capsys):
     assert len(ref) in (30, 36, 24) and ref.meta["demo"] in out
     assert "2 refinement rounds" in ref.meta["policy_detail"]
     assert len(ref.meta["demos"]) == 3 and sum(d["medoid"] for d in ref.meta["demos"]) == 1
+    # the estimate on the user's own takes: printed and kept
+    check = ref.meta["leave_one_out"]
+    assert [d["file"] for d in check["per_demo"]] == [str(tmp_path / f"{k}.npz") for k in "abc"]
+    assert f"leave-one-out on your 3 demos: {check['phase_acc_pct']:.1f} %" in out
 
 
 def test_output_that_is_an_input_or_a_folder_is_refused(ckpt, tmp_path, monkeypatch, capsys):
