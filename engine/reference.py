@@ -260,13 +260,15 @@ def reference_from_demos(demos: Sequence[dict[str, Any]], phase_names: Sequence[
 
 def phase_filter_members(demos: Sequence[dict[str, Any]], phases: int) -> dict[str, Any]:
     """What the aligner's phase filter keeps of several demos (masa_rt.align.phase_filter):
-    every demo frame as an exemplar, and each phase's mean length. One demo: nothing, its
-    frames are the reference's own."""
+    every demo frame as an exemplar, where each demo starts, and each phase's mean length.
+    One demo: nothing, its frames are the reference's own."""
     if len(demos) < 2:
         return {}
     lengths = [np.bincount(d["phases"], minlength=phases) for d in demos]
+    sizes = [len(d["embeddings"]) for d in demos]
     return {"exemplar_embeddings": np.concatenate([d["embeddings"] for d in demos]),
             "exemplar_phases": np.concatenate([d["phases"] for d in demos]),
+            "exemplar_starts": np.cumsum([0, *sizes[:-1]]),
             "phase_frames": np.mean(lengths, axis=0)}
 
 

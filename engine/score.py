@@ -308,7 +308,8 @@ def _baseline_references(refs: dict[str, Reference]) -> dict[str, dict[str, Refe
         # reads its own (averaged) timeline instead.
         out["raw"] = {a: replace(r, embeddings=r.raw_embeddings, decoder=None,
                                  model_fingerprint="", exemplar_embeddings=None,
-                                 exemplar_phases=None) for a, r in refs.items()}
+                                 exemplar_phases=None, exemplar_starts=None)
+                      for a, r in refs.items()}
     return out
 
 

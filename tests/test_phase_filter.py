@@ -21,6 +21,7 @@ from masa_rt.align.phase_filter import (
     _transitions,
     move_into_phase,
 )
+from masa_rt.align.reference import motion_directions
 
 ON = AlignerConfig.for_references(make_reference(0))  # decoder-free defaults: filter on
 
@@ -134,10 +135,17 @@ def test_exemplars_round_trip_and_bad_shapes_are_refused(tmp_path):
     ref = make_reference(8)
     extra = replace(ref, exemplar_embeddings=np.concatenate([ref.embeddings] * 2),
                     exemplar_phases=np.concatenate([ref.phases] * 2),
+                    exemplar_starts=np.array([0, len(ref)]),
                     phase_frames=np.bincount(ref.phases).astype(float) * 1.5)
     extra.save(tmp_path / "r.npz")
     back = Reference.load(tmp_path / "r.npz")
     np.testing.assert_array_equal(back.exemplars()[1], extra.exemplar_phases)
+    np.testing.assert_array_equal(back.exemplar_starts, [0, len(ref)])
+    # each demo's motion read within it: the second copy's start has none of the first's end
+    np.testing.assert_array_equal(back.exemplar_motion(3)[len(ref)], 0.0)
+    for bad in ([1, 5], [0, 0], [0, 2 * len(ref)]):
+        with pytest.raises(ValueError, match="exemplar_starts"):
+            replace(extra, exemplar_starts=np.array(bad))
     np.testing.assert_allclose(back.phase_lengths(), extra.phase_frames)
     with pytest.raises(ValueError, match="both or neither"):
         replace(ref, exemplar_embeddings=ref.embeddings)
@@ -146,3 +154,64 @@ def test_exemplars_round_trip_and_bad_shapes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="phase_frames"):
         replace(ref, phase_frames=np.ones(2))
     assert ref.exemplars()[0] is ref.embeddings  # one demo: its own frames
+
+
+def _naive_motion(emb, starts, lag):
+    out = np.zeros_like(emb)
+    bounds = [*starts, len(emb)]
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        for i in range(a, b):
+            d = emb[i] - emb[max(i - lag, a)]
+            n = np.linalg.norm(d)
+            out[i] = d / n if n > 1e-6 else 0.0
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=4), st.integers(1, 4),
+       st.integers(0, 2**31))
+def test_motion_directions_stay_within_each_sequence(sizes, lag, seed):
+    emb = np.random.default_rng(seed).normal(size=(sum(sizes), 5)).astype(np.float32)
+    starts = np.cumsum([0, *sizes[:-1]])
+    np.testing.assert_allclose(motion_directions(emb, starts, lag),
+                               _naive_motion(emb, starts, lag), atol=1e-6)
+
+
+def test_the_live_motion_is_the_demos_motion():
+    """The filter reads a stream's motion as ``motion_directions`` reads a demo's, lost
+    frames left out."""
+    ref = make_reference(9)
+    model = PhaseModel([ref], 0.02, 3.0, 1e-3, 1e-3, 1e-4, motion=0.5, lag=3)
+    filt = PhaseFilter(model, capacity=2, start_prior=3.0)
+    q = render(ref, warp(ref, np.random.default_rng(1)), seed=2)[:40]
+    ok = np.random.default_rng(3).random(len(q)) > 0.2
+    got = [filt._motion(np.array([1]), q[i:i + 1])[0] for i in range(len(q)) if ok[i]]
+    np.testing.assert_allclose(np.stack(got), motion_directions(q[ok], np.array([0]), 3),
+                               atol=1e-6)
+
+
+def test_motion_tells_the_way_down_from_the_way_up():
+    """Two phases through the same poses in opposite directions (a squat's descent and
+    ascent): the motion term places the phase where poses alone cannot."""
+    def path(s):  # unit vectors along a quarter circle in the first two dimensions
+        e = np.zeros((len(s), 8), np.float32)
+        e[:, 0], e[:, 1] = np.cos(s), np.sin(s)
+        return e
+
+    down, up = np.linspace(0, np.pi / 2, 30), np.linspace(np.pi / 2, 0, 30)
+    ref = Reference(name="squat", activity="squat", embeddings=path(np.r_[down, up]),
+                    phases=np.repeat([0, 1], 30), phase_names=["down", "up"],
+                    times=np.arange(60) / 30.0, fps=30.0)
+    rng = np.random.default_rng(4)
+    truth = np.repeat([0, 1], [22, 45])  # faster down, slower up than the demo
+    q = path(np.r_[np.linspace(0, np.pi / 2, 22), np.linspace(np.pi / 2, 0, 45)])
+    q += rng.normal(0, 0.01, q.shape).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    right = {}
+    for motion in (0.0, 0.25):
+        model = PhaseModel([ref], 0.02, 3.0, 1e-3, 1e-3, 1e-4, motion=motion, lag=3)
+        filt = PhaseFilter(model, capacity=1, start_prior=3.0)
+        said = [filt.step(np.array([0]), q[i:i + 1], np.array([True]))[0, 0]
+                for i in range(len(q))]
+        right[motion] = float(np.mean(np.array(said) == truth))
+    assert right[0.25] > 0.9 and right[0.25] > right[0.0] + 0.1

@@ -5,9 +5,12 @@ The tracker follows one reference *frame* and takes bounded steps along one time
 a user whose timing differs from the demo's reaches a phase boundary late. The filter
 reasons about *phases* instead, for each session and reference:
 
-* emission: ``log e_p = max_{n in phase p} cos(q, exemplar_n) / tau``, the frame's best
-  match among the demos' frames of phase p (all K demos a reference was built from, not
-  only the averaged timeline);
+* emission: ``log e_p = max_{n in phase p} [cos(q, x_n) + w cos(m, m_n)] / tau``, the
+  frame's best match among the demos' frames x_n of phase p (all K demos a reference was
+  built from, not only the averaged timeline), where ``m`` is the frame's direction of
+  motion over the last ``lag`` frames and ``m_n`` the exemplar's within its demo
+  (``reference.motion_directions``): the same pose on the way down and on the way up
+  differs in ``m``;
 * transitions: stay, or advance to the next phase with probability ``advance / d_p``
   (``d_p``: the phase's mean length in the demos, model frames), with small chances to
   skip one phase, to go back one, and to jump anywhere (a user who redoes a step, or
@@ -44,22 +47,27 @@ class PhaseModel:
     each reference's log transition matrix, padded to the most phases of any."""
 
     def __init__(self, refs: list[Reference], tau: float, advance: float, back: float,
-                 skip: float, jump: float) -> None:
-        self.tau = tau
+                 skip: float, jump: float, motion: float = 0.0, lag: int = 1) -> None:
+        self.tau, self.motion, self.lag = tau, motion, lag
         self.phases = max(len(r.phase_names) for r in refs)
-        blocks, starts, owner = [], [], []
+        blocks, moves, starts, owner = [], [], [], []
         for i, ref in enumerate(refs):
             emb, ph = ref.exemplars()
+            mov = ref.exemplar_motion(lag)
             for p in range(len(ref.phase_names)):
-                rows = emb[ph == p]
+                rows, mrows = emb[ph == p], mov[ph == p]
                 if len(rows) == 0:  # a phase no demo shows: never the likeliest
-                    rows = np.zeros((1, emb.shape[1]), np.float32)
+                    rows = mrows = np.zeros((1, emb.shape[1]), np.float32)
                 if len(rows) > MAX_EXEMPLARS:  # evenly spaced: the product is the cost
-                    rows = rows[np.linspace(0, len(rows) - 1, MAX_EXEMPLARS).astype(int)]
+                    keep = np.linspace(0, len(rows) - 1, MAX_EXEMPLARS).astype(int)
+                    rows, mrows = rows[keep], mrows[keep]
                 starts.append(sum(len(b) for b in blocks))
                 blocks.append(rows)
+                moves.append(mrows)
                 owner.append((i, p))
         self.exemplars = np.concatenate(blocks).astype(np.float32)  # (N, d) unit rows
+        # (N, d) their directions of motion, weighted: one product gives both terms' sum
+        self.motions = (motion * np.concatenate(moves)).astype(np.float32)
         self.starts = np.array(starts, dtype=np.int64)
         self.ref_of = np.array([i for i, _ in owner])
         self.phase_of = np.array([p for _, p in owner])
@@ -68,9 +76,12 @@ class PhaseModel:
         self.a = np.exp(self.log_a)  # the same, linear (0 where log_a is NEG)
         self.valid = np.stack([np.arange(self.phases) < len(r.phase_names) for r in refs])
 
-    def emission(self, q: np.ndarray) -> np.ndarray:
-        """(B, R, P) log emissions of unit embeddings ``q`` (B, d); NEG on padding."""
+    def emission(self, q: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+        """(B, R, P) log emissions of unit embeddings ``q`` (B, d) moving in unit
+        directions ``m`` (B, d; None or zero rows: no motion term); NEG on padding."""
         sims = q @ self.exemplars.T  # (B, N)
+        if m is not None and self.motion > 0:
+            sims += m @ self.motions.T
         best = np.maximum.reduceat(sims, self.starts, axis=1)  # (B, groups)
         out = np.full((len(q), len(self.log_a), self.phases), NEG, dtype=np.float64)
         out[:, self.ref_of, self.phase_of] = best / self.tau
@@ -104,6 +115,10 @@ class PhaseFilter:
     def __init__(self, model: PhaseModel, capacity: int, start_prior: float) -> None:
         self.model, self.start_prior = model, start_prior
         self.alpha = np.zeros((0, len(model.log_a), model.phases))
+        # The motion term's memory: each session's last ``lag`` frames (a ring; slot
+        # ``count % lag`` is the oldest once full) and how many it has seen.
+        self.recent = np.zeros((0, model.lag, model.exemplars.shape[1]), np.float32)
+        self.count = np.zeros(0, np.int64)
         self.grow(capacity)
 
     def initial(self) -> np.ndarray:
@@ -114,16 +129,36 @@ class PhaseFilter:
 
     def grow(self, capacity: int) -> None:
         if capacity > len(self.alpha):
-            extra = np.broadcast_to(self.initial(), (capacity - len(self.alpha),
-                                                     *self.initial().shape))
+            more = capacity - len(self.alpha)
+            extra = np.broadcast_to(self.initial(), (more, *self.initial().shape))
             self.alpha = np.concatenate([self.alpha, extra])
+            self.recent = np.concatenate([self.recent, np.zeros((more, *self.recent.shape[1:]),
+                                                                np.float32)])
+            self.count = np.concatenate([self.count, np.zeros(more, np.int64)])
 
     def reset(self, slots: np.ndarray) -> None:
         self.alpha[slots] = self.initial()
+        self.count[slots] = 0
 
     def move(self, src: int, dst: int) -> None:
         """Slot ``src`` now lives in ``dst`` (the store's swap-remove)."""
         self.alpha[dst] = self.alpha[src]
+        self.recent[dst], self.count[dst] = self.recent[src], self.count[src]
+
+    def _motion(self, slots: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Directions of motion of frames ``q`` (B, d) of sessions ``slots`` over the last
+        ``lag`` frames (their first frame until they have that many, as
+        ``motion_directions`` reads a demo), and remember the frames."""
+        lag = self.model.lag
+        count = self.count[slots]
+        oldest = self.recent[slots, np.where(count >= lag, count % lag, 0)]  # (B, d)
+        diff = q - oldest
+        norm = np.linalg.norm(diff, axis=1, keepdims=True)
+        m = np.where((norm > 1e-6) & (count > 0)[:, None], diff / np.maximum(norm, 1e-12),
+                     0.0).astype(np.float32)
+        self.recent[slots, count % lag] = q
+        self.count[slots] = count + 1
+        return m
 
     def step(self, slots: np.ndarray, q: np.ndarray, ok: np.ndarray) -> np.ndarray:
         """Advance sessions ``slots`` (B,) by one frame ``q`` (B, d) where ``ok``; returns
@@ -131,8 +166,9 @@ class PhaseFilter:
         alpha = self.alpha[slots]  # (B, R, P)
         if ok.any():
             i = np.flatnonzero(ok)
+            m = self._motion(slots[i], q[i]) if self.model.motion > 0 else None
             prior = _logmatvec(alpha[i], self.model.a)
-            post = prior + self.model.emission(q[i])
+            post = prior + self.model.emission(q[i], m)
             alpha[i] = post - post.max(axis=2, keepdims=True)
             self.alpha[slots] = alpha
         return alpha.argmax(axis=2)
@@ -184,7 +220,8 @@ def phase_model_for(refs: list[Reference], cfg: AlignerConfig,
     if not cfg.phase_filter or has_decoders:
         return None
     return PhaseModel(refs, cfg.phase_filter_tau, cfg.phase_filter_advance,
-                      cfg.phase_filter_back, cfg.phase_filter_skip, cfg.phase_filter_jump)
+                      cfg.phase_filter_back, cfg.phase_filter_skip, cfg.phase_filter_jump,
+                      cfg.phase_filter_motion, cfg.phase_filter_motion_lag)
 
 
 def filtered(sessions: Sessions, filt: PhaseFilter, rows: np.ndarray, q: np.ndarray,

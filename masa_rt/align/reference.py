@@ -86,6 +86,10 @@ class Reference:
     # (one demo, older files): the reference's own frames serve.
     exemplar_embeddings: np.ndarray | None = None
     exemplar_phases: np.ndarray | None = None
+    # Optional (K,): the row of exemplar_embeddings where each demo starts (0 first), so
+    # that an exemplar's motion is read within its own demo. Absent with exemplars (files
+    # before it): the exemplars are read as one demo.
+    exemplar_starts: np.ndarray | None = None
     # Optional (P,): each phase's mean length in the demos, model frames (absent: its
     # length on the reference's timeline).
     phase_frames: np.ndarray | None = None
@@ -146,6 +150,17 @@ class Reference:
             if len(ph) and (ph.min() < 0 or ph.max() >= len(self.phase_names)):
                 raise ReferenceFormatError("exemplar_phases: expected phase ids of phase_names")
             self.exemplar_embeddings, self.exemplar_phases = unit_rows(emb), ph.astype(np.int32)
+        if self.exemplar_starts is not None:
+            if self.exemplar_embeddings is None:
+                raise ReferenceFormatError("exemplar_starts: expected with exemplar_embeddings")
+            starts = np.asarray(self.exemplar_starts)
+            n = len(self.exemplar_phases)
+            if (starts.ndim != 1 or not len(starts) or starts[0] != 0
+                    or (np.diff(starts) <= 0).any() or starts[-1] >= n):
+                raise ReferenceFormatError(
+                    "exemplar_starts: expected increasing rows of exemplar_embeddings from "
+                    f"0, found {starts.tolist()[:8]}")
+            self.exemplar_starts = starts.astype(np.int64)
         if self.phase_frames is not None:
             frames = np.asarray(self.phase_frames, dtype=np.float64)
             if frames.shape != (len(self.phase_names),) or not np.isfinite(frames).all():
@@ -160,6 +175,14 @@ class Reference:
         if self.exemplar_embeddings is None:
             return self.embeddings, self.phases
         return self.exemplar_embeddings, self.exemplar_phases
+
+    def exemplar_motion(self, lag: int) -> np.ndarray:
+        """(N, d) each exemplar's direction of motion over ``lag`` frames within its own
+        demo (:func:`motion_directions`), row for row with :meth:`exemplars`."""
+        emb, _ = self.exemplars()
+        starts = self.exemplar_starts if self.exemplar_embeddings is not None else None
+        return motion_directions(emb, np.zeros(1, np.int64) if starts is None else starts,
+                                 lag)
 
     def phase_lengths(self) -> np.ndarray:
         """(P,) each phase's mean length in the demos, model frames."""
@@ -241,6 +264,8 @@ class Reference:
                 "exemplar_phases": self.exemplar_phases}
                if self.exemplar_embeddings is not None else {}),
             **({"phase_frames": self.phase_frames} if self.phase_frames is not None else {}),
+            **({"exemplar_starts": self.exemplar_starts}
+               if self.exemplar_starts is not None else {}),
         }
         with atomic_write(path, "wb") as f:
             np.savez(f, **arrays)
@@ -275,6 +300,7 @@ class Reference:
                 exemplar_embeddings=data.get("exemplar_embeddings"),
                 exemplar_phases=data.get("exemplar_phases"),
                 phase_frames=data.get("phase_frames"),
+                exemplar_starts=data.get("exemplar_starts"),
             )
         except (ValueError, TypeError) as e:  # includes ReferenceFormatError, JSON errors
             raise ReferenceFormatError(f"{path}: {e}") from None
@@ -282,7 +308,23 @@ class Reference:
 
 _REQUIRED = ("format_version", "name", "activity", "embeddings", "phases", "phase_names",
              "times", "fps", "model_fingerprint", "meta")
-_OPTIONAL = ("raw_embeddings", "exemplar_embeddings", "exemplar_phases", "phase_frames")
+_OPTIONAL = ("raw_embeddings", "exemplar_embeddings", "exemplar_phases", "phase_frames",
+             "exemplar_starts")
+
+
+def motion_directions(emb: np.ndarray, starts: np.ndarray, lag: int) -> np.ndarray:
+    """(N, d) unit ``emb[i] - emb[i - lag]`` of the frames of sequences laid end to end
+    (each starting at a row of ``starts``), the difference never reaching into the
+    previous sequence: a sequence's first ``lag`` frames take its first frame instead
+    (the first frame itself has no motion: a zero row, as has any frame that did not
+    move). The phase filter reads a live stream's frames the same way."""
+    emb = np.asarray(emb, dtype=np.float32)
+    n = len(emb)
+    rows = np.arange(n)
+    first = np.asarray(starts)[np.searchsorted(starts, rows, side="right") - 1]
+    diff = emb - emb[np.maximum(rows - lag, first)]
+    norm = np.linalg.norm(diff, axis=1, keepdims=True)
+    return np.where(norm > 1e-6, diff / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
