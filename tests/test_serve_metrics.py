@@ -60,9 +60,10 @@ def test_a_scrape_shows_what_the_server_counted(tiny_model):
     endpoint = MetricsEndpoint("127.0.0.1", 0)
     try:
         pipeline = Pipeline.from_files(tiny_model[0], [tiny_model[1]], capacity=4)
-        with Server(pipeline, ServerConfig(bind="tcp://127.0.0.1:0",
-                                           pub_bind="tcp://127.0.0.1:0"),
-                    metrics=endpoint) as server:
+        server = Server(pipeline, ServerConfig(bind="tcp://127.0.0.1:0",
+                                               pub_bind="tcp://127.0.0.1:0"),
+                        metrics=endpoint).start_in_thread()
+        try:
             with PoseOutlet(server.address, session="m1", fps=30.0) as out:
                 for k in range(30):
                     out.push(joints[k])
@@ -74,6 +75,10 @@ def test_a_scrape_shows_what_the_server_counted(tiny_model):
                 m = scrape(endpoint.port)
                 stats = server.stats()["counters"]
                 hostile.close(linger=0)
+                out.push(joints[30])  # after the scrape: only the final snapshot has it
+                assert out.pull(timeout=2.0) is not None
+        finally:
+            final = server.stop()["counters"]
         assert m["masa_rt_frames_in"]["masa_rt_frames_in_total"] == stats["frames_in"] == 30
         assert m["masa_rt_estimates_out"]["masa_rt_estimates_out_total"] == 30
         assert m["masa_rt_sessions_active"]["masa_rt_sessions_active"] == 1  # a gauge
@@ -87,7 +92,8 @@ def test_a_scrape_shows_what_the_server_counted(tiny_model):
         assert counts == sorted(counts) and max(counts) == 30  # cumulative, up to +Inf
         assert 0 < hist["masa_rt_latency_seconds_sum"] < 30 * 2.0
         # after the server stopped: its final counters, still served
-        assert scrape(endpoint.port)["masa_rt_sessions_active"]["masa_rt_sessions_active"] == 0
+        last = scrape(endpoint.port)
+        assert last["masa_rt_frames_in"]["masa_rt_frames_in_total"] == final["frames_in"] == 31
     finally:
         endpoint.close()
 
