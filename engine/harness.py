@@ -100,24 +100,6 @@ log = logging.getLogger(__name__)
 VAL_SEED_BASE = 10_000  # val streams: sequence_rng(VAL_SEED_BASE + seed, ...), not training's
 REFERENCE_SEED = 0  # the clean demo's generator (as ``synth.write_examples``)
 # Multi-demo references (``reference_demos > 1``) draw demos ``0 .. K-1`` of the training
-def run_online_dtw(refs: dict[str, Reference], stream: Stream,
-                   method: str = "learned") -> Predictions:
-    """Open-end DTW of the stream against its activity's reference, causal (each frame's
-    answer from the frames up to it: ``online_dtw_index``). A lost frame holds the last
-    answer; frames before the first pose are ``waiting`` (-1)."""
-    ref = refs[stream.activity]
-    live = np.flatnonzero(~stream.lost)
-    idx = np.full(len(stream), np.nan)
-    if len(live):
-        idx_live = online_dtw_index(stream.emb[method], ref.embeddings)
-        # each frame takes the answer of the newest live frame at or before it
-        held = np.searchsorted(live, np.arange(len(stream)), side="right") - 1
-        idx = np.where(held >= 0, idx_live[np.maximum(held, 0)], np.nan)
-    frame = np.clip(np.rint(np.nan_to_num(idx)).astype(np.int64), 0, len(ref) - 1)
-    phase = np.where(np.isnan(idx), -1, ref.phases[frame]).astype(np.int64)
-    return Predictions(phase, idx / (len(ref) - 1), None)
-
-
 # data (``masa-rt synth`` seed 0, ``sequence_rng(TRAIN_SEED, activity, i)``; with the
 # shipped 40 per activity and val fraction 0.25, indices < 30 are its train split), never
 # from the val namespace the harness scores.
@@ -542,6 +524,24 @@ def run_offline(refs: dict[str, Reference], stream: Stream, method: str = "learn
             costs.append(float(np.mean(1.0 - np.sum(qn[path[:, 0]] * r[path[:, 1]], axis=1))))
         activity = np.full(len(stream), int(np.argmin(costs)), dtype=np.int64)
     return Predictions(ref.phases[frame].astype(np.int64), idx / (len(ref) - 1), activity)
+
+
+def run_online_dtw(refs: dict[str, Reference], stream: Stream,
+                   method: str = "learned") -> Predictions:
+    """Open-end DTW of the stream against its activity's reference, causal (each frame's
+    answer from the frames up to it: ``online_dtw_index``). A lost frame holds the last
+    answer; frames before the first pose are ``waiting`` (-1)."""
+    ref = refs[stream.activity]
+    live = np.flatnonzero(~stream.lost)
+    idx = np.full(len(stream), np.nan)
+    if len(live):
+        idx_live = online_dtw_index(stream.emb[method], ref.embeddings)
+        # each frame takes the answer of the newest live frame at or before it
+        held = np.searchsorted(live, np.arange(len(stream)), side="right") - 1
+        idx = np.where(held >= 0, idx_live[np.maximum(held, 0)], np.nan)
+    frame = np.clip(np.rint(np.nan_to_num(idx)).astype(np.int64), 0, len(ref) - 1)
+    phase = np.where(np.isnan(idx), -1, ref.phases[frame]).astype(np.int64)
+    return Predictions(phase, idx / (len(ref) - 1), None)
 
 
 # ---------------------------------------------------------------------------------------

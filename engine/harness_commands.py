@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from dataclasses import replace
 
 from masa_rt.cli_types import int_range, nonnegative_int, positive_int
 
@@ -70,7 +69,7 @@ def _harness(args: argparse.Namespace) -> int:
         picked = [i for i, s in enumerate(streams) if s.scenario in ("clean", "nan_joints")]
         picked = picked[:args.engine] or list(range(min(args.engine, len(streams))))
         learned = report["_refs"]["learned"]
-        config = (replace(AlignerConfig.for_references(list(learned.values())), **aligner)
+        config = (AlignerConfig.for_references(list(learned.values()), **aligner)
                   if aligner else None)  # the engine runs what the harness ran
         report["engine_check"] = run_engine_check(
             ckpt, [streams[i] for i in picked], learned, [preds[i] for i in picked], config)

@@ -497,9 +497,10 @@ def _held_rows(values: np.ndarray, valid: np.ndarray, src: np.ndarray,
     :meth:`Pipeline._align` stacks (same values, same dtype), in a few numpy calls."""
     m, k = len(valid), int(np.count_nonzero(valid))
     if k == 0:
-        return np.zeros((m, held.shape[0]), held.dtype)
+        return np.tile(held, (m, 1))
     if k == m:
         return values[src]  # a copy: the backend may reuse its output buffer
-    out = np.zeros((m, values.shape[1]), np.result_type(values.dtype, held.dtype))
+    out = np.empty((m, values.shape[1]), np.result_type(values.dtype, held.dtype))
     out[valid] = values[src[valid]]
+    out[~valid] = held
     return out

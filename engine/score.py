@@ -327,7 +327,7 @@ def _run_baselines(results: list[_Result], refs: dict[str, Reference],
             rows = [k for k, s in enumerate(streams) if s.activity == act]
             if not rows:
                 continue
-            config = replace(AlignerConfig.for_references([ref]), **(aligner or {}))
+            config = AlignerConfig.for_references([ref], **(aligner or {}))
             config = method_config(embedding, [ref], config)  # raw: no phase filter
             preds = run_bank([ref], [streams[k] for k in rows], embedding, config)
             for k, p in zip(rows, preds, strict=True):
@@ -468,8 +468,7 @@ def run_score(reference_paths: Sequence[str | os.PathLike[str]],
     needed = 2 * concurrency if len(ref_paths) > 1 else concurrency
     config = None
     if aligner:
-        config = replace(AlignerConfig.for_references([Reference.load(p) for p in ref_paths]),
-                         **aligner)
+        config = AlignerConfig.for_references([Reference.load(p) for p in ref_paths], **aligner)
     pipe = Pipeline.from_files(onnx, ref_paths, "onnxruntime", capacity=capacity or needed,
                                aligner_config=config)
     try:

@@ -92,7 +92,7 @@ def local_pool(n: int, model: Path, references: list[Path], *, backend: str = "o
     hosts there (default: a private ipc:// path). ``pool_opts``: WorkerPool's (``restart``
     a RestartPolicy, ``lost_after_s``, ...)."""
     from engine.pipeline import Pipeline
-    from engine.workers import WorkerPool
+    from engine.workers import WorkerPool, stop_processes
 
     # The gate checks hellos (layouts, references) exactly as the workers' pipelines will;
     # one slot: it opens and at once closes each session, and never steps.
@@ -107,7 +107,7 @@ def local_pool(n: int, model: Path, references: list[Path], *, backend: str = "o
     procs: list[subprocess.Popen] = []
     # pool.close() stops its supervised workers (restarting none), then runs these: the
     # workers not yet handed to it (start-up failed), the gate, the private folder.
-    pool.on_close += [lambda: stop_local_workers(procs), gate.close,
+    pool.on_close += [lambda: stop_processes(procs), gate.close,
                       lambda: shutil.rmtree(folder, ignore_errors=True)]
 
     def spawn() -> subprocess.Popen:
@@ -152,11 +152,6 @@ def start_local_workers(n: int, endpoint: str, model: Path, references: list[Pat
     return [subprocess.Popen(cmd, start_new_session=True) for _ in range(n)]
 
 
-def stop_local_workers(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout`` s (engine.workers.stop_processes)."""
-    from engine.workers import stop_processes
-
-    stop_processes(procs, timeout)
 
 
 def _worker(args: argparse.Namespace) -> int:

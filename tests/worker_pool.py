@@ -13,8 +13,7 @@ from typing import Any
 from serve_process import ENV
 
 from engine.worker import Worker, WorkerConfig
-from engine.worker_commands import stop_local_workers
-from engine.workers import WorkerPool, engine_info
+from engine.workers import WorkerPool, engine_info, stop_processes
 
 
 @contextmanager
@@ -62,7 +61,7 @@ def process_workers(onnx: Path, ref: Path, n: int = 2, **pool_opts: Any
         pool.procs = procs
         yield pool
     finally:
-        stop_local_workers(procs)
+        stop_processes(procs)
         pool.close()
 
 
@@ -76,7 +75,7 @@ def standing_workers(onnx: Path, ref: Path, endpoint: str, n: int = 2
     try:
         yield procs
     finally:
-        stop_local_workers(procs)
+        stop_processes(procs)
 
 
 @contextmanager

@@ -124,15 +124,17 @@ class AlignerConfig:
                                  f"found {getattr(self, name)}")
 
     @classmethod
-    def for_references(cls, references: Reference | Sequence[Reference]) -> AlignerConfig:
+    def for_references(cls, references: Reference | Sequence[Reference],
+                       **changes: Any) -> AlignerConfig:
         """The defaults for these references: the class defaults (tuned with phase
         decoders, as ``masa-rt reference build`` makes them) if any has a decoder, else
         the values tuned for embeddings alone (``DECODER_FREE``; older references, raw
-        keypoints, ``--decoder-steps 0``)."""
+        keypoints, ``--decoder-steps 0``); ``changes`` (fields, as ``--aligner KEY=VALUE``
+        gives them) on top."""
         refs = [references] if isinstance(references, Reference) else list(references)
         if any(r.decoder is not None for r in refs):
-            return cls()
-        return cls(**DECODER_FREE)
+            return cls(**changes)
+        return cls(**{**DECODER_FREE, **changes})
 
 
 # The defaults for references without a phase decoder (embeddings alone): smoothing and

@@ -30,7 +30,7 @@ import numpy as np
 from masa_rt.align.compiled import CompiledReferences
 from masa_rt.align.config import AlignerConfig
 from masa_rt.align.estimate import EstimateBatch, read_estimates
-from masa_rt.align.reference import Reference
+from masa_rt.align.reference import Reference, motion_units
 from masa_rt.align.sessions import Sessions
 from masa_rt.align.state import TRACKING
 
@@ -152,10 +152,8 @@ class PhaseFilter:
         lag = self.model.lag
         count = self.count[slots]
         oldest = self.recent[slots, np.where(count >= lag, count % lag, 0)]  # (B, d)
-        diff = q - oldest
-        norm = np.linalg.norm(diff, axis=1, keepdims=True)
-        m = np.where((norm > 1e-6) & (count > 0)[:, None], diff / np.maximum(norm, 1e-12),
-                     0.0).astype(np.float32)
+        # a session's first frame has no motion (its ring holds an earlier session's)
+        m = motion_units(np.where((count > 0)[:, None], q - oldest, 0.0))
         self.recent[slots, count % lag] = q
         self.count[slots] = count + 1
         return m

@@ -179,10 +179,9 @@ class Reference:
     def exemplar_motion(self, lag: int) -> np.ndarray:
         """(N, d) each exemplar's direction of motion over ``lag`` frames within its own
         demo (:func:`motion_directions`), row for row with :meth:`exemplars`."""
-        emb, _ = self.exemplars()
-        starts = self.exemplar_starts if self.exemplar_embeddings is not None else None
-        return motion_directions(emb, np.zeros(1, np.int64) if starts is None else starts,
-                                 lag)
+        starts = self.exemplar_starts  # None: one demo (or a file from before them)
+        return motion_directions(self.exemplars()[0],
+                                 np.zeros(1, np.int64) if starts is None else starts, lag)
 
     def phase_lengths(self) -> np.ndarray:
         """(P,) each phase's mean length in the demos, model frames."""
@@ -319,10 +318,14 @@ def motion_directions(emb: np.ndarray, starts: np.ndarray, lag: int) -> np.ndarr
     (the first frame itself has no motion: a zero row, as has any frame that did not
     move). The phase filter reads a live stream's frames the same way."""
     emb = np.asarray(emb, dtype=np.float32)
-    n = len(emb)
-    rows = np.arange(n)
+    rows = np.arange(len(emb))
     first = np.asarray(starts)[np.searchsorted(starts, rows, side="right") - 1]
-    diff = emb - emb[np.maximum(rows - lag, first)]
+    return motion_units(emb - emb[np.maximum(rows - lag, first)])
+
+
+def motion_units(diff: np.ndarray) -> np.ndarray:
+    """Rows of ``diff`` (B, d) made unit length, zero where (nearly) nothing moved: the one
+    rule for a demo's motion (:func:`motion_directions`) and a live stream's."""
     norm = np.linalg.norm(diff, axis=1, keepdims=True)
     return np.where(norm > 1e-6, diff / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
 
